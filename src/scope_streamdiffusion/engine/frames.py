@@ -1,0 +1,84 @@
+"""Frames in and out: any layout, dtype, size or device in; (T, 3, H, W) floats in [0, 1] out.
+
+Resizing keeps the aspect ratio: the source is centre-cropped to the target aspect, then resized
+with antialiasing (a 16:9 webcam streamed at 512x512 keeps round faces round).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def snap_to_multiple(value: int, multiple: int = 8, minimum: int = 64) -> int:
+    return max(minimum, (int(value) // multiple) * multiple)
+
+
+def _channels_last_layout(frame: torch.Tensor) -> bool:
+    """True for (..., H, W, C); False for channels-first (..., C, H, W)."""
+    if frame.shape[-1] in (1, 3, 4):
+        return True
+    if frame.shape[-3] in (1, 3, 4):
+        return False
+    raise ValueError(f"frame of shape {tuple(frame.shape)} has no 1-, 3- or 4-channel axis")
+
+
+def to_chw01(frame, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One frame -> (3, H, W) in [0, 1] on ``device``: drops batch dims of 1, alpha, converts grey."""
+    if not isinstance(frame, torch.Tensor):
+        frame = torch.as_tensor(frame)
+    while frame.dim() > 3 and frame.shape[0] == 1:
+        frame = frame[0]
+    if frame.dim() == 2:
+        frame = frame.unsqueeze(-1)
+    if frame.dim() != 3:
+        raise ValueError(f"expected a frame of shape (H, W, C) or (1, H, W, C), got {tuple(frame.shape)}")
+    if _channels_last_layout(frame):
+        frame = frame.permute(2, 0, 1)
+    if frame.shape[1] == 0 or frame.shape[2] == 0:
+        raise ValueError(f"empty frame of shape {tuple(frame.shape)}")
+    integer = not (frame.is_floating_point() or frame.is_complex())
+    frame = frame.to(device=device, non_blocking=True)
+    frame = frame.to(torch.float32) / 255.0 if integer else frame.to(torch.float32)
+    channels = frame.shape[0]
+    if channels == 1:
+        frame = frame.expand(3, -1, -1)
+    elif channels == 4:
+        frame = frame[:3]
+    frame = torch.nan_to_num(frame, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+    return frame.to(dtype)
+
+
+def fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Centre-crop (B, C, h, w) to the aspect of width x height, then resize to it."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    target = width / height
+    if w / h > target:
+        new_w = max(1, round(h * target))
+        left = (w - new_w) // 2
+        images = images[..., :, left : left + new_w]
+    else:
+        new_h = max(1, round(w / target))
+        top = (h - new_h) // 2
+        images = images[..., top : top + new_h, :]
+    antialias = images.shape[-1] > width or images.shape[-2] > height
+    return F.interpolate(images.float(), size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=antialias).to(images.dtype)
+
+
+def frames_to_batch(video, width: int, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A list of frames (or one (T, H, W, C) tensor) -> (T, 3, height, width) in [0, 1]."""
+    if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[0] > 1:
+        video = list(video)
+    if not isinstance(video, (list, tuple)):
+        video = [video]
+    if len(video) == 0:
+        raise ValueError("video is an empty list of frames")
+    return torch.stack([fit(to_chw01(f, device, dtype).unsqueeze(0), width, height)[0] for f in video])
+
+
+def batch_to_frames(images: torch.Tensor) -> torch.Tensor:
+    """(T, 3, H, W) -> (T, H, W, 3) float32 in [0, 1], Scope's output layout."""
+    return images.permute(0, 2, 3, 1).float().clamp(0.0, 1.0).contiguous()

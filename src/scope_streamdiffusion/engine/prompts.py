@@ -1,0 +1,120 @@
+"""Prompt encoding with compel weighting, an LRU cache of embeddings, and prompt blending.
+
+compel syntax works in every prompt: ``(word)1.3``, ``word++``, ``word--``, and prompts over 77
+tokens (encoded in 77-token chunks, not truncated). Each distinct text is encoded once and kept in
+a bounded LRU cache; blends of several weighted prompts are mixed in embedding space.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    embeds: torch.Tensor  # (1, tokens, dim)
+    pooled: torch.Tensor | None = None  # (1, pooled_dim), SDXL only
+
+    def with_tokens(self, tokens: int, pad: "PromptEmbeds") -> "PromptEmbeds":
+        """Pad to ``tokens`` with chunks of ``pad`` (the empty prompt), as compel does."""
+        missing = tokens - self.embeds.shape[1]
+        if missing <= 0:
+            return self
+        reps = -(-missing // pad.embeds.shape[1])
+        filler = pad.embeds.repeat(1, reps, 1)[:, :missing]
+        return PromptEmbeds(torch.cat([self.embeds, filler], dim=1), self.pooled)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation along the last dim (falls back to lerp for near-parallel vectors)."""
+    a32, b32 = a.float(), b.float()
+    an = a32 / a32.norm(dim=-1, keepdim=True).clamp_min(eps)
+    bn = b32 / b32.norm(dim=-1, keepdim=True).clamp_min(eps)
+    omega = torch.acos((an * bn).sum(-1, keepdim=True).clamp(-1 + eps, 1 - eps))
+    so = torch.sin(omega)
+    out = torch.where(
+        so.abs() < 1e-4,
+        (1 - t) * a32 + t * b32,
+        torch.sin((1 - t) * omega) / so * a32 + torch.sin(t * omega) / so * b32,
+    )
+    return out.to(a.dtype)
+
+
+def blend(items: list[tuple[PromptEmbeds, float]], method: str, pad: PromptEmbeds) -> PromptEmbeds:
+    """Mix weighted embeddings; weights are normalised to sum to 1 (all-zero weights -> equal)."""
+    if len(items) == 1:
+        return items[0][0]
+    total = sum(max(w, 0.0) for _, w in items)
+    weights = [max(w, 0.0) / total if total > 0 else 1.0 / len(items) for _, w in items]
+    tokens = max(e.embeds.shape[1] for e, _ in items)
+    padded = [e.with_tokens(tokens, pad) for e, _ in items]
+    if method == "slerp" and len(items) == 2:
+        t = weights[1]
+        pooled = None if padded[0].pooled is None else slerp(padded[0].pooled, padded[1].pooled, t)
+        return PromptEmbeds(slerp(padded[0].embeds, padded[1].embeds, t), pooled)
+    embeds = sum(w * e.embeds for w, e in zip(weights, padded))
+    pooled = None if padded[0].pooled is None else sum(w * e.pooled for w, e in zip(weights, padded))
+    return PromptEmbeds(embeds, pooled)
+
+
+class PromptEncoder:
+    """Text -> :class:`PromptEmbeds` for SD1.5/SD2.x (one CLIP) and SDXL (two CLIPs + pooled)."""
+
+    def __init__(self, tokenizers, text_encoders, *, is_sdxl: bool, device, dtype, cache_size: int = 64,
+                 force_zeros_for_empty_prompt: bool = False):
+        from compel import Compel, ReturnedEmbeddingsType
+
+        if is_sdxl:
+            self._compel = Compel(
+                tokenizer=tokenizers,
+                text_encoder=text_encoders,
+                returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                requires_pooled=[False, True],
+                truncate_long_prompts=False,
+                device=str(device),
+            )
+        else:
+            self._compel = Compel(
+                tokenizer=tokenizers[0], text_encoder=text_encoders[0], truncate_long_prompts=False, device=str(device)
+            )
+        self.is_sdxl = is_sdxl
+        self.device = device
+        self.dtype = dtype
+        self.cache_size = cache_size
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self._cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
+        self.encode_count = 0  # texts actually run through the text encoder (for tests and stats)
+
+    @torch.no_grad()
+    def encode(self, text: str) -> PromptEmbeds:
+        hit = self._cache.get(text)
+        if hit is not None:
+            self._cache.move_to_end(text)
+            return hit
+        self.encode_count += 1
+        if self.is_sdxl:
+            embeds, pooled = self._compel(text)
+            result = PromptEmbeds(embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+        else:
+            result = PromptEmbeds(self._compel(text).to(self.device, self.dtype))
+        self._cache[text] = result
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return result
+
+    def negative(self, text: str) -> PromptEmbeds:
+        """SDXL models trained with zeroed unconditional embeddings want zeros for an empty negative."""
+        embeds = self.encode(text)
+        if not text.strip() and self.force_zeros_for_empty_prompt:
+            return PromptEmbeds(torch.zeros_like(embeds.embeds), None if embeds.pooled is None else torch.zeros_like(embeds.pooled))
+        return embeds
+
+    def blend(self, prompts: list[tuple[str, float]], method: str = "linear") -> PromptEmbeds:
+        return blend([(self.encode(text), weight) for text, weight in prompts], method, self.encode(""))
+
+    @property
+    def cache_len(self) -> int:
+        return len(self._cache)

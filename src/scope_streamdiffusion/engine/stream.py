@@ -1,0 +1,225 @@
+"""The StreamDiffusion engine: loaded models + settings + stream state -> frames.
+
+``StreamDiffusion(models, width=..., height=...)`` then ``engine(images)`` with ``images`` a
+``(F, 3, H, W)`` batch in [0, 1] (img2img) or ``None`` (txt2img). Settings change with
+``engine.update(**changes)`` from any thread: a call works on one immutable snapshot of them, so
+it never sees a half-applied update. Nothing here reloads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import sampling
+from .models import StreamModels
+from .prompts import PromptEmbeds, PromptEncoder
+from .residual_cfg import CfgType, Guidance, effective_cfg_type, virtual_residual_noise
+from .schedule import input_mix, make_schedule, timesteps_from_strength, timesteps_from_t_index_list
+from .similar_image_filter import SimilarImageFilter
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Runtime parameters of the stream (already validated)."""
+
+    prompts: tuple[tuple[str, float], ...] = (("", 1.0),)
+    prompt_interpolation_method: str = "linear"
+    negative_prompt: str = ""
+    seed: int = 42
+    guidance_scale: float = 1.0
+    num_inference_steps: int = 1
+    strength: float = 0.5
+    t_index_list: tuple[int, ...] | None = None
+    delta: float = 1.0
+    cfg_type: CfgType = CfgType.SELF
+    use_denoising_batch: bool = True
+    do_add_noise: bool = True
+    similar_image_filter: bool = False
+    similar_image_filter_threshold: float = 0.98
+    similar_image_filter_max_skip_frame: int = 10
+
+    def timesteps(self, img2img: bool) -> list[int]:
+        if self.t_index_list:
+            return timesteps_from_t_index_list(list(self.t_index_list))
+        # Text-to-image starts from pure noise whatever the strength.
+        return timesteps_from_strength(self.strength if img2img else 1.0, self.num_inference_steps)
+
+
+@dataclass
+class _Prepared:
+    """Everything derived from one settings snapshot, rebuilt only when its inputs change."""
+
+    settings: StreamSettings
+    img2img: bool
+    sched: object
+    noise: torch.Tensor
+    guidance: Guidance
+    prompt: PromptEmbeds
+    negative: PromptEmbeds
+    input_a: float
+    input_b: float
+
+    @property
+    def shape_key(self):
+        s = self.settings
+        return (self.sched.num_steps, self.guidance.cfg_type, s.use_denoising_batch, s.seed, self.img2img)
+
+
+class StreamDiffusion:
+    def __init__(self, models: StreamModels, *, width: int, height: int, frame_buffer_size: int = 1,
+                 settings: StreamSettings | None = None):
+        self.models = models
+        self.width, self.height = width, height
+        self.frame_buffer_size = frame_buffer_size
+        self.device, self.dtype = models.device, models.dtype
+        self.latent_shape = (models.latent_channels, height // 8, width // 8)
+        self.prompt_encoder = PromptEncoder(
+            models.tokenizers, models.text_encoders, is_sdxl=models.family.is_sdxl, device=self.device,
+            dtype=self.dtype, force_zeros_for_empty_prompt=models.force_zeros_for_empty_prompt,
+        )
+        self._lock = threading.Lock()
+        self._settings = settings or StreamSettings()
+        self._prepared: _Prepared | None = None
+        self.state = sampling.StreamState()
+        self.filter = SimilarImageFilter(seed=self._settings.seed)
+        self.last_output: torch.Tensor | None = None
+        self.frames_skipped = 0
+        self._alphas_cumprod = models.alphas_cumprod.to(self.device)
+        if models.family.is_sdxl:
+            # (original size, crop top-left, target size): no cropping, native size.
+            self._time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+
+    # ----- settings -------------------------------------------------------------------------
+    @property
+    def settings(self) -> StreamSettings:
+        return self._settings
+
+    def update(self, **changes) -> StreamSettings:
+        """Apply validated setting changes atomically; takes effect at the next call."""
+        with self._lock:
+            self._settings = dataclasses.replace(self._settings, **changes)
+            return self._settings
+
+    def reset(self) -> None:
+        """Forget the frames in flight and the filter history (models and settings stay)."""
+        with self._lock:
+            self.state = sampling.StreamState()
+            self.filter.reset(self._settings.seed)
+            self.last_output = None
+
+    # ----- derived state ----------------------------------------------------------------------
+    def _noise(self, seed: int, steps: int) -> torch.Tensor:
+        # Drawn on the CPU so the same seed gives the same noise on every device.
+        gen = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn((steps, *self.latent_shape), generator=gen).to(self.device, self.dtype)
+
+    def _prepare(self, settings: StreamSettings, img2img: bool) -> _Prepared:
+        old = self._prepared
+        if old is not None and old.settings == settings and old.img2img == img2img:
+            return old
+        timesteps = settings.timesteps(img2img)
+        sched = make_schedule(timesteps, self._alphas_cumprod, self.device, self.dtype)
+        if old is not None and old.settings.seed == settings.seed and old.noise.shape[0] == len(timesteps):
+            noise = old.noise
+        else:
+            noise = self._noise(settings.seed, len(timesteps))
+        guidance = Guidance(effective_cfg_type(settings.cfg_type, settings.guidance_scale), settings.guidance_scale, settings.delta)
+        prompt = self.prompt_encoder.blend(list(settings.prompts), settings.prompt_interpolation_method)
+        negative = self.prompt_encoder.negative(settings.negative_prompt)
+        tokens = max(prompt.embeds.shape[1], negative.embeds.shape[1])
+        pad = self.prompt_encoder.encode("")
+        alpha0 = float(sched.alpha[0])
+        a, b = input_mix(settings.strength, alpha0) if img2img else (0.0, 1.0)
+        prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt.with_tokens(tokens, pad),
+                             negative.with_tokens(tokens, pad), a, b)
+        if old is None or old.shape_key != prepared.shape_key:
+            self.state = sampling.StreamState()
+        if old is None or old.settings.seed != settings.seed:
+            self.filter.reset(settings.seed)
+        self.filter.threshold = settings.similar_image_filter_threshold
+        self.filter.max_skip_frame = settings.similar_image_filter_max_skip_frame
+        self._prepared = prepared
+        return prepared
+
+    # ----- models -----------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.models.vae
+        x = (images * 2 - 1).to(self.models.vae_dtype)
+        if self.models.is_tiny_vae:
+            z = vae.encode(x).latents
+        else:
+            z = vae.encode(x).latent_dist.mean
+        return (z * vae.config.scaling_factor).to(self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.models.vae
+        x = vae.decode((latents / vae.config.scaling_factor).to(self.models.vae_dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def _noise_predictor(self, p: _Prepared):
+        unet = self.models.unet
+        sdxl = self.models.family.is_sdxl
+        v_pred = self.models.prediction_type == "v_prediction"
+
+        def predict(latents: torch.Tensor, timesteps: torch.Tensor, num_negative: int) -> torch.Tensor:
+            rows = latents.shape[0]
+            pos = rows - num_negative
+            ehs = torch.cat([p.negative.embeds.expand(num_negative, -1, -1), p.prompt.embeds.expand(pos, -1, -1)])
+            kwargs = {}
+            if sdxl:
+                pooled = torch.cat([p.negative.pooled.expand(num_negative, -1), p.prompt.pooled.expand(pos, -1)])
+                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids.expand(rows, -1)}
+            out = unet(latents, timesteps, encoder_hidden_states=ehs, return_dict=False, **kwargs)[0]
+            if v_pred:
+                abar = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(out.dtype)
+                out = abar.sqrt() * out + (1 - abar).sqrt() * latents
+            return out
+
+        return predict
+
+    # ----- one call -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` (F, 3, H, W) in [0, 1], or None for text-to-image -> (F, 3, H, W) in [0, 1]."""
+        with self._lock:
+            settings = self._settings
+        img2img = images is not None
+        frames = images.shape[0] if img2img else self.frame_buffer_size
+        if img2img and settings.strength <= 0.0 and not settings.t_index_list:
+            return images.float().clamp(0, 1)
+        p = self._prepare(settings, img2img)
+        if img2img and settings.similar_image_filter and self.filter.should_skip(images) \
+                and self.last_output is not None and self.last_output.shape[0] == frames:
+            self.frames_skipped += frames
+            return self.last_output
+        output = self._denoise(p, images, frames)
+        self.last_output = output
+        return output
+
+    def _denoise(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
+        sched = p.sched
+        noise0 = p.noise[0:1].expand(frames, -1, -1, -1)
+        if images is not None:
+            z = self.encode_images(images)
+            x_new = sampling.noise_input(z, noise0, p.input_a, p.input_b)
+        else:
+            z = torch.zeros_like(noise0)
+            x_new = noise0.clone()
+        residual = None
+        if p.guidance.cfg_type.uses_residual_noise:
+            # At the first step the input frame is the reference image: its residual is the added noise.
+            residual = virtual_residual_noise(x_new, z, sched.alpha[0], sched.beta[0])
+        predict = self._noise_predictor(p)
+        add_noise = p.settings.do_add_noise
+        use_batch = p.settings.use_denoising_batch
+        if use_batch and self.state.primed and self.state.latents.shape[0] == (sched.num_steps - 1) * frames:
+            x0, self.state = sampling.stream_batch(x_new, residual, self.state, sched, p.noise, p.guidance, predict, add_noise)
+        else:
+            x0, state = sampling.sequential(x_new, residual, sched, p.noise, p.guidance, predict, add_noise)
+            # Priming with the first frame's own intermediate latents: no warm-up frames, ever.
+            self.state = state if use_batch else sampling.StreamState()
+        return self.decode_latents(x0)

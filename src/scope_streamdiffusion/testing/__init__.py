@@ -1,0 +1,1 @@
+"""Random-weight model builders for tests and benchmarks (no downloads)."""

@@ -1,0 +1,301 @@
+"""The engine's defining properties, on tiny real diffusers models (fp32, CPU)."""
+
+import pytest
+import torch
+from conftest import make_frames
+
+from scope_streamdiffusion.engine import CfgType, StreamDiffusion, StreamSettings
+from scope_streamdiffusion.engine.schedule import timesteps_from_strength, timesteps_from_t_index_list
+
+TOL = 1e-3
+CFG_TYPES = [CfgType.NONE, CfgType.FULL, CfgType.SELF, CfgType.INITIALIZE]
+
+
+def engine_for(models, **settings):
+    base = dict(prompts=(("a red fox in the snow", 1.0),), negative_prompt="blurry", num_inference_steps=3,
+                strength=0.8, guidance_scale=1.8, delta=0.7, seed=7)
+    base.update(settings)
+    return StreamDiffusion(models, width=64, height=64, settings=StreamSettings(**base))
+
+
+def sequential_reference(models, frames, **settings):
+    engine = engine_for(models, use_denoising_batch=False, **settings)
+    return [engine(f) for f in frames]
+
+
+class UnetRows:
+    """Counts the latent rows of every UNet call with a forward pre-hook on the real module."""
+
+    def __init__(self, unet):
+        self.rows = []
+        self.handle = unet.register_forward_pre_hook(lambda _m, args: self.rows.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("cfg_type", CFG_TYPES)
+@pytest.mark.parametrize("add_noise", [True, False])
+def test_stream_batch_equals_sequential_per_frame(sd15_models, cfg_type, add_noise):
+    frames = make_frames(6)
+    n = 3
+    expected = sequential_reference(sd15_models, frames, cfg_type=cfg_type, do_add_noise=add_noise)
+    engine = engine_for(sd15_models, cfg_type=cfg_type, do_add_noise=add_noise)
+    outputs = [engine(f) for f in frames]
+    for j, out in enumerate(outputs):
+        source = max(0, j - (n - 1))  # call j shows frame j-(n-1); the first n-1 calls show frame 0
+        assert (out - expected[source]).abs().max() <= TOL, (cfg_type, j)
+    # Results of different frames differ by more than the tolerance: the comparison can tell them apart.
+    assert all((expected[i] - expected[i + 1]).abs().max() > TOL for i in range(len(frames) - 1))
+
+
+def test_v_prediction_batch_equals_sequential(tiny_sd15_v):
+    from scope_streamdiffusion.engine import load_models
+
+    models = load_models(str(tiny_sd15_v), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=False)
+    assert models.prediction_type == "v_prediction"
+    frames = make_frames(4)
+    expected = sequential_reference(models, frames, cfg_type=CfgType.SELF, num_inference_steps=2)
+    engine = engine_for(models, cfg_type=CfgType.SELF, num_inference_steps=2)
+    outs = [engine(f) for f in frames]
+    for j in range(1, 4):
+        assert (outs[j] - expected[j - 1]).abs().max() <= TOL
+
+
+def test_no_warmup_frames(sd15_models):
+    frames = make_frames(3)
+    engine = engine_for(sd15_models, num_inference_steps=4)
+    first = engine(frames[0])
+    # Not blank, not brown: a real decoded image with structure.
+    assert first.std() > 0.01 and torch.isfinite(first).all()
+    ref = sequential_reference(sd15_models, frames[:1], num_inference_steps=4)[0]
+    for f in frames[1:]:
+        assert (engine(f) - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_frame_buffer_size_matches_single_frames(sd15_models, steps):
+    frames = make_frames(6)
+    single = engine_for(sd15_models, num_inference_steps=steps, cfg_type=CfgType.INITIALIZE)
+    singles = [single(f) for f in frames]
+    grouped = StreamDiffusion(sd15_models, width=64, height=64, frame_buffer_size=2, settings=single.settings)
+    outs = []
+    for i in range(0, 6, 2):
+        outs.extend(grouped(torch.cat(frames[i:i + 2])).split(1))
+    seq = sequential_reference(sd15_models, frames, num_inference_steps=steps, cfg_type=CfgType.INITIALIZE)
+    # Group g (frames 2g, 2g+1) comes out after steps-1 more calls, as a pair.
+    for g in range(3):
+        src = max(0, g - (steps - 1))
+        for k in range(2):
+            expect = seq[2 * src + k] if g >= steps - 1 else seq[k]
+            assert (outs[2 * g + k] - expect).abs().max() <= TOL, (steps, g, k)
+    assert len(singles) == 6
+
+
+def test_same_seed_same_frames_different_seed_differs(sd15_models):
+    frames = make_frames(3)
+    a = [engine_for(sd15_models, seed=1)(f) for f in frames]
+    b = [engine_for(sd15_models, seed=1)(f) for f in frames]
+    c = [engine_for(sd15_models, seed=2)(f) for f in frames]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all((x - z).abs().max() > 1e-2 for x, z in zip(a, c))
+
+
+def test_txt2img_is_seeded(sd15_models):
+    a = engine_for(sd15_models, seed=3)(None)
+    b = engine_for(sd15_models, seed=3)(None)
+    c = engine_for(sd15_models, seed=4)(None)
+    assert a.shape == (1, 3, 64, 64)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+
+
+def test_strength_zero_returns_input_without_the_model(sd15_models):
+    frame = make_frames(1)[0]
+    engine = engine_for(sd15_models, strength=0.0)
+    with UnetRows(sd15_models.unet) as rows:
+        out = engine(frame)
+    assert rows.rows == []
+    assert torch.equal(out, frame)
+
+
+def test_strength_mapping_is_monotonic_without_dead_zone():
+    previous = None
+    for s in [i / 100 for i in range(1, 101)]:
+        ts = timesteps_from_strength(s, 2)
+        assert ts == sorted(ts, reverse=True)
+        if previous is not None:
+            assert ts[0] >= previous
+        previous = ts[0]
+    assert timesteps_from_strength(1.0, 4) == [999, 749, 499, 249]
+    assert timesteps_from_strength(0.5, 1) == [499]
+    assert timesteps_from_t_index_list([32, 45]) == [359, 99]
+
+
+def test_strength_changes_output_everywhere(sd15_models):
+    frame = make_frames(1)[0]
+    outs = [engine_for(sd15_models, strength=s, num_inference_steps=1)(frame) for s in (0.3, 0.32, 1.0, 1.1, 1.2)]
+    for x, y in zip(outs, outs[1:]):
+        assert (x - y).abs().max() > 1e-4
+    # At 1.2 the input is faded out completely: the output no longer depends on it.
+    other = make_frames(2)[1]
+    assert (engine_for(sd15_models, strength=1.2, num_inference_steps=1)(other) - outs[-1]).abs().max() < 1e-5
+    assert (engine_for(sd15_models, strength=1.0, num_inference_steps=1)(other) - outs[2]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cfg_type,guidance,expected_rows", [
+    (CfgType.NONE, 2.0, [3]), (CfgType.SELF, 2.0, [3]), (CfgType.INITIALIZE, 2.0, [4]),
+    (CfgType.FULL, 2.0, [6]), (CfgType.FULL, 1.0, [3]), (CfgType.INITIALIZE, 0.5, [3]),
+])
+def test_unet_rows_per_cfg_type(sd15_models, cfg_type, guidance, expected_rows):
+    frames = make_frames(2)
+    engine = engine_for(sd15_models, cfg_type=cfg_type, guidance_scale=guidance)
+    engine(frames[0])  # priming call runs the steps one by one
+    with UnetRows(sd15_models.unet) as rows:
+        engine(frames[1])
+    assert rows.rows == expected_rows
+
+
+def test_t_index_list_overrides_steps(sd15_models):
+    engine = engine_for(sd15_models, t_index_list=(32, 45), num_inference_steps=4)
+    engine(make_frames(1)[0])
+    assert engine._prepared.sched.timesteps.tolist() == [359, 99]
+
+
+@pytest.mark.parametrize("cfg_type", [CfgType.FULL, CfgType.INITIALIZE, CfgType.SELF])
+def test_runtime_prompt_change_reaches_every_cfg_row(sd15_models, cfg_type):
+    """After a prompt/negative change, a running stream equals a fresh stream with the new prompts."""
+    frames = make_frames(8)
+    n = 2
+    engine = engine_for(sd15_models, cfg_type=cfg_type, num_inference_steps=n)
+    for f in frames[:3]:
+        engine(f)
+    engine.update(prompts=(("a castle at night", 1.0),), negative_prompt="low quality")
+    outs = [engine(f) for f in frames[3:]]
+    expected = sequential_reference(sd15_models, frames, cfg_type=cfg_type, num_inference_steps=n,
+                                    prompts=(("a castle at night", 1.0),), negative_prompt="low quality")
+    # Frames that entered after the change and saw only the new prompts: outputs 1.. (frame 3+j-1)
+    for j in range(n, len(outs)):
+        assert (outs[j] - expected[3 + j - (n - 1)]).abs().max() <= TOL
+
+
+def test_runtime_changes_never_reload_and_cache_prompts(sd15_models):
+    engine = engine_for(sd15_models)
+    unet, vae = sd15_models.unet, sd15_models.vae
+    frame = make_frames(1)[0]
+    a = engine(frame)
+    count = engine.prompt_encoder.encode_count
+    engine(frame)
+    assert engine.prompt_encoder.encode_count == count  # unchanged text: no re-encode
+    engine.update(prompts=(("a lighthouse", 1.0),), guidance_scale=3.0, delta=0.3, num_inference_steps=2,
+                  cfg_type=CfgType.FULL, strength=0.6)
+    b = engine(frame)
+    assert engine.prompt_encoder.encode_count == count + 1
+    assert engine.models.unet is unet and engine.models.vae is vae
+    assert (a - b).abs().max() > 1e-3
+    engine.update(prompts=(("a red fox in the snow", 1.0),))
+    engine(frame)
+    assert engine.prompt_encoder.encode_count == count + 1  # cached
+
+
+def test_compel_weighting_and_long_prompts(sd15_models):
+    engine = engine_for(sd15_models)
+    enc = engine.prompt_encoder
+    plain = enc.encode("a cat on a sofa").embeds
+    weighted = enc.encode("a (cat)1.5 on a sofa").embeds
+    plus = enc.encode("a cat++ on a sofa").embeds
+    assert plain.shape == weighted.shape == (1, 77, 32)
+    assert (plain - weighted).abs().max() > 1e-4 and (plain - plus).abs().max() > 1e-4
+    long_text = ", ".join(["a very detailed painting of a quiet harbour town at dawn"] * 12)
+    long = enc.encode(long_text).embeds
+    assert long.shape[1] >= 154  # encoded in 77-token chunks, not truncated
+    # A long prompt with a short negative still runs full CFG (padded to the same length).
+    engine.update(prompts=((long_text, 1.0),), cfg_type=CfgType.FULL)
+    out = engine(make_frames(1)[0])
+    assert torch.isfinite(out).all()
+
+
+def test_prompt_blend_and_cache_is_bounded(sd15_models):
+    engine = engine_for(sd15_models)
+    enc = engine.prompt_encoder
+    a, b = enc.encode("a cat").embeds, enc.encode("a dog").embeds
+    mid = enc.blend([("a cat", 1.0), ("a dog", 1.0)], "linear").embeds
+    assert torch.allclose(mid, (a + b) / 2, atol=1e-5)
+    mid_s = enc.blend([("a cat", 50.0), ("a dog", 50.0)], "slerp").embeds
+    assert (mid_s - mid).abs().max() > 0 and torch.isfinite(mid_s).all()
+    for i in range(enc.cache_size + 10):
+        enc.encode(f"prompt number {i}")
+    assert enc.cache_len == enc.cache_size
+
+
+def test_similar_image_filter_skips_static_input(sd15_models):
+    frame = make_frames(1)[0]
+    engine = engine_for(sd15_models, similar_image_filter=True, similar_image_filter_threshold=0.9,
+                        similar_image_filter_max_skip_frame=3, num_inference_steps=1)
+    first = engine(frame)
+    with UnetRows(sd15_models.unet) as rows:
+        outs = [engine(frame) for _ in range(8)]
+    assert engine.frames_skipped >= 6  # identical input: every allowed skip happens
+    assert len(rows.rows) == 2  # max_skip_frame=3 forces a run after 3 skips
+    assert all(torch.equal(o, first) for o in outs)
+    # A very different frame is always processed.
+    other = 1 - frame
+    with UnetRows(sd15_models.unet) as rows:
+        engine(other)
+    assert rows.rows == [1]
+
+
+def test_similar_image_filter_is_seeded(sd15_models):
+    frames = [f * 0.98 + 0.01 * i for i, f in enumerate(make_frames(1) * 12)]
+
+    def decisions(seed):
+        engine = engine_for(sd15_models, seed=seed, similar_image_filter=True,
+                            similar_image_filter_threshold=0.99999, num_inference_steps=1)
+        result = []
+        for f in frames:
+            before = engine.frames_skipped
+            engine(f)
+            result.append(engine.frames_skipped > before)
+        return result
+
+    assert decisions(5) == decisions(5)
+
+
+def test_lcm_lora_and_tiny_vae_from_local_folders(tiny_sd15, tiny_lcm_lora, tiny_taesd, sd15_models):
+    from scope_streamdiffusion.engine import load_models
+
+    models = load_models(str(tiny_sd15), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=True,
+                         tiny_vae_id=str(tiny_taesd), use_lcm_lora=True, lcm_lora_id=str(tiny_lcm_lora))
+    assert models.is_tiny_vae
+    frame = make_frames(1)[0]
+    latents = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([500])
+    ehs = torch.randn(1, 77, 32)
+    fused = models.unet(latents, t, encoder_hidden_states=ehs).sample
+    plain = sd15_models.unet(latents, t, encoder_hidden_states=ehs).sample
+    assert (fused - plain).abs().max() > 1e-4  # the LoRA is fused into the UNet weights
+    out = engine_for(models)(frame)
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cfg_type", [CfgType.SELF, CfgType.FULL])
+def test_sdxl_batch_equals_sequential(sdxl_models, cfg_type):
+    assert sdxl_models.family.is_sdxl
+    frames = make_frames(4)
+    expected = sequential_reference(sdxl_models, frames, cfg_type=cfg_type, num_inference_steps=2)
+    engine = engine_for(sdxl_models, cfg_type=cfg_type, num_inference_steps=2)
+    outs = [engine(f) for f in frames]
+    for j in range(1, 4):
+        assert (outs[j] - expected[j - 1]).abs().max() <= TOL
+    txt = engine_for(sdxl_models)(None)
+    assert torch.isfinite(txt).all()
+
+
+def test_sdxl_fp16_keeps_the_vae_in_fp32(tiny_sdxl):
+    from scope_streamdiffusion.engine import load_models
+
+    models = load_models(str(tiny_sdxl), device=torch.device("cpu"), dtype=torch.float16, use_tiny_vae=False)
+    assert models.vae_dtype == torch.float32 and models.dtype == torch.float16
