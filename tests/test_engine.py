@@ -137,13 +137,14 @@ def test_strength_mapping_is_monotonic_without_dead_zone():
 
 def test_strength_changes_output_everywhere(sd15_models):
     frame = make_frames(1)[0]
-    outs = [engine_for(sd15_models, strength=s, num_inference_steps=1)(frame) for s in (0.3, 0.32, 1.0, 1.1, 1.2)]
+    outs = [engine_for(sd15_models, strength=s, num_inference_steps=1, guidance_scale=1.0)(frame)
+            for s in (0.3, 0.32, 1.0, 1.1, 1.2)]
     for x, y in zip(outs, outs[1:]):
         assert (x - y).abs().max() > 1e-4
     # At 1.2 the input is faded out completely: the output no longer depends on it.
     other = make_frames(2)[1]
-    assert (engine_for(sd15_models, strength=1.2, num_inference_steps=1)(other) - outs[-1]).abs().max() < 1e-5
-    assert (engine_for(sd15_models, strength=1.0, num_inference_steps=1)(other) - outs[2]).abs().max() > 1e-4
+    assert (engine_for(sd15_models, strength=1.2, num_inference_steps=1, guidance_scale=1.0)(other) - outs[-1]).abs().max() < 1e-5
+    assert (engine_for(sd15_models, strength=1.0, num_inference_steps=1, guidance_scale=1.0)(other) - outs[2]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("cfg_type,guidance,expected_rows", [

@@ -35,6 +35,7 @@ from transformers import (
 
 __all__ = [
     "CLIP_VOCAB_SIZE",
+    "LORA_WEIGHT_NAME",
     "TINY_MODEL_NAMES",
     "build_tiny_lcm_lora",
     "build_tiny_model",
@@ -63,6 +64,9 @@ TINY_MODEL_NAMES = {
 }
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# diffusers 0.36 refuses to guess the file name of a local LoRA folder when HF_HUB_OFFLINE=1,
+# so loaders should pass weight_name=LORA_WEIGHT_NAME (0.42 guesses it).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -365,7 +369,8 @@ def build_tiny_lcm_lora(model_dir: Path, dest: Path, seed: int = 0, rank: int = 
     """Save a random non-zero LoRA for the tiny UNet in ``model_dir`` (stand-in for LCM-LoRA).
 
     Written as ``dest/pytorch_lora_weights.safetensors`` in diffusers format; load with
-    ``pipe.load_lora_weights(dest)`` then ``pipe.fuse_lora()``.
+    ``pipe.load_lora_weights(dest, weight_name=LORA_WEIGHT_NAME)`` then ``pipe.fuse_lora()``
+    (diffusers 0.42 also finds it without ``weight_name``; 0.36 needs it when offline).
     """
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -389,7 +394,7 @@ def build_tiny_lcm_lora(model_dir: Path, dest: Path, seed: int = 0, rank: int = 
     pipe_cls.save_lora_weights(
         dest,
         unet_lora_layers=lora_state,
-        weight_name="pytorch_lora_weights.safetensors",
+        weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
     )
     return dest

@@ -1,0 +1,125 @@
+"""Runtime and load parameters: coerced to their declared type, clamped to their range.
+
+Bad values never stop a stream: a value of the wrong type keeps the previous value, an out-of-range
+one is clamped; each parameter warns once (not once per frame). Unknown keys are ignored: Scope
+sends many that belong to other pipelines. Only values that changed since the last call are
+processed, since Scope resends the whole parameter dict on every call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from annotated_types import Ge, Le
+from pydantic import TypeAdapter, ValidationError
+
+logger = logging.getLogger("scope_streamdiffusion")
+
+_MISSING = object()
+
+
+def normalize_prompts(value: Any) -> tuple[tuple[str, float], ...] | None:
+    """Every prompt form Scope or a caller sends -> ((text, weight), ...); None if unusable.
+
+    Accepts a str, a list of str, or a list of {"text", "weight"} dicts (weights on any scale: the
+    blend normalises them).
+    """
+    if isinstance(value, str):
+        return ((value, 1.0),)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    items = []
+    for item in value:
+        if isinstance(item, str):
+            items.append((item, 1.0))
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            try:
+                weight = float(item.get("weight", 1.0))
+            except (TypeError, ValueError):
+                weight = 1.0
+            items.append((item["text"], max(weight, 0.0) if weight == weight else 1.0))
+        else:
+            return None
+    return tuple(items)
+
+
+class ParameterCoercer:
+    def __init__(self, config_cls):
+        self.fields = config_cls.model_fields
+        self._adapters: dict[str, TypeAdapter] = {}
+        self._last_raw: dict[str, Any] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    def defaults(self) -> dict[str, Any]:
+        return {name: f.default for name, f in self.fields.items()}
+
+    def _warn_once(self, name: str, kind: str, message: str, *args) -> None:
+        if (name, kind) not in self._warned:
+            self._warned.add((name, kind))
+            logger.warning(message, *args)
+
+    def _bounds(self, name: str):
+        ge = le = None
+        for meta in self.fields[name].metadata:
+            if isinstance(meta, Ge):
+                ge = meta.ge
+            elif isinstance(meta, Le):
+                le = meta.le
+        return ge, le
+
+    def coerce(self, name: str, value: Any, previous: Any) -> Any:
+        """The clean value for ``name`` (or ``previous`` if ``value`` is unusable)."""
+        field = self.fields[name]
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            adapter = self._adapters[name] = TypeAdapter(field.annotation)
+        try:
+            clean = adapter.validate_python(value, strict=False)
+        except ValidationError:
+            self._warn_once(name, "type", "Ignoring %s=%r: expected %s; keeping %r.", name, value,
+                            getattr(field.annotation, "__name__", field.annotation), previous)
+            return previous
+        ge, le = self._bounds(name)
+        if isinstance(clean, (int, float)) and not isinstance(clean, bool):
+            if clean != clean:  # NaN
+                self._warn_once(name, "nan", "Ignoring %s=NaN; keeping %r.", name, previous)
+                return previous
+            bounded = clean
+            if ge is not None and bounded < ge:
+                bounded = type(clean)(ge)
+            if le is not None and bounded > le:
+                bounded = type(clean)(le)
+            if bounded != clean:
+                self._warn_once(name, "range", "%s=%r is outside [%s, %s]; using %r.", name, clean, ge, le, bounded)
+            return bounded
+        return clean
+
+    def changes(self, kwargs: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        """Clean values of the known parameters in ``kwargs`` that differ from the last call's."""
+        out = {}
+        for name, value in kwargs.items():
+            if name not in self.fields:
+                continue
+            if self._last_raw.get(name, _MISSING) is value or _equal(self._last_raw.get(name, _MISSING), value):
+                continue
+            self._last_raw[name] = value
+            clean = self.coerce(name, value, current.get(name))
+            if clean != current.get(name):
+                out[name] = clean
+        return out
+
+    def seen(self, name: str, value: Any) -> bool:
+        """True if ``value`` is what ``name`` had last time (and remember it)."""
+        same = _equal(self._last_raw.get(name, _MISSING), value)
+        self._last_raw[name] = value
+        return same
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors and other odd values: treat as changed
+        return False

@@ -1,0 +1,175 @@
+"""StreamDiffusionPipeline: Scope's pipeline face over the engine (frames in, frames out).
+
+``StreamDiffusionPipeline(**kwargs)`` loads the models once; ``pipe(**kwargs)`` takes
+``video=[frames]`` (any layout/size/dtype/device; none = text-to-image) plus any parameters and
+returns ``{"video": (T, H, W, 3) float32 in [0, 1]}`` on the pipeline's device. A parameter value
+stays in force until a later call changes it; unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ._scope import Pipeline, Requirements
+from .parameters import ParameterCoercer, normalize_prompts
+from .schema import DEFAULT_PROMPT, StreamDiffusionConfig
+
+logger = logging.getLogger("scope_streamdiffusion")
+
+
+def _pick_device(name: str | None):
+    import torch
+
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was requested but CUDA is not available. Fix: install a CUDA build "
+                               "of torch and check the GPU driver, or use device='cpu'.")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pick_dtype(name: str | None, device):
+    import torch
+
+    if name is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+class PromptTransition:
+    """Blends from one weighted prompt list to another over ``num_steps`` calls."""
+
+    def __init__(self, source, target, num_steps: int, method: str):
+        self.source, self.target = source, target
+        self.num_steps, self.method, self.step = max(int(num_steps), 0), method, 0
+
+    def next(self):
+        """(prompts, interpolation method) for the next call, and whether the transition is over."""
+        self.step += 1
+        if self.step >= self.num_steps:
+            return self.target, True
+        a = self.step / self.num_steps
+        total_s = sum(w for _, w in self.source) or 1.0
+        total_t = sum(w for _, w in self.target) or 1.0
+        mix = tuple((t, (1 - a) * w / total_s) for t, w in self.source) + tuple((t, a * w / total_t) for t, w in self.target)
+        return mix, False
+
+
+class StreamDiffusionPipeline(Pipeline):
+    @classmethod
+    def get_config_class(cls):
+        return StreamDiffusionConfig
+
+    def __init__(self, **kwargs: Any):
+        from .engine import CfgType, StreamDiffusion, StreamSettings, load_models
+        from .engine.frames import snap_to_multiple
+
+        self._coercer = ParameterCoercer(StreamDiffusionConfig)
+        self.params = self._coercer.defaults()
+        self.params.update(self._coercer.changes(kwargs, self.params))
+        p = self.params
+        self.device = _pick_device(p["device"])
+        self.dtype = _pick_dtype(p["dtype"], self.device)
+        self.width, self.height = snap_to_multiple(p["width"]), snap_to_multiple(p["height"])
+        self.frame_buffer_size = p["frame_buffer_size"]
+        self._settings_fields = set(StreamSettings.__dataclass_fields__)
+        self._cfg_type = CfgType
+        self._transition: PromptTransition | None = None
+        self.prompts = normalize_prompts(kwargs.get("prompts", kwargs.get("prompt"))) or ((DEFAULT_PROMPT, 1.0),)
+        self._coercer.seen("prompts", kwargs.get("prompts"))
+        self._coercer.seen("prompt", kwargs.get("prompt"))
+        self.loaded_lora_adapters: list[dict] = []
+        models = load_models(
+            p["model_id"], device=self.device, dtype=self.dtype, use_lcm_lora=p["use_lcm_lora"],
+            lcm_lora_id=p["lcm_lora_id"], use_tiny_vae=p["use_tiny_vae"], tiny_vae_id=p["tiny_vae_id"],
+            acceleration=p["acceleration"],
+        )
+        settings = StreamSettings(**self._settings_changes(p), prompts=self.prompts,
+                                  prompt_interpolation_method=self._interpolation(kwargs, "linear"))
+        self.engine = StreamDiffusion(models, width=self.width, height=self.height,
+                                      frame_buffer_size=self.frame_buffer_size, settings=settings)
+
+    # ----- parameters ---------------------------------------------------------------------------
+    @staticmethod
+    def _interpolation(kwargs, default: str) -> str:
+        method = kwargs.get("prompt_interpolation_method", default)
+        return method if method in ("linear", "slerp") else default
+
+    def _settings_changes(self, values: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in values.items() if k in self._settings_fields}
+        if "cfg_type" in out:
+            out["cfg_type"] = self._cfg_type(out["cfg_type"])
+        if "t_index_list" in out and out["t_index_list"] is not None:
+            out["t_index_list"] = tuple(min(max(int(i), 0), 49) for i in out["t_index_list"]) or None
+        return out
+
+    def _prompt_changes(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        changes: dict[str, Any] = {}
+        for key in ("prompts", "prompt"):
+            if key in kwargs and not self._coercer.seen(key, kwargs[key]):
+                prompts = normalize_prompts(kwargs[key])
+                if prompts is None:
+                    logger.warning("Ignoring %s=%r: expected a string or a list of {text, weight}.", key, kwargs[key])
+                    continue
+                self.prompts, self._transition = prompts, None
+                changes["prompts"] = prompts
+        transition = kwargs.get("transition")
+        if isinstance(transition, dict) and not self._coercer.seen("transition", transition):
+            target = normalize_prompts(transition.get("target_prompts"))
+            if target is not None:
+                self._transition = PromptTransition(self.prompts, target, transition.get("num_steps", 0) or 0,
+                                                    transition.get("temporal_interpolation_method", "linear"))
+                self.prompts = target
+        if self._transition is not None:
+            prompts, done = self._transition.next()
+            changes["prompts"] = prompts
+            if self._transition.method == "slerp" and len(prompts) == 2:
+                changes["prompt_interpolation_method"] = "slerp"
+            if done:
+                self._transition = None
+                changes["prompt_interpolation_method"] = self._interpolation(kwargs, self.engine.settings.prompt_interpolation_method)
+        if "prompt_interpolation_method" in kwargs and "prompt_interpolation_method" not in changes:
+            method = self._interpolation(kwargs, self.engine.settings.prompt_interpolation_method)
+            if method != self.engine.settings.prompt_interpolation_method:
+                changes["prompt_interpolation_method"] = method
+        return changes
+
+    def update(self, **kwargs: Any) -> None:
+        """Apply runtime parameters without processing a frame."""
+        changes = self._coercer.changes(kwargs, self.params)
+        self.params.update(changes)
+        settings = {**self._settings_changes(changes), **self._prompt_changes(kwargs)}
+        if settings:
+            self.engine.update(**settings)
+
+    # ----- Scope's calls --------------------------------------------------------------------------
+    def prepare(self, **kwargs: Any) -> Requirements | None:
+        if kwargs.get("video"):
+            return Requirements(input_size=self.frame_buffer_size)
+        return None
+
+    def __call__(self, **kwargs: Any) -> dict:
+        import torch
+
+        from .engine.frames import batch_to_frames, frames_to_batch
+
+        if kwargs.get("init_cache"):
+            self.engine.reset()
+        self.update(**kwargs)
+        video = kwargs.get("video")
+        if video is None or isinstance(video, bool):
+            out = self.engine(None)
+        else:
+            batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
+            out = torch.cat([self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)])
+        return {"video": batch_to_frames(out)}
+
+    def _run_chunk(self, chunk):
+        import torch
+
+        count = chunk.shape[0]
+        if count < self.frame_buffer_size:  # pad a short group with its last frame; drop those outputs
+            chunk = torch.cat([chunk, chunk[-1:].expand(self.frame_buffer_size - count, -1, -1, -1)])
+        return self.engine(chunk)[:count]

@@ -1,0 +1,156 @@
+"""The pipeline contract every caller (Scope, the CLI, library users) relies on."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from scope_streamdiffusion import StreamDiffusionPipeline
+from scope_streamdiffusion._scope import Requirements
+from scope_streamdiffusion.engine import CfgType, ModelLoadError
+
+SIZE = dict(width=64, height=64, use_tiny_vae=False)
+
+
+@pytest.fixture
+def pipe(tiny_sd15):
+    return StreamDiffusionPipeline(model_id=str(tiny_sd15), prompt="a cat", **SIZE)
+
+
+def uint8_frame(h=48, w=80, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, h, w, 3, generator=gen) * 255).to(torch.uint8)
+
+
+def test_frames_in_any_layout_come_out_as_scope_wants(pipe):
+    out = pipe(video=[uint8_frame()])["video"]
+    assert out.shape == (1, 64, 64, 3) and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    hw3 = torch.rand(100, 30, 3)  # (H, W, 3) float in [0, 1], odd size
+    chw = torch.rand(3, 64, 64)  # channels-first
+    out = pipe(video=[hw3, chw])["video"]
+    assert out.shape == (2, 64, 64, 3)
+
+
+def test_text_to_image_without_video(pipe):
+    out = pipe()["video"]
+    assert out.shape == (1, 64, 64, 3)
+    assert torch.equal(out, pipe()["video"])  # same seed, same prompt: same frame
+
+
+def test_values_persist_until_changed(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), guidance_scale=2.0, cfg_type="full", **SIZE)
+    pipe(video=[uint8_frame()])
+    assert pipe.engine.settings.guidance_scale == 2.0 and pipe.engine.settings.cfg_type is CfgType.FULL
+    pipe(video=[uint8_frame()], strength=0.3)
+    pipe(video=[uint8_frame()])
+    assert pipe.engine.settings.strength == 0.3 and pipe.engine.settings.guidance_scale == 2.0
+    # Scope resends the whole dict each call: resending the same values changes nothing.
+    pipe(video=[uint8_frame()], strength=0.3, guidance_scale=2.0)
+    assert pipe.engine.settings.strength == 0.3
+
+
+def test_unknown_keys_never_break_a_call(tiny_sd15):
+    from pydantic_core import PydanticUndefined
+
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), manage_cache=True, base_seed=42, input_size=1,
+                                   vace_context_scale=1.0, tags=PydanticUndefined, **SIZE)
+    out = pipe(video=[uint8_frame()], input_mode="video", graph={"nodes": []}, pipeline_ids=["streamdiffusion"],
+               denoising_step_list=[700, 500], noise_scale=0.7, noise_controller=True, init_cache=True,
+               video_timestamps=[object()], something_else=object())
+    assert out["video"].shape == (1, 64, 64, 3)
+
+
+def test_out_of_range_and_wrong_types_warn_once(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="scope_streamdiffusion"):
+        for value in (7, 7.5, 9):
+            pipe(video=[uint8_frame()], strength=value)
+        pipe(video=[uint8_frame()], guidance_scale="2.5")
+        pipe(video=[uint8_frame()], num_inference_steps="many")
+    assert pipe.engine.settings.strength == 1.2
+    assert pipe.engine.settings.guidance_scale == 2.5  # "2.5" coerced
+    assert pipe.engine.settings.num_inference_steps == 1  # unusable: previous value kept
+    assert sum("strength" in r.getMessage() for r in caplog.records) == 1
+    assert sum("num_inference_steps" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("prompts,expected", [
+    ("a dog", (("a dog", 1.0),)),
+    (["a dog", "a cat"], (("a dog", 1.0), ("a cat", 1.0))),
+    ([{"text": "a dog", "weight": 100.0}, {"text": "a cat", "weight": 50}], (("a dog", 100.0), ("a cat", 50.0))),
+])
+def test_prompt_forms(pipe, prompts, expected):
+    pipe(video=[uint8_frame()], prompts=prompts)
+    assert pipe.engine.settings.prompts == expected
+
+
+def test_transition_blends_over_num_steps(pipe):
+    pipe(video=[uint8_frame()], prompts=[{"text": "a dog", "weight": 1.0}])
+    pipe(video=[uint8_frame()], transition={"target_prompts": [{"text": "a castle", "weight": 100}],
+                                            "num_steps": 3, "temporal_interpolation_method": "linear"})
+    first = dict(pipe.engine.settings.prompts)
+    assert first["a dog"] == pytest.approx(2 / 3) and first["a castle"] == pytest.approx(1 / 3)
+    pipe(video=[uint8_frame()])
+    pipe(video=[uint8_frame()])
+    assert pipe.engine.settings.prompts == (("a castle", 100.0),)
+
+
+def test_init_cache_restarts_the_stream(tiny_sd15):
+    kw = dict(model_id=str(tiny_sd15), num_inference_steps=3, **SIZE)
+    a, b = StreamDiffusionPipeline(**kw), StreamDiffusionPipeline(**kw)
+    for s in range(4):
+        a(video=[uint8_frame(seed=s)])
+    restarted = a(video=[uint8_frame(seed=9)], init_cache=True)["video"]
+    fresh = b(video=[uint8_frame(seed=9)], init_cache=True)["video"]
+    assert (restarted - fresh).abs().max() < 1e-5
+
+
+def test_strength_zero_passes_the_frame_through(pipe):
+    frame = uint8_frame(h=64, w=64)
+    out = pipe(video=[frame], strength=0.0)["video"]
+    assert torch.allclose(out, frame[0].float() / 255, atol=1e-6)
+
+
+def test_prepare_asks_for_frame_buffer_size_frames(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), frame_buffer_size=2, **SIZE)
+    assert pipe.prepare(video=True) == Requirements(input_size=2)
+    assert pipe.prepare() is None
+    out = pipe(video=[uint8_frame(seed=i) for i in range(3)])["video"]
+    assert out.shape == (3, 64, 64, 3)
+
+
+def test_width_height_snap_to_multiple_of_8(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), width=70, height=99, use_tiny_vae=False)
+    assert (pipe.width, pipe.height) == (64, 96)
+    assert pipe(video=[uint8_frame()])["video"].shape == (1, 96, 64, 3)
+
+
+def test_tiny_vae_and_lcm_lora_via_pipeline(tiny_sd15, tiny_taesd, tiny_lcm_lora):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), width=64, height=64, use_tiny_vae=True,
+                                   tiny_vae_id=str(tiny_taesd), use_lcm_lora=True, lcm_lora_id=str(tiny_lcm_lora))
+    assert pipe.engine.models.is_tiny_vae
+    assert pipe(video=[uint8_frame()])["video"].shape == (1, 64, 64, 3)
+
+
+def test_load_errors_name_cause_and_fix(tmp_path, tiny_sd15):
+    with pytest.raises(ModelLoadError, match="does not exist.*Fix"):
+        StreamDiffusionPipeline(model_id=str(tmp_path / "nope"), **SIZE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a diffusers folder.*Fix"):
+        StreamDiffusionPipeline(model_id=str(tmp_path / "empty"), **SIZE)
+    with pytest.raises(ModelLoadError, match="(?s)unreachable.*Fix.*download"):
+        StreamDiffusionPipeline(model_id="someone/not-cached-model", **SIZE)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd15, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match="Fix"):
+        StreamDiffusionPipeline(model_id=str(broken), **SIZE)
+
+
+def test_cuda_requested_without_cuda(tiny_sd15):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        StreamDiffusionPipeline(model_id=str(tiny_sd15), device="cuda", **SIZE)
