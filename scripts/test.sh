@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command: builds the environments from scratch (or reuses them) and runs the suite twice,
+# with the latest releases and with Scope's pinned versions. No GPU, no network to model hubs needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+# A CPU-capable torch for the test machines; set TORCH_SPEC to test against another build.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+# Scope 0.2.4's locked versions of the libraries this package shares with it.
+SCOPE_PINS="diffusers==0.36.0 transformers==4.57.5 peft==0.18.1 huggingface_hub==0.36.0 accelerate==1.12.0 compel==2.1.1"
+
+make_env() {  # make_env DIR [extra pip specs...]
+  local dir=$1; shift
+  if [ ! -x "$dir/bin/python" ]; then "$PYTHON" -m venv "$dir"; fi
+  "$dir/bin/python" -m pip install -q --upgrade pip
+  "$dir/bin/python" -c "import torch" 2>/dev/null || "$dir/bin/python" -m pip install -q "$TORCH_SPEC"
+  "$dir/bin/python" -m pip install -q -e ".[test]" "$@"
+  # Only for the real CLIP BPE vocabulary file of the tiny test models (its deps are not needed).
+  "$dir/bin/python" -m pip install -q --no-deps open_clip_torch
+}
+
+run_suite() {  # run_suite DIR LABEL
+  echo "== tests with $2 =="
+  "$1/bin/python" -c "import diffusers, transformers, peft, compel, huggingface_hub as h; print('diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| huggingface_hub', h.__version__)"
+  HF_HUB_OFFLINE=1 SCOPE_STREAMDIFFUSION_CACHE="$PWD/.cache-test" "$1/bin/python" -m pytest -q -p no:cacheprovider "${@:3}"
+}
+
+make_env .venv-test
+run_suite .venv-test "the latest releases" "$@"
+if [ "${SKIP_SCOPE_PINS:-0}" != "1" ]; then
+  make_env .venv-test-scope-pins $SCOPE_PINS
+  run_suite .venv-test-scope-pins "Scope's pinned versions" "$@"
+fi
