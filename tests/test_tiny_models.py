@@ -25,6 +25,7 @@ from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
     UNet2DConditionModel,
 )
+from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from scope_streamdiffusion.testing import architectures as arch  # noqa: E402
@@ -116,6 +117,9 @@ def test_tiny_sd15_components_load_per_subfolder(tiny_sd15):
     assert unet.config.cross_attention_dim == 32
     assert AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae").config.latent_channels == 4
     te = CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")
+    # Hub key layout, which transformers 4 needs (5 saves bare keys on its own).
+    keys = load_file(tiny_sd15 / "text_encoder" / "model.safetensors").keys()
+    assert all(k.startswith("text_model.") for k in keys)
     assert te.config.vocab_size == tm.CLIP_VOCAB_SIZE and te.config.hidden_size == 32
     tok = CLIPTokenizer.from_pretrained(tiny_sd15, subfolder="tokenizer")
     assert tok("a photo of a cat").input_ids == CAT_IDS

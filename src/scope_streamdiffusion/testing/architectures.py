@@ -391,7 +391,13 @@ def build_pipeline_folder(
     """
     from transformers import CLIPTokenizer
 
-    from .tiny_models import EOS_TOKEN, _strip_taesd_config, _write_tokenizer, clip_tokenizer_files
+    from .tiny_models import (
+        EOS_TOKEN,
+        _canonical_clip_text_weights,
+        _strip_taesd_config,
+        _write_tokenizer,
+        clip_tokenizer_files,
+    )
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -435,6 +441,7 @@ def build_pipeline_folder(
             requires_safety_checker=False,
         )
     pipe.save_pretrained(dest, safe_serialization=True)
+    _canonical_clip_text_weights(dest / "text_encoder")  # loadable by transformers 4 and 5
     # Rewrite the tokenizer folders with plain vocab/merges files that transformers 4 and 5 read.
     _write_tokenizer(dest / "tokenizer", pad)
     if base == "sdxl":

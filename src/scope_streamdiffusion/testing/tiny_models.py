@@ -42,6 +42,7 @@ __all__ = [
     "build_tiny_taesd",
     "clip_tokenizer_files",
     "ensure_tiny_model",
+    "ensure_tiny_taesd",
     "find_clip_bpe_file",
 ]
 
@@ -198,7 +199,7 @@ def _tiny_vae(family: str) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=0.13025 if family == "sdxl" else 0.18215,
-        force_upcast=family == "sdxl",
+        force_upcast=True,  # diffusers default, as in the released SD1.5 and SDXL VAEs
     )
 
 
@@ -264,6 +265,33 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
     clip_tokenizer_files(folder, pad_token=pad_token)
 
 
+def _canonical_clip_text_weights(folder: Path) -> None:
+    """Rewrite a saved CLIPTextModel's weights with the hub's ``text_model.`` key prefix.
+
+    transformers 5 dropped the ``text_model`` wrapper of CLIPTextModel and saves bare keys,
+    which transformers 4.x silently ignores (random init). The prefixed layout is what real
+    checkpoints use and both versions load.
+    """
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architectures", ["CLIPTextModel"])[0] != "CLIPTextModel":
+        return  # CLIPTextModelWithProjection keeps the prefix in both versions
+
+    def canonical(key: str) -> str:
+        return key if key.startswith("text_model.") else "text_model." + key
+
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(file)
+        if all(k.startswith("text_model.") for k in tensors):
+            continue
+        save_file({canonical(k): v for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    for index_file in folder.glob("*.safetensors.index.json"):
+        index = json.loads(index_file.read_text())
+        index["weight_map"] = {canonical(k): v for k, v in index["weight_map"].items()}
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def build_tiny_model(
     dest: Path,
     family: str = "sd15",
@@ -322,6 +350,7 @@ def build_tiny_model(
             requires_safety_checker=False,
         )
     pipe.save_pretrained(dest, safe_serialization=True)
+    _canonical_clip_text_weights(dest / "text_encoder")
     _write_tokenizer(dest / "tokenizer", EOS_TOKEN)
     if family == "sdxl":
         _write_tokenizer(dest / "tokenizer_2", "!")
@@ -448,6 +477,47 @@ def ensure_tiny_model(name: str = "tiny-random", cache_dir: Path | None = None) 
         except OSError:
             # Lost the race: another process renamed its complete build into place.
             if not _is_complete(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+TINY_TAESD_NAME = "tiny-random-taesd"
+
+
+def ensure_tiny_taesd(cache_dir: Path | None = None) -> Path:
+    """Return the cached tiny random-weight TAESD folder, building it once if needed.
+
+    The tiny-random models use it as their default tiny VAE, so ``use_tiny_vae=True`` (the default)
+    never reaches the hub. Built and renamed into place atomically, like :func:`ensure_tiny_model`.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / TINY_TAESD_NAME
+
+    def complete(folder: Path) -> bool:
+        marker = folder / _VERSION_FILE
+        return (folder / "config.json").is_file() and marker.is_file() and marker.read_text().strip() == BUILDER_VERSION
+
+    if complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_TAESD_NAME}.build-", dir=root))
+    try:
+        build_tiny_taesd(tmp)
+        (tmp / _VERSION_FILE).write_text(BUILDER_VERSION + "\n")
+        if final.exists() and not complete(final):
+            trash = Path(tempfile.mkdtemp(prefix=f".{TINY_TAESD_NAME}.old-", dir=root))
+            try:
+                os.replace(final, trash / TINY_TAESD_NAME)
+            except OSError:
+                pass  # another process already swapped it
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not complete(final):  # lost the race to a complete build: fine
                 raise
     finally:
         if tmp.exists():
