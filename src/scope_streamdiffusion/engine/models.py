@@ -235,6 +235,11 @@ def load_models(
 ) -> StreamModels:
     from diffusers import DDPMScheduler, DiffusionPipeline
 
+    if model_id.startswith("tiny-random") and use_tiny_vae and tiny_vae_id is None:
+        # The tiny smoke-test models get a tiny local TAESD too: the default one is on the hub.
+        from ..testing.tiny_models import ensure_tiny_taesd
+
+        tiny_vae_id = str(ensure_tiny_taesd())
     source = resolve_source(model_id)
     try:
         pipe = _from_pretrained(DiffusionPipeline, source, dtype, **_pipeline_kwargs(source))

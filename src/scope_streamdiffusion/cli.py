@@ -1,0 +1,795 @@
+"""The ``scope-streamdiffusion`` command line: run, info, download, bench.
+
+``run`` streams a video file, an image, a folder of images, a webcam or a built-in test pattern
+through :class:`~scope_streamdiffusion.pipeline.StreamDiffusionPipeline` and writes a video file or a
+folder of images. Every engine parameter is a flag generated from ``StreamDiffusionConfig`` (same
+names as the config) and can also come from a TOML/YAML file; flags win over the file.
+
+Errors a user can act on print one line on stderr and exit non-zero; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+PROG = "scope-streamdiffusion"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Fields Scope's base config declares for other pipelines: not StreamDiffusion parameters.
+_SCOPE_BASE_FIELDS = {"manage_cache", "base_seed", "denoising_steps", "lora_merge_strategy", "noise_scale",
+                      "noise_controller", "input_size", "ref_images", "vace_context_scale"}
+# `run` options that a config file may also set (besides the engine parameters).
+_RUN_KEYS = ("input", "output", "frames", "fps")
+TINY_HELP = ("'tiny-random' (or tiny-random-sdxl) is a tiny random-weight model the package builds itself: "
+             "it runs offline on a CPU to check an install end to end, and its output is noise by nature.")
+
+logger = logging.getLogger("scope_streamdiffusion")
+
+
+class CliError(Exception):
+    """An error the user can act on: printed as one line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# ----- parameters: flags generated from the config schema --------------------------------------------
+
+
+def engine_fields() -> dict[str, Any]:
+    """The config fields that are StreamDiffusion parameters (pydantic FieldInfo by name)."""
+    from .schema import StreamDiffusionConfig
+
+    return {name: f for name, f in StreamDiffusionConfig.model_fields.items() if name not in _SCOPE_BASE_FIELDS}
+
+
+def _unwrap_optional(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _int_list(text: str) -> list[int]:
+    # "--t-index-list 32 45" and "--t-index-list 32,45" both work.
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+
+
+_FALLBACK_HELP = {
+    "width": "Output width in pixels (snapped to a multiple of 8; the input is centre-cropped to the aspect).",
+    "height": "Output height in pixels (snapped to a multiple of 8).",
+}
+
+
+def _add_field_flag(group, name: str, field) -> None:
+    """One flag per config field: ``--name-with-dashes``, plus a hidden ``--name_with_underscores``."""
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    help_text = (field.description or _FALLBACK_HELP.get(name, "")).replace("%", "%%")
+    if field.default not in (None, ""):
+        help_text += f" [default: {field.default}]"
+    if name == "model_id":
+        help_text += " " + TINY_HELP
+    kwargs: dict[str, Any] = {"dest": name, "default": None}
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif origin is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(annotation))
+    elif origin is list:
+        kwargs.update(type=_int_list, nargs="+", metavar="INT")
+    elif annotation in (int, float):
+        kwargs.update(type=annotation, metavar=annotation.__name__.upper())
+    else:
+        kwargs.update(type=str, metavar="TEXT")
+    dashed = f"--{name.replace('_', '-')}"
+    group.add_argument(*(["--model", dashed] if name == "model_id" else [dashed]), help=help_text, **kwargs)
+    if "_" in name:  # the config's own spelling works too, without cluttering --help
+        group.add_argument(f"--{name}", help=argparse.SUPPRESS, **kwargs)
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    values = {}
+    for name in engine_fields():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], list):  # nargs="+" of int lists
+            value = [i for part in value for i in part]
+        values[name] = value
+    if args.prompt is not None:
+        values["prompt"] = args.prompt
+    return values
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A flat TOML/YAML mapping of config keys (dashes or underscores) -> validated values."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CliError(f"Config file '{path}' does not exist.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's to fix
+        reason = " ".join(str(exc).split())
+        raise CliError(f"Cannot parse config file '{path}': {reason}") from exc
+    if not isinstance(data, dict):
+        raise CliError(f"Config file '{path}' must hold a mapping of parameter names to values.")
+    return _validate_config(data, path)
+
+
+def _validate_config(data: dict[str, Any], path: str) -> dict[str, Any]:
+    from pydantic import TypeAdapter, ValidationError
+
+    fields = engine_fields()
+    known = {*fields, "prompt", "prompts", "model", *_RUN_KEYS}
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise CliError(f"Unknown key '{raw_key}' in config file '{path}'.{hint}")
+        if key == "model":
+            key = "model_id"
+        if key in fields:
+            try:
+                value = TypeAdapter(fields[key].annotation).validate_python(value)
+            except ValidationError as exc:
+                reason = exc.errors()[0].get("msg", "invalid value")
+                raise CliError(f"Config file '{path}': {raw_key} = {value!r} is invalid ({reason}).") from exc
+        out[key] = value
+    return out
+
+
+def resolve_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline parameters, run options): defaults < config file < flags."""
+    file_values = load_config_file(args.config) if args.config else {}
+    run_opts = {k: file_values.pop(k) for k in _RUN_KEYS if k in file_values}
+    for key in _RUN_KEYS:
+        if getattr(args, key, None) is not None:
+            run_opts[key] = getattr(args, key)
+    flags = _flag_values(args)
+    if "prompt" in flags:  # a prompt flag replaces the file's prompt list
+        file_values.pop("prompts", None)
+    return {**file_values, **flags}, run_opts
+
+
+# ----- run -------------------------------------------------------------------------------------------
+
+
+def _check_device(name: str | None) -> None:
+    """CUDA/MPS asked for but absent: one clear line before any model is loaded."""
+    if not name:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CliError(f"Unknown device '{name}'. Fix: use cuda, cuda:N, cpu or mps.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name} was requested but CUDA is not available (torch {torch.__version__}). Fix: "
+                       "install a CUDA build of torch and check the GPU driver (nvidia-smi), or use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {name} was requested but MPS is not available. Fix: use --device cpu.")
+
+
+def _default_output(input_spec: str | None, kind_hint: str) -> str:
+    from .video_io import is_webcam
+
+    if input_spec is None or input_spec == "testpattern":
+        return "testpattern-streamdiffusion.mp4"
+    if is_webcam(input_spec):
+        return "webcam-streamdiffusion.mp4"
+    path = Path(input_spec)
+    if kind_hint == "folder":
+        return f"{path.name}-streamdiffusion/"
+    if kind_hint == "image":
+        return f"{path.stem}-streamdiffusion.png"
+    return f"{path.stem}-streamdiffusion.mp4"
+
+
+def stream_lag_calls(pipe) -> int:
+    """How many calls an output lags its input: n-1 in stream-batch mode with n steps, else 0."""
+    settings = pipe.engine.settings
+    if not settings.use_denoising_batch:
+        return 0
+    if settings.strength <= 0.0 and not settings.t_index_list:  # strength 0 returns the input as is
+        return 0
+    return max(len(settings.timesteps(True)) - 1, 0)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    rank = q / 100 * (len(sorted_values) - 1)
+    lo = int(rank)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (rank - lo)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """While the output file is finalised a second Ctrl-C must not leave it half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Runner:
+    """Feeds frames to the pipeline in groups of ``frame_buffer_size`` and writes aligned outputs.
+
+    Stream batch with n steps returns, for each call, the frames given n-1 calls earlier (the first
+    n-1 calls return frame 0). The runner drops those first outputs and, once the input ends, feeds the
+    last frame n-1 more times, so output frame k always belongs to input frame k and the output has
+    exactly as many frames as the input.
+    """
+
+    def __init__(self, pipe, writer, source, progress):
+        self.pipe, self.writer, self.source, self.progress = pipe, writer, source, progress
+        self.group_size = pipe.frame_buffer_size
+        self.lag_calls = stream_lag_calls(pipe)
+        self.to_drop = self.lag_calls * self.group_size
+        self.frames_in = 0
+        self.frames_out = 0
+        self.latencies: list[float] = []
+
+    def _call(self, frames: list, **params) -> None:
+        from .video_io import uint8_frame
+
+        start = time.perf_counter()
+        out = self.pipe(video=frames, **params)["video"]
+        outputs = [uint8_frame(f) for f in out]  # to the CPU: also waits for the GPU
+        self.latencies.append(time.perf_counter() - start)
+        for frame in outputs:
+            if self.to_drop:
+                self.to_drop -= 1
+            elif self.frames_out < self.frames_in:
+                stamp = self.source.timestamps[self.frames_out] if self.source.live else None
+                self.writer.write(frame, stamp)
+                self.frames_out += 1
+
+    def run(self) -> None:
+        group: list = []
+        last = None
+        for frame in self.source.frames:
+            group.append(frame)
+            last = frame
+            self.frames_in += 1
+            if len(group) == self.group_size:
+                self._call(group)
+                self.progress.update(len(group))
+                self._postfix()
+                group = []
+        if self.frames_in == 0:
+            raise CliError(f"Input '{self.source.name}' gave no frames.")
+        if group:  # a short last group: pad it with its last frame (those outputs are cut)
+            self._call(group + [last] * (self.group_size - len(group)))
+            self.progress.update(len(group))
+        # Flush the frames still in flight. Filter off: the repeated frame would be "similar" and skipped.
+        for _ in range(self.lag_calls):
+            self._call([last] * self.group_size, similar_image_filter=False)
+
+    def _postfix(self) -> None:
+        if self.latencies:
+            self.progress.set_postfix_str(f"{self.latencies[-1] * 1000:.0f} ms/call", refresh=False)
+
+
+def _open_pipeline(params: dict[str, Any]):
+    from .engine import ModelLoadError
+    from .pipeline import StreamDiffusionPipeline
+
+    try:
+        return StreamDiffusionPipeline(**params)
+    except ModelLoadError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.frames import snap_to_multiple
+    from .video_io import open_source, open_writer, output_kind
+
+    params, opts = resolve_run_settings(args)
+    _check_device(params.get("device"))
+    input_spec = opts.get("input")
+    width = snap_to_multiple(params.get("width", 512))
+    height = snap_to_multiple(params.get("height", 512))
+    source = open_source(input_spec, width=width, height=height, frames=opts.get("frames"), fps=opts.get("fps"))
+    try:
+        output = opts.get("output") or _default_output(input_spec, "folder" if input_spec and Path(input_spec).is_dir()
+                                                      else ("image" if source.total == 1 else "video"))
+        kind = output_kind(output)
+        if kind == "image" and source.total != 1:
+            raise CliError(f"Output '{output}' is one image but the input has several frames. Fix: write a "
+                           "video (out.mp4) or a folder (out/).")
+        if input_spec and Path(output).expanduser().resolve() == Path(input_spec).expanduser().resolve():
+            raise CliError("The output would overwrite the input. Fix: choose another --output.")
+        _quiet_libraries(args.debug)
+        model = params.get("model_id", "stabilityai/sd-turbo")
+        _status(args, f"Loading {model} ...")
+        start = time.perf_counter()
+        pipe = _open_pipeline(params)
+        load_s = time.perf_counter() - start
+        writer = open_writer(output, width=pipe.width, height=pipe.height, fps=source.fps, audio=source.audio,
+                             variable_rate=source.live)
+        summary = _stream(args, pipe, source, writer, output, load_s)
+    finally:
+        source.close()
+    _print_summary(args, summary)
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def _stream(args, pipe, source, writer, output: str, load_s: float) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    interrupted = False
+    progress = tqdm(total=source.total, unit="frame", desc="run", dynamic_ncols=True, file=sys.stderr,
+                    disable=args.no_progress, smoothing=0.1)
+    runner = _Runner(pipe, writer, source, progress)
+    start = time.perf_counter()
+    try:
+        with _redirect_logging_to(progress):
+            runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        wall = time.perf_counter() - start
+        progress.close()
+        with _sigint_ignored():
+            writer.close()
+    if interrupted:
+        print(f"{PROG}: interrupted: kept the {runner.frames_out} frames done so far in {output}", file=sys.stderr)
+    for warning in getattr(writer, "warnings", []):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    lat = sorted(runner.latencies)
+    busy = sum(lat)
+    return {
+        "input": source.name,
+        "output": str(output),
+        "width": pipe.width,
+        "height": pipe.height,
+        "source_fps": float(source.fps),
+        "frames_in": runner.frames_in,
+        "frames_out": runner.frames_out,
+        "frames_skipped": int(getattr(pipe.engine, "frames_skipped", 0)),
+        "lag_frames": runner.lag_calls * runner.group_size,
+        "calls": len(lat),
+        "frames_per_call": runner.group_size,
+        "latency_ms": {"mean": 1000 * busy / len(lat) if lat else 0.0,
+                       "p50": 1000 * _percentile(lat, 50), "p99": 1000 * _percentile(lat, 99)},
+        "fps": runner.frames_in / wall if wall > 0 else 0.0,
+        "pipeline_fps": len(lat) * runner.group_size / busy if busy > 0 else 0.0,
+        "wall_s": wall,
+        "load_s": load_s,
+        "interrupted": interrupted,
+    }
+
+
+def _print_summary(args, s: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return
+    lat = s["latency_ms"]
+    per = f" (per call of {s['frames_per_call']} frames)" if s["frames_per_call"] > 1 else ""
+    print(f"frames    {s['frames_in']} in, {s['frames_out']} out, {s['frames_skipped']} skipped by the "
+          f"similar-image filter")
+    print(f"latency   mean {lat['mean']:.1f} ms, p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms{per}")
+    print(f"fps       {s['fps']:.1f} end to end, {s['pipeline_fps']:.1f} in the pipeline "
+          f"({s['wall_s']:.1f} s; model load {s['load_s']:.1f} s)")
+    print(f"output    {s['output']} ({s['width']}x{s['height']} at {s['source_fps']:g} fps)"
+          + (" - interrupted" if s["interrupted"] else ""))
+
+
+@contextlib.contextmanager
+def _redirect_logging_to(progress):
+    """Library warnings during the run go through tqdm.write so they don't break the bar."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # very old tqdm
+        yield
+        return
+    with logging_redirect_tqdm(loggers=[logging.getLogger("scope_streamdiffusion")]):
+        yield
+
+
+def _status(args, message: str) -> None:
+    if not args.no_progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """diffusers/transformers print loading bars and notices; the CLI has its own progress."""
+    if debug:
+        return
+    for name in ("diffusers", "transformers"):
+        try:
+            utils = importlib.import_module(f"{name}.utils.logging")
+            utils.set_verbosity_error()
+            utils.disable_progress_bar()
+        except Exception:  # noqa: BLE001 - cosmetic only
+            pass
+
+
+# ----- info ------------------------------------------------------------------------------------------
+
+def _known_models() -> dict[str, list[str]]:
+    from .schema import SD_TURBO_FILES, TAESD_FILES
+
+    return {
+        "stabilityai/sd-turbo": SD_TURBO_FILES,
+        "madebyollin/taesd": TAESD_FILES,
+        "madebyollin/taesdxl": TAESD_FILES,
+        "stabilityai/sdxl-turbo": ["model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+                                   "vae/diffusion_pytorch_model.fp16.safetensors",
+                                   "text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors"],
+        "latent-consistency/lcm-lora-sdv1-5": ["pytorch_lora_weights.safetensors"],
+        "latent-consistency/lcm-lora-sdxl": ["pytorch_lora_weights.safetensors"],
+    }
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _file_present(root: Path | None, repo: str, filename: str) -> bool:
+    # Either weight variant counts: fp16 files for GPUs, plain ones for CPUs.
+    names = {filename, filename.replace(".fp16.", ".")}
+    if root is not None:
+        return any((root / n).is_file() for n in names)
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+
+
+def _presence(root: Path | None, repo: str, files: list[str]) -> str:
+    found = sum(_file_present(root, repo, f) for f in files)
+    return "complete" if found == len(files) else ("partial" if found else "missing")
+
+
+def gather_info() -> dict[str, Any]:
+    import platform
+
+    import torch
+    from huggingface_hub import constants
+
+    from .engine.models import scope_models_dir
+
+    cuda = torch.cuda.is_available()
+    gpus = []
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": prop.name, "memory_gb": round(prop.total_memory / 2**30, 1),
+                         "capability": f"{prop.major}.{prop.minor}"})
+    accel: dict[str, dict[str, Any]] = {}
+    xformers_version = _version("xformers")
+    accel["xformers"] = {"installed": xformers_version, "usable": bool(xformers_version and cuda and _importable("xformers")),
+                         "note": None if xformers_version else "pip install xformers (matching your torch)"}
+    triton = _importable("triton")
+    accel["torch.compile"] = {"installed": torch.__version__, "usable": bool(triton and cuda),
+                              "note": None if triton and cuda else ("needs CUDA" if not cuda else "needs triton")}
+    trt = _importable("tensorrt")
+    accel["tensorrt"] = {"installed": _version("tensorrt") or (_tensorrt_version() if trt else None),
+                         "usable": bool(trt and cuda),
+                         "note": None if trt else "pip install 'scope-streamdiffusion[tensorrt]'"}
+    scope_dir = scope_models_dir()
+    models = []
+    for repo, files in _known_models().items():
+        local = scope_dir / repo.split("/")[-1]
+        models.append({"id": repo, "scope_dir": _presence(local, repo, files) if local.is_dir() else "missing",
+                       "hf_cache": _presence(None, repo, files)})
+    # Same rule as testing.tiny_models.default_cache_dir (not imported: it loads diffusers).
+    tiny = Path(os.environ.get("SCOPE_STREAMDIFFUSION_CACHE") or Path.home() / ".cache" / "scope-streamdiffusion")
+    models.append({"id": "tiny-random", "cache": "built" if (tiny / "tiny-random" / "model_index.json").is_file()
+                   else "built on first use"})
+    return {
+        "scope_streamdiffusion": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": {"available": cuda, "torch_cuda": torch.version.cuda, "gpus": gpus},
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "libraries": {name: _version(name) for name in
+                      ("diffusers", "transformers", "compel", "peft", "accelerate", "huggingface_hub", "av")},
+        "acceleration": accel,
+        "model_dirs": {"scope": str(scope_dir), "scope_exists": scope_dir.is_dir(), "hf_cache": str(constants.HF_HUB_CACHE),
+                       "hf_offline": bool(getattr(constants, "HF_HUB_OFFLINE", False)), "tiny_models": str(tiny)},
+        "models": models,
+    }
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - broken installs count as unusable
+        return False
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        return importlib.import_module("tensorrt").__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = gather_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cuda = info["cuda"]
+    print(f"scope-streamdiffusion {info['scope_streamdiffusion']}  Python {info['python']}  ({info['platform']})")
+    print(f"torch {info['torch']}  CUDA {'yes (' + str(cuda['torch_cuda']) + ')' if cuda['available'] else 'no'}"
+          f"{'  MPS yes' if info['mps'] else ''}")
+    for gpu in cuda["gpus"]:
+        print(f"  GPU {gpu['index']}: {gpu['name']}, {gpu['memory_gb']} GiB, compute {gpu['capability']}")
+    print("libraries  " + "  ".join(f"{k} {v or '-'}" for k, v in info["libraries"].items()))
+    print("acceleration")
+    for name, a in info["acceleration"].items():
+        state = "usable" if a["usable"] else "not usable"
+        note = f" ({a['note']})" if a["note"] else ""
+        print(f"  {name:14} {state}{note}")
+    dirs = info["model_dirs"]
+    print("model lookup (first match wins)")
+    print(f"  Scope models dir  {dirs['scope']}{'' if dirs['scope_exists'] else ' (does not exist)'}")
+    print(f"  Hugging Face cache  {dirs['hf_cache']}{' (offline)' if dirs['hf_offline'] else ''}")
+    print(f"  tiny test models  {dirs['tiny_models']}")
+    print("models")
+    for m in info["models"]:
+        if "cache" in m:
+            print(f"  {m['id']:38} {m['cache']}")
+        else:
+            print(f"  {m['id']:38} Scope dir: {m['scope_dir']:8}  HF cache: {m['hf_cache']}")
+    return 0
+
+
+# ----- download --------------------------------------------------------------------------------------
+
+
+def download_target_dir(explicit: str | None) -> Path | None:
+    """Scope's models dir when Scope is set up here, else None (the Hugging Face cache)."""
+    from .engine.models import scope_models_dir
+
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("DAYDREAM_SCOPE_MODELS_DIR") or (Path.home() / ".daydream-scope").exists():
+        return scope_models_dir()
+    return None
+
+
+def _allow_patterns(repo: str) -> list[str]:
+    """Config/tokenizer files plus one weight file per component: fp16 safetensors if the repo has them."""
+    known = _known_models()
+    if repo in known:
+        return list(known[repo])
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(repo)
+    patterns = ["*.json", "*.txt"]
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if not weights:  # old repos: pickled weights, never the flax/onnx/tf copies
+        weights = [f for f in files if f.endswith(".bin") and not f.split("/")[-1].startswith(("flax", "tf_"))]
+    by_folder: dict[str, list[str]] = {}
+    for f in weights:
+        by_folder.setdefault(f.rsplit("/", 1)[0] if "/" in f else "", []).append(f)
+    for folder_files in by_folder.values():
+        fp16 = [f for f in folder_files if ".fp16." in f]
+        patterns += fp16 or [f for f in folder_files if ".fp16." not in f]
+    return patterns
+
+
+def _hub_error(repo: str, exc: Exception) -> CliError:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        names |= {cls.__name__ for cls in type(cause).__mro__}
+    text = " ".join(str(exc).split())[:200]
+    if "GatedRepoError" in names:
+        return CliError(f"'{repo}' is gated on the Hugging Face hub. Fix: accept its licence on huggingface.co "
+                        "and log in (`hf auth login` or HF_TOKEN).")
+    if names & {"RepositoryNotFoundError", "RevisionNotFoundError"}:
+        return CliError(f"'{repo}' was not found on the Hugging Face hub. Fix: check the id (e.g. stabilityai/sd-turbo).")
+    if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectError", "Timeout",
+                "TimeoutException", "ConnectTimeout", "ReadTimeout", "NameResolutionError", "MaxRetryError"} \
+            or "offline" in text.lower():
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+        return CliError(f"Cannot download '{repo}': the Hugging Face hub is unreachable{offline}. Fix: check the "
+                        "internet connection (and HF_ENDPOINT / proxy settings), unset HF_HUB_OFFLINE, or copy the "
+                        "model folder over from a machine that has it.")
+    return CliError(f"Cannot download '{repo}' ({type(exc).__name__}: {text}).")
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .schema import DEFAULT_MODEL_ID
+
+    repos = args.models or [DEFAULT_MODEL_ID, "madebyollin/taesd"]
+    target = download_target_dir(args.dir)
+    for repo in repos:
+        if repo.startswith("tiny-random"):
+            from .testing.tiny_models import ensure_tiny_model, ensure_tiny_taesd
+
+            try:
+                path = ensure_tiny_model(repo)
+            except ValueError as exc:
+                raise CliError(str(exc)) from exc
+            ensure_tiny_taesd()
+            print(f"{repo}: {path} (built locally)")
+            continue
+        from huggingface_hub import snapshot_download
+
+        try:
+            patterns = _allow_patterns(repo)
+            if target is not None:
+                path = snapshot_download(repo, allow_patterns=patterns, local_dir=str(target / repo.split("/")[-1]))
+            else:
+                path = snapshot_download(repo, allow_patterns=patterns)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
+            raise _hub_error(repo, exc) from exc
+        print(f"{repo}: {path}")
+    return 0
+
+
+# ----- bench (implemented in scope_streamdiffusion.bench) ----------------------------------------------
+
+
+def _load_bench():
+    try:
+        return importlib.import_module("scope_streamdiffusion.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name != "scope_streamdiffusion.bench":
+            raise
+        return None
+
+
+# ----- parser and main -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="StreamDiffusion (real-time Stable Diffusion on video) from the command line.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    # Subcommands accept --debug too; SUPPRESS keeps the top-level value when it is not repeated.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and library logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", parents=[common], help="stream a video, images, a webcam or a test pattern through the model",
+        description="Stream frames through StreamDiffusion and write a video file or a folder of images. "
+                    "Every engine parameter is a flag; a --config file supplies values, flags override it. "
+                    + TINY_HELP)
+    io = run.add_argument_group("input and output")
+    io.add_argument("-i", "--input", default=None,
+                    help="video file, image, folder of images, webcam:N or /dev/videoN, or 'testpattern' "
+                         "(a built-in moving pattern; the default)")
+    io.add_argument("-o", "--output", default=None,
+                    help="video file (.mp4 .mkv .mov .webm .avi; h264, audio copied from the input) or folder of PNG "
+                         "images (a path without a video extension, or ending in '/'). Default: in the current folder, "
+                         "named after the input, e.g. clip-streamdiffusion.mp4")
+    io.add_argument("--frames", type=int, default=None, help="stop after N frames (the test pattern's length, default 120)")
+    io.add_argument("--fps", type=float, default=None,
+                    help="frame rate of images and the test pattern (default 30); videos keep their own")
+    io.add_argument("--config", default=None, help="TOML or YAML file of parameters (flags override it)")
+    io.add_argument("--json", action="store_true", help="print the summary as JSON")
+    io.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bar or notices")
+    engine = run.add_argument_group("engine parameters (same names as the config; defaults from it)")
+    engine.add_argument("--prompt", default=None, help="the prompt (a config file may give weighted 'prompts' instead)")
+    for name, field in engine_fields().items():
+        _add_field_flag(engine, name, field)
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", parents=[common], help="versions, GPU, acceleration backends and models found")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(func=cmd_info)
+
+    dl = sub.add_parser(
+        "download", parents=[common], help="fetch model files (default: stabilityai/sd-turbo and madebyollin/taesd)",
+        description="Fetch the files a model needs (fp16 diffusers weights, configs, tokenizer) into Scope's models "
+                    "dir when DAYDREAM_SCOPE_MODELS_DIR is set or ~/.daydream-scope exists, else into the Hugging "
+                    "Face cache. 'tiny-random' is built locally instead.")
+    dl.add_argument("models", nargs="*", metavar="MODEL", help="Hugging Face ids")
+    dl.add_argument("--dir", default=None, help="download into DIR/<repo name> instead")
+    dl.set_defaults(func=cmd_download)
+
+    bench = sub.add_parser("bench", parents=[common], help="measure fps and latency (see BENCHMARKS.md)")
+    bench.set_defaults(func=None)
+    parser._bench_parser = bench  # filled by scope_streamdiffusion.bench when `bench` is the command
+    return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not debug:  # import-time notices of transformers/diffusers (e.g. "torchvision not installed")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    parser = build_parser()
+    bench = None
+    if _command_of(argv) == "bench":
+        bench = _load_bench()
+        if bench is None:
+            print(f"{PROG}: error: the bench command is not available in this install "
+                  "(scope_streamdiffusion.bench is missing)", file=sys.stderr)
+            return EXIT_USAGE
+        bench.add_arguments(parser._bench_parser)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if bench is not None:
+            return int(bench.run(args) or 0)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place errors become one line
+        if args.debug:
+            raise
+        from .video_io import MediaError
+
+        code = exc.code if isinstance(exc, CliError) else EXIT_ERROR
+        known = isinstance(exc, (CliError, MediaError)) or type(exc).__name__ == "ModelLoadError"
+        message = _one_line(exc) if known else f"{type(exc).__name__}: {_one_line(exc)} (run with --debug for details)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The command line end to end on CPU with the tiny models (in-process `main`, plus one subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from scope_streamdiffusion import cli
+from scope_streamdiffusion.video_io import MediaError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture
+def model_args(tiny_sd15, tiny_taesd):
+    return ["--model", str(tiny_sd15), "--tiny-vae-id", str(tiny_taesd), "--width", "64", "--height", "64",
+            "--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("scope-streamdiffusion: error: ")
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+
+
+def make_video(path: Path, frames: int = 10, fps: int = 12, size=(80, 48), audio: bool = True) -> Path:
+    """A small h264 (or mpeg4) clip with moving colours and, optionally, an AAC sine track."""
+    width, height = size
+    with av.open(str(path), "w") as out:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        video = out.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        if audio:
+            sound = out.add_stream("aac", rate=44100)
+            sound.layout = "mono"
+        for i in range(frames):
+            img = np.zeros((height, width, 3), np.uint8)
+            img[..., 0] = (i * 25) % 256
+            img[:, : (i * 7) % width, 1] = 200
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        if audio:
+            samples = int(44100 * frames / fps)
+            t = np.arange(samples) / 44100
+            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            for start in range(0, samples, 1024):
+                chunk = wave[start : start + 1024]
+                frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = 44100, start
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode(None):
+                out.mux(packet)
+    return path
+
+
+def probe(path: Path) -> dict:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        info = {"frames": len(frames), "size": (stream.width, stream.height), "fps": stream.average_rate,
+                "audio": len(container.streams.audio)}
+    if info["audio"]:
+        with av.open(str(path)) as container:
+            a = container.streams.audio[0]
+            packets = [p for p in container.demux(a) if p.dts is not None]
+            info["audio_seconds"] = float(sum(p.duration for p in packets) * a.time_base)
+    return info
+
+
+# ----- end to end ----------------------------------------------------------------------------------------
+
+
+def test_video_with_audio_keeps_count_fps_size_and_audio(tmp_path, capsys, model_args):
+    src = make_video(tmp_path / "clip.mp4", frames=10, fps=12)
+    dst = tmp_path / "out.mp4"
+    # 2 steps in stream batch: the output lags one frame and the run must flush it.
+    code, out, err = run_cli(capsys, "run", "-i", src, "-o", dst, *model_args, "--num-inference-steps", "2",
+                             "--prompt", "a test", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["frames_in"] == summary["frames_out"] == 10
+    assert summary["lag_frames"] == 1
+    info = probe(dst)
+    assert info["frames"] == 10
+    assert info["size"] == (64, 64)
+    assert info["fps"] == Fraction(12)
+    assert info["audio"] == 1
+    assert abs(info["audio_seconds"] - 10 / 12) < 0.15
+
+
+def test_folder_of_images_to_folder(tmp_path, capsys, model_args):
+    from PIL import Image
+
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for i in (1, 2, 10):  # natural order: 1, 2, 10
+        Image.fromarray(np.full((40, 56, 3), i * 20, np.uint8)).save(frames_dir / f"f{i}.png")
+    (frames_dir / "notes.txt").write_text("not an image")
+    dst = tmp_path / "styled"
+    code, out, err = run_cli(capsys, "run", "--input", frames_dir, "--output", dst, *model_args)
+    assert code == 0, err
+    written = sorted(dst.glob("*.png"))
+    assert len(written) == 3
+    assert Image.open(written[0]).size == (64, 64)
+    assert "3 in, 3 out" in out
+
+
+def test_test_pattern_is_the_default_input(tmp_path, capsys, model_args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "run", "--frames", "4", *model_args, "--frame-buffer-size", "3", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["frames_out"] == 4 and summary["calls"] == 2  # 3 + (1 padded to 3)
+    assert set(summary["latency_ms"]) == {"mean", "p50", "p99"}
+    info = probe(tmp_path / "testpattern-streamdiffusion.mp4")
+    assert info["frames"] == 4 and info["fps"] == Fraction(30) and info["audio"] == 0
+
+
+def test_config_file_with_flag_override(tmp_path, capsys, model_args):
+    config = tmp_path / "run.toml"
+    config.write_text('prompt = "from the file"\nwidth = 128\nframes = 3\nnum-inference-steps = 2\n')
+    dst = tmp_path / "out.mkv"
+    code, out, err = run_cli(capsys, "run", "--config", config, "-o", dst, *model_args)  # flags set --width 64
+    assert code == 0, err
+    info = probe(dst)
+    assert info["frames"] == 3  # from the file
+    assert info["size"] == (64, 64)  # the flag wins over the file's 128
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_values_are_merged_and_validated(tmp_path, suffix):
+    text = {".toml": 'model = "tiny-random"\nstrength = 0.7\nt_index_list = [20, 30]\ninput = "x.mp4"\n',
+            ".yaml": "model: tiny-random\nstrength: 0.7\nt_index_list: [20, 30]\ninput: x.mp4\n"}[suffix]
+    config = tmp_path / f"c{suffix}"
+    config.write_text(text)
+    args = cli.build_parser().parse_args(["run", "--config", str(config), "--guidance_scale", "1.5",
+                                          "--t-index-list", "10,40"])
+    params, opts = cli.resolve_run_settings(args)
+    assert params == {"model_id": "tiny-random", "strength": 0.7, "guidance_scale": 1.5, "t_index_list": [10, 40]}
+    assert opts == {"input": "x.mp4"}
+
+    config.write_text("strenght: 0.5\n" if suffix == ".yaml" else "strenght = 0.5\n")
+    with pytest.raises(cli.CliError, match="Did you mean 'strength'"):
+        cli.resolve_run_settings(args)
+
+
+def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, monkeypatch):
+    from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
+
+    real_call = StreamDiffusionPipeline.__call__
+    calls = {"n": 0}
+
+    def interrupting_call(self, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # Ctrl-C while the 4th frame is processed
+            raise KeyboardInterrupt
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(StreamDiffusionPipeline, "__call__", interrupting_call)
+    src = make_video(tmp_path / "clip.mp4", frames=8, fps=12)
+    dst = tmp_path / "out.mp4"
+    code, out, err = run_cli(capsys, "run", "-i", src, "-o", dst, *model_args)
+    assert code == 130
+    assert "interrupted" in err and "Traceback" not in err
+    info = probe(dst)
+    assert info["frames"] == 3
+    assert info["audio"] == 1 and info["audio_seconds"] < 8 / 12  # audio cut with the video
+
+
+def test_console_entry_point_with_tiny_random(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "SCOPE_STREAMDIFFUSION_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    dst = tmp_path / "frames/"
+    result = subprocess.run(
+        [sys.executable, "-m", "scope_streamdiffusion.cli", "run", "--model", "tiny-random", "--width", "64",
+         "--height", "64", "--frames", "2", "-o", f"{dst}/", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(list(dst.glob("*.png"))) == 2
+    assert (tmp_path / "cache" / "tiny-random-taesd" / "config.json").is_file()  # no hub TAESD needed
+
+
+# ----- errors: one line, non-zero, no traceback --------------------------------------------------------
+
+
+def test_missing_input_file(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "-i", tmp_path / "nope.mp4", "--model", "tiny-random")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_unreadable_video(tmp_path, capsys):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    code, _, err = run_cli(capsys, "run", "-i", bad)
+    assert_one_line_error(code, err, "cannot read video")
+
+
+def test_no_webcam(capsys):
+    code, _, err = run_cli(capsys, "run", "-i", "/dev/video97")
+    assert_one_line_error(code, err, "webcam")
+
+
+def test_model_not_found_offline(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "--frames", "1", "--model", "nobody-here/no-such-model-xyz",
+                           "-o", tmp_path / "o.mp4", "--no-progress")
+    assert_one_line_error(code, err, "no-such-model-xyz", "Fix:")
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_but_absent(capsys):
+    code, _, err = run_cli(capsys, "run", "--device", "cuda", "--model", "tiny-random")
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(MediaError):
+        cli.main(["run", "-i", str(tmp_path / "nope.png"), "--debug"])
+
+
+def test_download_offline_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "download", "nobody-here/no-such-model-xyz", "--dir", tmp_path)
+    assert_one_line_error(code, err, "no-such-model-xyz")
+
+
+def test_bench_missing_module_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scope_streamdiffusion.bench", None)  # import fails as if absent
+    code, _, err = run_cli(capsys, "bench")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "bench" in err
+
+
+def test_info_json(capsys):
+    code, out, err = run_cli(capsys, "info", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["torch"] == torch.__version__
+    assert {"xformers", "torch.compile", "tensorrt"} <= set(info["acceleration"])
+    assert "stabilityai/sd-turbo" in {m["id"] for m in info["models"]}
+    assert info["model_dirs"]["hf_cache"]
+
+
+# ----- the stream-batch lag is flushed and aligned -------------------------------------------------------
+
+
+class LaggingPipe:
+    """Mimics the engine: the first call returns its own frames, then each call returns the frames
+    given ``lag`` calls earlier (the first ``lag`` of those are call 0's frames)."""
+
+    def __init__(self, steps: int, group: int):
+        self.frame_buffer_size = group
+        self.calls: list = []
+        self.engine = SimpleNamespace(
+            settings=SimpleNamespace(use_denoising_batch=True, strength=0.5, t_index_list=None,
+                                     timesteps=lambda img2img: list(range(steps))))
+        self.lag = steps - 1
+
+    def __call__(self, video, **params):
+        self.calls.append(torch.stack(video))
+        k = len(self.calls) - 1
+        source = self.calls[max(k - self.lag, 0)] if k >= self.lag else self.calls[0]
+        return {"video": source.float() / 255}
+
+
+@pytest.mark.parametrize("steps,group,count", [(1, 1, 5), (3, 1, 5), (3, 2, 5), (2, 4, 3)])
+def test_runner_flushes_the_lag_and_keeps_frames_aligned(steps, group, count):
+    inputs = [torch.full((4, 4, 3), 10 * (i + 1), dtype=torch.uint8) for i in range(count)]
+    written = []
+    writer = SimpleNamespace(write=lambda frame, stamp=None: written.append(int(frame[0, 0, 0])))
+    source = SimpleNamespace(frames=iter(inputs), live=False, name="t")
+    runner = cli._Runner(LaggingPipe(steps, group), writer, source, SimpleNamespace(update=lambda n: None,
+                                                                                   set_postfix_str=lambda *a, **k: None))
+    runner.run()
+    assert written == [10 * (i + 1) for i in range(count)]
+
+
+def test_single_image_to_image_with_default_name(tmp_path, capsys, model_args, monkeypatch):
+    from PIL import Image
+
+    Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "run", "-i", "photo.jpg", *model_args, "--num-inference-steps", "2")
+    assert code == 0, err
+    assert Image.open(tmp_path / "photo-streamdiffusion.png").size == (64, 64)
+
+
+def test_download_patterns_prefer_fp16_weights(monkeypatch):
+    import huggingface_hub
+
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "unet/diffusion_pytorch_model.bin", "flax_model.msgpack"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: files)
+    patterns = cli._allow_patterns("someone/some-model")
+    assert patterns == ["*.json", "*.txt", "unet/diffusion_pytorch_model.fp16.safetensors",
+                        "vae/diffusion_pytorch_model.safetensors"]
+    from scope_streamdiffusion.schema import SD_TURBO_FILES
+
+    assert cli._allow_patterns("stabilityai/sd-turbo") == SD_TURBO_FILES
