@@ -17,6 +17,10 @@ from pydantic import TypeAdapter, ValidationError
 logger = logging.getLogger("scope_streamdiffusion")
 
 _MISSING = object()
+LCM_GRID_STEPS = 50
+MAX_STEPS = 10
+# compel encodes long prompts in 77-token chunks; ~2,000 characters is ~6 chunks already.
+MAX_PROMPT_CHARS = 2000
 
 
 def normalize_prompts(value: Any) -> tuple[tuple[str, float], ...] | None:
@@ -82,6 +86,8 @@ class ParameterCoercer:
             self._warn_once(name, "type", "Ignoring %s=%r: expected %s; keeping %r.", name, value,
                             getattr(field.annotation, "__name__", field.annotation), previous)
             return previous
+        if name == "t_index_list" and clean is not None:
+            return self._timestep_indices(clean)
         ge, le = self._bounds(name)
         if isinstance(clean, (int, float)) and not isinstance(clean, bool):
             if clean != clean:  # NaN
@@ -96,6 +102,27 @@ class ParameterCoercer:
                 self._warn_once(name, "range", "%s=%r is outside [%s, %s]; using %r.", name, clean, ge, le, bounded)
             return bounded
         return clean
+
+    def _timestep_indices(self, indices: list[int]) -> list[int] | None:
+        """Indices into the 50-step grid: in range, ascending, unique, at most MAX_STEPS of them."""
+        clean = sorted({min(max(int(i), 0), LCM_GRID_STEPS - 1) for i in indices})[:MAX_STEPS]
+        if clean != list(indices):
+            self._warn_once("t_index_list", "range", "t_index_list=%r must be ascending indices in [0, %d], at "
+                            "most %d; using %r.", indices, LCM_GRID_STEPS - 1, MAX_STEPS, clean)
+        return clean or None
+
+    def prompts(self, name: str, value: Any) -> tuple[tuple[str, float], ...] | None:
+        """A prompt value in any accepted form, with over-long texts cut (one warning)."""
+        prompts = normalize_prompts(value)
+        if prompts is None:
+            self._warn_once(name, "type", "Ignoring %s=%r: expected a string or a list of {text, weight}.",
+                            name, value)
+            return None
+        if any(len(text) > MAX_PROMPT_CHARS for text, _ in prompts):
+            self._warn_once(name, "length", "A prompt is longer than %d characters; the rest is ignored.",
+                            MAX_PROMPT_CHARS)
+            prompts = tuple((text[:MAX_PROMPT_CHARS], w) for text, w in prompts)
+        return prompts
 
     def changes(self, kwargs: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """Clean values of the known parameters in ``kwargs`` that differ from the last call's."""

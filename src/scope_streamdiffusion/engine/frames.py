@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 
 
+# Integer frames are 0-255 intensities (as Scope sends uint8), except 16-bit images; bool is 0/1.
+_INTEGER_SCALE = {torch.uint16: 65535.0, torch.bool: 1.0} if hasattr(torch, "uint16") else {torch.bool: 1.0}
+
+
 def snap_to_multiple(value: int, multiple: int = 8, minimum: int = 64) -> int:
     return max(minimum, (int(value) // multiple) * multiple)
 
@@ -37,9 +41,12 @@ def to_chw01(frame, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         frame = frame.permute(2, 0, 1)
     if frame.shape[1] == 0 or frame.shape[2] == 0:
         raise ValueError(f"empty frame of shape {tuple(frame.shape)}")
-    integer = not (frame.is_floating_point() or frame.is_complex())
-    frame = frame.to(device=device, non_blocking=True)
-    frame = frame.to(torch.float32) / 255.0 if integer else frame.to(torch.float32)
+    if frame.is_complex():
+        raise ValueError("complex-valued frames are not images")
+    scale = _INTEGER_SCALE.get(frame.dtype, 1.0 if frame.is_floating_point() else 255.0)
+    frame = frame.to(device=device, non_blocking=True).to(torch.float32)
+    if scale != 1.0:
+        frame = frame / scale
     channels = frame.shape[0]
     if channels == 1:
         frame = frame.expand(3, -1, -1)

@@ -1,0 +1,158 @@
+"""Reliability guarantees (README, RELIABILITY): bad input, parameter floods, long runs, load failures, threads."""
+
+import gc
+import logging
+import random
+import threading
+
+import pytest
+import torch
+
+from scope_streamdiffusion import StreamDiffusionPipeline
+from scope_streamdiffusion.engine import CfgType, ModelLoadError
+
+SIZE = dict(width=64, height=64, use_tiny_vae=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd15):
+    return StreamDiffusionPipeline(model_id=str(tiny_sd15), num_inference_steps=2, **SIZE)
+
+
+def valid(out, frames=1):
+    video = out["video"]
+    return video.shape == (frames, 64, 64, 3) and torch.isfinite(video).all() and 0 <= video.min() and video.max() <= 1
+
+
+GOOD_FRAMES = {
+    "uint8 (1,H,W,3)": torch.randint(0, 255, (1, 48, 80, 3), dtype=torch.uint8),
+    "1x1": torch.randint(0, 255, (1, 1, 3), dtype=torch.uint8),
+    "37x53": torch.rand(37, 53, 3),
+    "4096x4096": torch.randint(0, 255, (4096, 4096, 3), dtype=torch.uint8),
+    "grey 1-channel": torch.rand(40, 40, 1),
+    "grey 2-D": torch.rand(40, 40),
+    "RGBA": torch.rand(40, 40, 4),
+    "channels-first": torch.rand(3, 40, 60),
+    "non-contiguous": torch.rand(60, 40, 3).transpose(0, 1),
+    "float outside [0,1]": torch.randn(40, 40, 3) * 5,
+    "NaN and Inf": torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(40, 40, 1),
+    "int16": torch.randint(0, 255, (40, 40, 3), dtype=torch.int16),
+    "float64": torch.rand(40, 40, 3, dtype=torch.float64),
+    "numpy": torch.rand(40, 40, 3).numpy(),
+}
+BAD_FRAMES = {
+    "empty list": [],
+    "wrong rank": [torch.rand(2, 2, 40, 40, 3)],
+    "two channels": [torch.rand(40, 40, 2)],
+    "zero size": [torch.rand(0, 40, 3)],
+    "complex": [torch.rand(40, 40, 3, dtype=torch.complex64)],
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_FRAMES))
+def test_odd_frames_are_handled(pipe, name):
+    assert valid(pipe(video=[GOOD_FRAMES[name]]))
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_unusable_frames_raise_one_clear_error_and_keep_the_state(pipe, name):
+    pipe(video=[GOOD_FRAMES["37x53"]])
+    before = pipe.engine.state.latents.clone()
+    with pytest.raises(ValueError, match="frame|frames|image"):
+        pipe(video=BAD_FRAMES[name])
+    assert torch.equal(pipe.engine.state.latents, before)
+    assert valid(pipe(video=[GOOD_FRAMES["37x53"]]))
+
+
+def random_value(rng):
+    return rng.choice([
+        None, "0.5", "abc", [1, 2], {"a": 1}, -1, 0, 7, 500, 2.0, -3.5, 1e9, float("nan"), True, "",
+        "x" * 10_000, rng.random(), rng.randint(-5, 60),
+    ])
+
+
+FUZZ_KEYS = ["strength", "guidance_scale", "delta", "num_inference_steps", "seed", "cfg_type", "t_index_list",
+             "use_denoising_batch", "do_add_noise", "similar_image_filter", "similar_image_filter_threshold",
+             "similar_image_filter_max_skip_frame", "negative_prompt", "prompt", "prompts",
+             "prompt_interpolation_method", "transition", "unknown_key", "init_cache", "lora_scales"]
+
+
+def test_fuzzed_parameter_updates_never_break_the_stream(tiny_sd15, caplog):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), **SIZE)
+    rng = random.Random(1234)
+    frame = GOOD_FRAMES["37x53"]
+    updates = 0
+    with caplog.at_level(logging.WARNING, logger="scope_streamdiffusion"):
+        for _ in range(500):
+            for _ in range(3):
+                pipe.update(**{rng.choice(FUZZ_KEYS): random_value(rng)})
+                updates += 1
+            key = rng.choice(FUZZ_KEYS)
+            value = rng.choice(["full", "self", "initialize", "none"]) if key == "cfg_type" else random_value(rng)
+            updates += 1
+            assert valid(pipe(video=[frame], **{key: value})), (key, value)
+    assert updates >= 2000
+    # One warning per parameter and kind of problem, not one per update.
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) < 60
+
+
+@pytest.mark.slow
+def test_soak_2000_frames_without_growth(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), **SIZE)
+    frame = GOOD_FRAMES["uint8 (1,H,W,3)"]
+    prompts = [f"a painting of scene {i}" for i in range(100)]
+
+    def run(start, stop):
+        for i in range(start, stop):
+            params = {"prompt": prompts[i % len(prompts)], "strength": 0.3 + 0.5 * (i % 7) / 7,
+                      "num_inference_steps": 1 + (i // 50) % 2, "guidance_scale": 1.0 + (i % 3)}
+            assert valid(pipe(video=[frame], **params))
+
+    run(0, 400)  # warm-up: every prompt seen, caches full
+    gc.collect()
+    objects = len(gc.get_objects())
+    tensors = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    run(400, 2000)
+    gc.collect()
+    assert len(gc.get_objects()) - objects < 500
+    assert sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)) - tensors <= 8
+    assert pipe.engine.prompt_encoder.cache_len <= pipe.engine.prompt_encoder.cache_size
+
+
+def test_settings_updated_from_another_thread_are_never_half_applied(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), **SIZE)
+    engine = pipe.engine
+    a = dict(num_inference_steps=1, guidance_scale=1.0, cfg_type=CfgType.NONE, prompts=(("a dog", 1.0),))
+    b = dict(num_inference_steps=2, guidance_scale=2.5, cfg_type=CfgType.FULL, prompts=(("a cat", 1.0),))
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            engine.update(**a)
+            engine.update(**b)
+
+    thread = threading.Thread(target=flip)
+    thread.start()
+    try:
+        for _ in range(60):
+            assert valid(pipe(video=[GOOD_FRAMES["37x53"]]))
+            seen = engine._prepared.settings
+            combo = {k: getattr(seen, k) for k in a}
+            assert combo in (a, b)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_lora_that_does_not_fit_fails_cleanly(tiny_sd15, tiny_sdxl, tmp_path):
+    from scope_streamdiffusion.testing.tiny_models import build_tiny_lcm_lora
+
+    lora = build_tiny_lcm_lora(tiny_sdxl, tmp_path / "sdxl-lora")
+    gc.collect()
+    unets_before = sum(1 for o in gc.get_objects() if type(o).__name__ == "UNet2DConditionModel")
+    with pytest.raises(ModelLoadError, match="(?s)LoRA.*Fix"):
+        StreamDiffusionPipeline(model_id=str(tiny_sd15), use_lcm_lora=True, lcm_lora_id=str(lora), **SIZE)
+    gc.collect()
+    # Nothing half-loaded stays alive.
+    assert sum(1 for o in gc.get_objects() if type(o).__name__ == "UNet2DConditionModel") == unets_before
