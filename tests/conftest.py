@@ -14,7 +14,9 @@ from scope_streamdiffusion.testing.tiny_models import (  # noqa: E402
     build_tiny_taesd,
 )
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tiny models gain nothing from more, and when the cores are busy
+# (parallel test runs) OpenMP threads spin-wait and make every call ~100x slower.
+torch.set_num_threads(int(os.environ.get("SCOPE_SD_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

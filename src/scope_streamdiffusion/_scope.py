@@ -7,7 +7,7 @@ both. Importing Scope's modules here loads neither torch nor diffusers.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,19 +95,36 @@ except ImportError:
         supports_prompts: ClassVar[bool] = True
         default_temporal_interpolation_method: ClassVar[Literal["linear", "slerp"] | None] = "slerp"
         default_temporal_interpolation_steps: ClassVar[int | None] = 0
-        default_spatial_interpolation_method: ClassVar[str] = "linear"
+        default_spatial_interpolation_method: ClassVar[Literal["linear", "slerp"] | None] = "linear"
 
-        height: int = Field(default=512, ge=1)
-        width: int = Field(default=512, ge=1)
-        manage_cache: bool = True
-        base_seed: int = Field(default=42, ge=0)
-        denoising_steps: list[int] | None = None
+        # Same names, types, ranges and descriptions as Scope's base fields, so the JSON schema matches.
+        height: int = Field(default=512, ge=1, description="Output height in pixels")
+        width: int = Field(default=512, ge=1, description="Output width in pixels")
+        manage_cache: bool = Field(default=True, description="Enable automatic cache management for performance "
+                                                             "optimization")
+        base_seed: Annotated[int, Field(ge=0)] = Field(default=42, description="Base random seed for reproducible "
+                                                                               "generation")
+        denoising_steps: list[int] | None = Field(default=None, description="Denoising step schedule for "
+                                                                            "progressive generation")
         lora_merge_strategy: Literal["permanent_merge", "runtime_peft"] | None = None
-        noise_scale: float | None = Field(default=None, ge=0.0, le=1.0)
-        noise_controller: bool | None = None
-        input_size: int | None = Field(default=1, ge=1)
-        ref_images: list[str] | None = None
-        vace_context_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+        noise_scale: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+            default=None, description="Amount of noise to add during video generation (video mode only)")
+        noise_controller: bool | None = Field(
+            default=None, description="Enable dynamic noise control during generation (video mode only)")
+        input_size: int | None = Field(default=1, ge=1, description="Expected input video frame count (video mode "
+                                                                     "only)")
+        ref_images: list[str] | None = Field(default=None, description="List of reference image paths for VACE "
+                                                                       "conditioning")
+        vace_context_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="Scaling factor for VACE hint "
+                                                                                   "injection (0.0 to 2.0)")
+
+        @classmethod
+        def get_pipeline_metadata(cls) -> dict[str, str]:
+            return {"id": cls.pipeline_id, "name": cls.pipeline_name, "description": cls.pipeline_description,
+                    "version": cls.pipeline_version}
+
+        def is_video_mode(self) -> bool:
+            return self.input_size is not None
 
         @classmethod
         def get_supported_modes(cls) -> list[str]:
@@ -126,8 +143,7 @@ except ImportError:
         @classmethod
         def get_schema_with_metadata(cls) -> dict:
             meta = {
-                "id": cls.pipeline_id, "name": cls.pipeline_name, "description": cls.pipeline_description,
-                "version": cls.pipeline_version, "supported_modes": cls.get_supported_modes(),
+                **cls.get_pipeline_metadata(), "supported_modes": cls.get_supported_modes(),
                 "default_mode": cls.get_default_mode(), "supports_prompts": cls.supports_prompts,
                 "default_temporal_interpolation_method": cls.default_temporal_interpolation_method,
                 "default_temporal_interpolation_steps": cls.default_temporal_interpolation_steps,
@@ -140,7 +156,7 @@ except ImportError:
                 "supports_quantization": cls.supports_quantization, "min_dimension": cls.min_dimension,
                 "recommended_quantization_vram_threshold": cls.recommended_quantization_vram_threshold,
                 "modified": cls.modified, "produces_video": cls.produces_video,
-                "produces_audio": cls.produces_audio, "usage": [str(u) for u in cls.usage],
+                "produces_audio": cls.produces_audio, "usage": [getattr(u, "value", u) for u in cls.usage],
                 "inputs": list(cls.inputs), "outputs": list(cls.outputs),
                 "config_schema": cls.model_json_schema(),
             }

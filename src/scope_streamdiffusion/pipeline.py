@@ -80,12 +80,20 @@ class StreamDiffusionPipeline(Pipeline):
         self.prompts = normalize_prompts(kwargs.get("prompts", kwargs.get("prompt"))) or ((DEFAULT_PROMPT, 1.0),)
         self._coercer.seen("prompts", kwargs.get("prompts"))
         self._coercer.seen("prompt", kwargs.get("prompt"))
-        self.loaded_lora_adapters: list[dict] = []
         models = load_models(
             p["model_id"], device=self.device, dtype=self.dtype, use_lcm_lora=p["use_lcm_lora"],
             lcm_lora_id=p["lcm_lora_id"], use_tiny_vae=p["use_tiny_vae"], tiny_vae_id=p["tiny_vae_id"],
-            acceleration=p["acceleration"],
+            acceleration=p["acceleration"], loras=kwargs.get("loras"),
+            # Scope's UI sends lora_merge_mode; the schema field is the fallback for other callers.
+            lora_merge_mode=kwargs.get("lora_merge_mode") or p.get("lora_merge_strategy"),
         )
+        self._loras = list(models.extras.get("loras") or [])
+        # Scope's status report; its UI sends lora_scales only for these exact path strings.
+        self.loaded_lora_adapters: list[dict] = [{"path": lora.path, "scale": lora.scale} for lora in self._loras]
+        self._lora_warned: set[str] = set()
+        if any(lora.is_runtime for lora in self._loras) and models.extras.get("acceleration") == "tensorrt":
+            logger.warning("acceleration='tensorrt' builds the UNet with the LoRA scales of load time: runtime "
+                           "lora_scales changes will not show. Use acceleration='cudagraph' to change them live.")
         settings = StreamSettings(**self._settings_changes(p), prompts=self.prompts,
                                   prompt_interpolation_method=self._interpolation(kwargs, "linear"))
         self.engine = StreamDiffusion(models, width=self.width, height=self.height,
@@ -116,6 +124,8 @@ class StreamDiffusionPipeline(Pipeline):
                 self.prompts, self._transition = prompts, None
                 changes["prompts"] = prompts
         transition = kwargs.get("transition")
+        if transition is None:  # Scope delivers a transition once: the same one may come again later
+            self._coercer.seen("transition", None)
         if isinstance(transition, dict) and not self._coercer.seen("transition", transition):
             target = normalize_prompts(transition.get("target_prompts"))
             if target is not None:
@@ -143,10 +153,57 @@ class StreamDiffusionPipeline(Pipeline):
         settings = {**self._settings_changes(changes), **self._prompt_changes(kwargs)}
         if settings:
             self.engine.update(**settings)
+        if kwargs.get("lora_scales") is not None:
+            self._update_lora_scales(kwargs["lora_scales"])
+
+    def _lora_warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._lora_warned:
+            self._lora_warned.add(key)
+            logger.warning(message, *args)
+
+    def _update_lora_scales(self, updates: Any) -> None:
+        """Scope's runtime ``lora_scales=[{"path", "scale"}]``: new adapter weights, no reload."""
+        from .engine.lora import clamp_scale, set_lora_scales
+
+        if isinstance(updates, dict):
+            updates = [updates]
+        if not isinstance(updates, (list, tuple)):
+            self._lora_warn_once("<type>", "Ignoring lora_scales=%r: expected [{'path': ..., 'scale': ...}].", updates)
+            return
+        by_path = {lora.path: lora for lora in self._loras}
+        changed = False
+        for item in updates:
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+                self._lora_warn_once("<type>", "Ignoring lora_scales entry %r: expected {'path': ..., 'scale': ...}.",
+                                     item)
+                continue
+            lora = by_path.get(item["path"])
+            if lora is None:
+                self._lora_warn_once(item["path"], "lora_scales names '%s', which is not loaded; loaded: %s. Adding "
+                                     "a LoRA needs a reload.", item["path"], [x.path for x in self._loras] or "none")
+                continue
+            scale = clamp_scale(item.get("scale"), lora.scale)
+            if scale == lora.scale:
+                continue
+            if not lora.is_runtime:
+                self._lora_warn_once(lora.path, "LoRA '%s' was merged permanently at scale %s; its scale cannot change "
+                                     "while streaming. Fix: load it with merge mode 'runtime_peft'.", lora.path,
+                                     lora.scale)
+                continue
+            lora.scale, changed = scale, True
+        if not changed:
+            return
+        models = self.engine.models
+        modules = {"unet": models.unet, **{name: enc for name, enc in zip(("text_encoder", "text_encoder_2"),
+                                                                          models.text_encoders)}}
+        touched = set_lora_scales(modules, self._loras)
+        self.engine.weights_changed(text_encoders=bool(touched - {"unet"}))
+        self.loaded_lora_adapters = [{"path": lora.path, "scale": lora.scale} for lora in self._loras]
 
     # ----- Scope's calls --------------------------------------------------------------------------
     def prepare(self, **kwargs: Any) -> Requirements | None:
-        if kwargs.get("video"):
+        """Video mode (Scope passes ``video=True``): wait for ``frame_buffer_size`` frames; text mode: None."""
+        if kwargs.get("video") or kwargs.get("input_mode") == "video":
             return Requirements(input_size=self.frame_buffer_size)
         return None
 

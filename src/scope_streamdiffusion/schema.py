@@ -60,7 +60,7 @@ class StreamDiffusionConfig(BasePipelineConfig):
         HuggingfaceRepoArtifact(repo_id="stabilityai/sd-turbo", files=SD_TURBO_FILES),
         HuggingfaceRepoArtifact(repo_id="madebyollin/taesd", files=TAESD_FILES),
     ]
-    supports_lora: ClassVar[bool] = False
+    supports_lora: ClassVar[bool] = True
     supports_prompts: ClassVar[bool] = True
     min_dimension: ClassVar[int] = 64
     inputs: ClassVar[list] = ["video"]
@@ -155,7 +155,22 @@ class StreamDiffusionConfig(BasePipelineConfig):
         default=None, description="Model precision (default float16 on CUDA, float32 on CPU).",
         json_schema_extra=_config(8, "Precision", is_load_param=True))
     device: str | None = Field(
-        default=None, description="Torch device (default CUDA when available, else CPU).")
+        default=None, description="Torch device, e.g. cuda:1 (default CUDA when available, else CPU).",
+        json_schema_extra=_config(10, "Device", is_load_param=True))
+    # Scope renders its LoRA manager for the component="lora" field; the UI sends its choice as the
+    # load parameters loras=[{path, scale, merge_mode}] and lora_merge_mode, not as this field.
+    lora_merge_strategy: Literal["permanent_merge", "runtime_peft"] = Field(
+        default="permanent_merge",
+        description="How LoRAs are applied: permanent_merge fuses them into the weights (no per-frame cost, scale "
+                    "fixed until reload); runtime_peft keeps them as adapters whose scale changes live.",
+        json_schema_extra=_config(9, "LoRA", component="lora", is_load_param=True))
+    # Resolution (Scope's resolution control); snapped down to a multiple of 8.
+    height: int = Field(
+        default=512, ge=64, le=2048, description="Output height in pixels (rounded down to a multiple of 8).",
+        json_schema_extra=_config(0, "Height", component="resolution", is_load_param=True))
+    width: int = Field(
+        default=512, ge=64, le=2048, description="Output width in pixels (rounded down to a multiple of 8).",
+        json_schema_extra=_config(0, "Width", component="resolution", is_load_param=True))
 
 
 LOAD_PARAMS = frozenset(

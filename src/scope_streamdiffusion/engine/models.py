@@ -33,7 +33,13 @@ class ModelLoadError(RuntimeError):
 
 
 def scope_models_dir() -> Path:
-    return Path(os.environ.get("DAYDREAM_SCOPE_MODELS_DIR") or Path.home() / ".daydream-scope" / "models")
+    """Scope's models folder: Scope's own answer when Scope is installed, else the same rule."""
+    try:
+        from scope.core.config import get_models_dir
+    except ImportError:
+        env = os.environ.get("DAYDREAM_SCOPE_MODELS_DIR")
+        return Path(env or "~/.daydream-scope/models").expanduser().resolve()
+    return get_models_dir()
 
 
 def _looks_like_path(name: str) -> bool:
@@ -232,8 +238,15 @@ def load_models(
     use_tiny_vae: bool = True,
     tiny_vae_id: str | None = None,
     acceleration: str = "none",
+    loras: list | None = None,
+    lora_merge_mode: str | None = None,
 ) -> StreamModels:
+    """``loras``/``lora_merge_mode``: user LoRAs in Scope's format (see ``lora.py``), fused or kept as adapters."""
     from diffusers import DDPMScheduler, DiffusionPipeline
+
+    from .lora import apply_loras, parse_loras
+
+    lora_specs = parse_loras(loras, lora_merge_mode)  # a malformed entry fails before the model loads
 
     if model_id.startswith("tiny-random") and use_tiny_vae and tiny_vae_id is None:
         # The tiny smoke-test models get a tiny local TAESD too: the default one is on the hub.
@@ -256,6 +269,7 @@ def load_models(
         family = detect_family(pipe.unet.config, model_id, scheduler_config.get("_class_name", type(pipe.scheduler).__name__))
         if use_lcm_lora:
             _fuse_lcm_lora(pipe, family, lcm_lora_id, model_id)
+        loaded_loras = apply_loras(pipe, lora_specs, model_id, family)
         vae = _load_tiny_vae(family, tiny_vae_id, dtype) if use_tiny_vae else pipe.vae
         # The SDXL VAE overflows in fp16 (NaN images): decode it in fp32 as its config asks.
         if not use_tiny_vae and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
@@ -286,7 +300,7 @@ def load_models(
             dtype=dtype,
             model_id=model_id,
             force_zeros_for_empty_prompt=force_zeros,
-            extras={"attention": attention, "source": source},
+            extras={"attention": attention, "source": source, "loras": loaded_loras},
         )
     except ModelLoadError:
         del pipe

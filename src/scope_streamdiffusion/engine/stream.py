@@ -111,6 +111,21 @@ class StreamDiffusion:
             self.filter.reset(self._settings.seed)
             self.last_output = None
 
+    def weights_changed(self, text_encoders: bool = False) -> None:
+        """Model weights changed in place (a runtime LoRA scale): drop what was derived from the old ones.
+
+        Captured CUDA graphs bake the old LoRA scales in; with ``text_encoders`` the cached prompt
+        embeddings are stale too (re-encoding them restarts the stream).
+        """
+        with self._lock:
+            steps = getattr(self.models.extras.get("step_runner"), "_steps", None)
+            if isinstance(steps, dict):
+                steps.clear()
+            if text_encoders:
+                self.prompt_encoder._cache.clear()
+                self._prepared = None
+            self.last_output = None
+
     # ----- derived state ----------------------------------------------------------------------
     def _noise(self, seed: int, steps: int) -> torch.Tensor:
         # Drawn on the CPU so the same seed gives the same noise on every device.

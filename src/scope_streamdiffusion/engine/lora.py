@@ -1,0 +1,220 @@
+"""User LoRAs, loaded through diffusers + peft, in the format Scope sends.
+
+Load time: ``loras=[{"path": str, "scale": float, "merge_mode"?: str}]`` and a global
+``lora_merge_mode`` ("permanent_merge", the default, or "runtime_peft"); a per-entry ``merge_mode``
+wins over the global one.
+
+* ``permanent_merge``: the LoRA is fused into the weights at ``scale`` and its adapter removed, so
+  it costs nothing per frame; its scale is fixed until the model is reloaded.
+* ``runtime_peft``: the peft adapter stays in the UNet (and text encoders, if the LoRA has parts for
+  them); :func:`set_lora_scales` changes its weight between frames without a reload.
+
+``path`` is kept exactly as received: Scope matches runtime ``lora_scales`` updates and its
+``loaded_lora_adapters`` report by that string.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MERGE_MODES = ("permanent_merge", "runtime_peft")
+DEFAULT_MERGE_MODE = "permanent_merge"
+SCALE_RANGE = (-10.0, 10.0)  # Scope's LoRAConfig / LoRAScaleUpdate bounds
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+FAMILY_NAMES = {"sd15": "SD1.5", "sd21": "SD2.x", "sdxl": "SDXL"}
+
+
+@dataclass
+class LoraSpec:
+    path: str
+    scale: float
+    merge_mode: str
+
+
+@dataclass
+class LoadedLora:
+    path: str  # exactly as received
+    scale: float
+    merge_mode: str
+    adapter_name: str
+    components: tuple[str, ...] = ()  # "unet", "text_encoder", "text_encoder_2" (runtime adapters only)
+
+    @property
+    def is_runtime(self) -> bool:
+        return self.merge_mode == "runtime_peft"
+
+
+def clamp_scale(value, default: float = 1.0) -> float:
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        return default
+    if math.isnan(scale):
+        return default
+    return min(max(scale, SCALE_RANGE[0]), SCALE_RANGE[1])
+
+
+def _merge_mode(value, default: str) -> str:
+    if value in MERGE_MODES:
+        return value
+    if value is not None:
+        logger.warning("Unknown LoRA merge mode %r (expected one of %s); using %r.", value, MERGE_MODES, default)
+    return default
+
+
+def parse_loras(loras, lora_merge_mode: str | None = None) -> list[LoraSpec]:
+    """Scope's ``loras`` load parameter -> specs; a malformed entry is a :class:`ModelLoadError`."""
+    from .models import ModelLoadError
+
+    default = _merge_mode(lora_merge_mode, DEFAULT_MERGE_MODE)
+    if loras is None:
+        return []
+    if isinstance(loras, (str, dict)):
+        loras = [loras]
+    if not isinstance(loras, (list, tuple)):
+        raise ModelLoadError(f"loras={loras!r} is not a list. Fix: pass loras=[{{'path': '/path/to/lora.safetensors', "
+                             "'scale': 1.0}].")
+    specs: list[LoraSpec] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(loras):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"].strip():
+            raise ModelLoadError(f"loras[{i}]={entry!r} has no 'path'. Fix: each LoRA is {{'path': "
+                                 "'/path/to/lora.safetensors', 'scale': 1.0, 'merge_mode': 'runtime_peft'}.")
+        if entry["path"] in seen:
+            logger.warning("LoRA '%s' is listed twice; loading it once.", entry["path"])
+            continue
+        seen.add(entry["path"])
+        scale = clamp_scale(entry.get("scale", 1.0))
+        specs.append(LoraSpec(entry["path"], scale, _merge_mode(entry.get("merge_mode"), default)))
+    return specs
+
+
+def _lora_dirs() -> list[Path]:
+    from .models import scope_models_dir
+
+    dirs = [Path(d).expanduser() for d in (os.environ.get("DAYDREAM_SCOPE_LORA_DIR"),
+                                           os.environ.get("DAYDREAM_SCOPE_LORA_SHARED_DIR")) if d]
+    return [*dirs, scope_models_dir() / "lora"]
+
+
+def _weights_source(path: Path) -> tuple[str, dict]:
+    """A local LoRA file or folder -> (folder, {"weight_name": file}): diffusers 0.36 offline needs the name."""
+    from .models import ModelLoadError
+
+    if path.is_file():
+        return str(path.parent), {"weight_name": path.name}
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise ModelLoadError(f"LoRA folder '{path}' holds no .safetensors file. Fix: point to the LoRA file.")
+    return str(path), {"weight_name": files[0].name}
+
+
+def resolve_lora(path: str) -> tuple[str, dict]:
+    """(source, load_lora_weights kwargs) for a LoRA file, folder, name in Scope's LoRA folder, or hub id."""
+    from .models import ModelLoadError, _looks_like_path
+
+    local = Path(path).expanduser()
+    if local.exists():
+        return _weights_source(local)
+    if not local.is_absolute():
+        for folder in _lora_dirs():
+            for candidate in (folder / path, folder / f"{path}.safetensors"):
+                if candidate.exists():
+                    return _weights_source(candidate)
+    if _looks_like_path(path) or path.endswith((".safetensors", ".bin", ".pt")):
+        raise ModelLoadError(
+            f"LoRA file '{path}' does not exist. Fix: check the path, or put the file in Scope's LoRA folder "
+            f"({_lora_dirs()[-1]}) and pick it in the LoRA list."
+        )
+    return path, {}  # a Hugging Face id
+
+
+def _adapters(pipe) -> dict[str, set[str]]:
+    return {component: set(names) for component, names in pipe.get_list_adapters().items()}
+
+
+def _components_of(pipe, adapter_name: str) -> tuple[str, ...]:
+    return tuple(sorted(c for c, names in _adapters(pipe).items() if adapter_name in names))
+
+
+def _load_one(pipe, spec: LoraSpec, adapter_name: str, model_id: str, family) -> tuple[str, ...]:
+    from .models import ModelLoadError, _load_error
+
+    source, kwargs = resolve_lora(spec.path)
+    base = FAMILY_NAMES.get(family.base, family.base)
+    fix = (f"Fix: use a LoRA trained for {base} models like '{model_id}' (SD1.5, SD2.x and SDXL LoRAs only fit "
+           "their own family), or remove it from the LoRA list.")
+    try:
+        pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
+        text = str(exc).lower()
+        if any(k in text for k in ("size mismatch", "shape", "target modules", "no lora", "unexpected key")):
+            first = str(exc).strip().splitlines()
+            detail = (first[1] if len(first) > 1 else first[0]).strip().rstrip(".")[:300]
+            raise ModelLoadError(f"LoRA '{spec.path}' does not fit model '{model_id}' ({base}): {detail}. {fix}") \
+                from exc
+        raise _load_error("LoRA", spec.path, exc) from exc
+    components = _components_of(pipe, adapter_name)
+    if not components:
+        raise ModelLoadError(f"LoRA '{spec.path}' has no weights that match model '{model_id}' ({base}). {fix}")
+    return components
+
+
+def apply_loras(pipe, specs: list[LoraSpec], model_id: str, family) -> list[LoadedLora]:
+    """Load ``specs`` into the diffusers ``pipe`` (before its components are taken apart)."""
+    if not specs:
+        return []
+    loaded: list[LoadedLora] = []
+    # Permanent ones first, one at a time: fuse at their own scale, then drop the adapter.
+    for i, spec in enumerate(specs):
+        if spec.merge_mode != "permanent_merge":
+            continue
+        name = f"lora_{i}"
+        _load_one(pipe, spec, name, model_id, family)
+        pipe.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
+        pipe.unload_lora_weights()
+        loaded.append(LoadedLora(spec.path, spec.scale, spec.merge_mode, name))
+        logger.info("LoRA '%s' merged permanently at scale %s.", spec.path, spec.scale)
+    runtime = []
+    for i, spec in enumerate(specs):
+        if spec.merge_mode != "runtime_peft":
+            continue
+        name = f"lora_{i}"
+        components = _load_one(pipe, spec, name, model_id, family)
+        runtime.append(LoadedLora(spec.path, spec.scale, spec.merge_mode, name, components))
+        logger.info("LoRA '%s' loaded as a runtime adapter (%s) at scale %s.", spec.path, ", ".join(components),
+                    spec.scale)
+    if runtime:
+        modules = {c: getattr(pipe, c) for c in ("unet", *TEXT_ENCODERS) if getattr(pipe, c, None) is not None}
+        set_lora_scales(modules, runtime)
+    by_path = {lora.path: lora for lora in (*loaded, *runtime)}
+    return [by_path[spec.path] for spec in specs]
+
+
+def set_lora_scales(modules: dict, loras: list[LoadedLora]) -> set[str]:
+    """Give every runtime adapter in ``loras`` its ``scale``; returns the components that changed.
+
+    ``modules`` maps component names ("unet", "text_encoder", "text_encoder_2") to the modules.
+    """
+    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+
+    touched: set[str] = set()
+    for component, module in modules.items():
+        active = [lora for lora in loras if lora.is_runtime and component in lora.components]
+        if not active:
+            continue
+        names, weights = [lora.adapter_name for lora in active], [lora.scale for lora in active]
+        if component == "unet":
+            module.set_adapters(names, weights)
+        else:
+            set_adapters_for_text_encoder(names, module, weights)
+        touched.add(component)
+    return touched

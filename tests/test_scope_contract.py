@@ -1,0 +1,115 @@
+"""What Scope relies on, without Scope: construction, prepare, init_cache, transitions, model lookup."""
+
+import pytest
+import torch
+
+from scope_streamdiffusion import StreamDiffusionPipeline
+from scope_streamdiffusion._scope import Requirements
+from scope_streamdiffusion.engine import ModelLoadError
+from scope_streamdiffusion.engine.models import resolve_source, scope_models_dir
+from scope_streamdiffusion.schema import StreamDiffusionConfig
+
+SIZE = dict(width=64, height=64, use_tiny_vae=False)
+
+
+def frame(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, 64, 64, 3, generator=gen) * 255).to(torch.uint8)
+
+
+def scope_construction_kwargs(**load_params):
+    """Scope's rule for plugins: every field default that is not None, overlaid with the load params."""
+    defaults = {name: f.default for name, f in StreamDiffusionConfig.model_fields.items() if f.default is not None}
+    return {**defaults, **load_params}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd15):
+    kwargs = scope_construction_kwargs(model_id=str(tiny_sd15), height=64, width=64, use_tiny_vae=False,
+                                       lora_merge_mode="permanent_merge")
+    return StreamDiffusionPipeline(**kwargs)
+
+
+def test_built_the_way_scope_builds_plugins(pipe):
+    assert (pipe.width, pipe.height) == (64, 64)
+    assert pipe.loaded_lora_adapters == []
+    # Scope reads pipeline.state.get(...) if a `state` attribute exists (transition bookkeeping).
+    assert not hasattr(pipe, "state")
+
+
+def test_prepare_video_mode_and_text_mode(pipe):
+    assert pipe.prepare(video=True) == Requirements(input_size=1)  # graph build: no other kwargs
+    assert pipe.prepare(input_mode="video", prompts=[{"text": "a", "weight": 100.0}], video=True) \
+        == Requirements(input_size=1)
+    assert pipe.prepare(input_mode="text", prompts=[{"text": "a", "weight": 100.0}]) is None
+    assert pipe.prepare() is None
+
+
+def test_text_mode_output_on_device_in_range(pipe):
+    out = pipe(input_mode="text", init_cache=True, prompts=[{"text": "a red fox", "weight": 100.0}])["video"]
+    assert out.shape == (1, 64, 64, 3) and out.dtype == torch.float32 and out.device == pipe.device
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_init_cache_resets_filter_history(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), similar_image_filter=True,
+                                   similar_image_filter_threshold=0.9, **SIZE)
+    pipe(video=[frame()], init_cache=True)
+    pipe(video=[frame()], init_cache=False)
+    assert pipe.engine.frames_skipped == 1  # identical frame: skipped
+    pipe(video=[frame()], init_cache=True)
+    assert pipe.engine.frames_skipped == 1  # history gone: processed again
+
+
+def test_transition_delivered_once_like_scope(pipe):
+    """Scope passes `transition` on one call only; the pipeline finishes the blend by itself."""
+    pipe(video=[frame()], prompts=[{"text": "a dog", "weight": 100.0}])
+    transition = {"target_prompts": [{"text": "a castle", "weight": 100}], "num_steps": 4,
+                  "temporal_interpolation_method": "linear"}
+    pipe(video=[frame()], prompts=[{"text": "a dog", "weight": 100.0}], transition=transition)
+    weights = []
+    for _ in range(4):
+        weights.append(dict(pipe.engine.settings.prompts).get("a castle", 0.0)
+                       / sum(w for _, w in pipe.engine.settings.prompts))
+        pipe(video=[frame()], prompts=[{"text": "a dog", "weight": 100.0}])
+    assert weights[:3] == pytest.approx([0.25, 0.5, 0.75])
+    assert pipe.engine.settings.prompts == (("a castle", 100.0),)
+    # A new prompt, then the very same transition again: it runs again.
+    pipe(video=[frame()], prompts=[{"text": "a tree", "weight": 100.0}])
+    pipe(video=[frame()], prompts=[{"text": "a tree", "weight": 100.0}], transition=transition)
+    assert set(dict(pipe.engine.settings.prompts)) == {"a tree", "a castle"}
+
+
+def test_transition_with_missing_fields_like_raw_data_channel_updates(pipe):
+    pipe(video=[frame()], prompts="a bird")
+    pipe(video=[frame()], transition={"target_prompts": [{"text": "a boat", "weight": 1}]})  # no num_steps/method
+    assert pipe.engine.settings.prompts == (("a boat", 1.0),)
+
+
+def test_models_found_in_scopes_models_dir(tiny_sd15, tiny_taesd, tmp_path, monkeypatch):
+    """Files fetched by Scope's download dialog land in <models dir>/<repo name>: loaded from there, offline."""
+    monkeypatch.setenv("DAYDREAM_SCOPE_MODELS_DIR", str(tmp_path))
+    assert scope_models_dir() == tmp_path.resolve()
+    artifacts = {a.repo_id.split("/")[-1]: a for a in StreamDiffusionConfig.artifacts}
+    (tmp_path / "sd-turbo").symlink_to(tiny_sd15, target_is_directory=True)
+    (tmp_path / "taesd").symlink_to(tiny_taesd, target_is_directory=True)
+    assert set(artifacts) == {"sd-turbo", "taesd"}
+    assert resolve_source("stabilityai/sd-turbo") == str(tmp_path / "sd-turbo")
+    pipe = StreamDiffusionPipeline(model_id="stabilityai/sd-turbo", width=64, height=64, use_tiny_vae=True)
+    assert pipe.engine.models.extras["source"] == str(tmp_path / "sd-turbo")
+    assert pipe.engine.models.is_tiny_vae and pipe.engine.models.family.distilled
+    assert pipe(video=[frame()])["video"].shape == (1, 64, 64, 3)
+
+
+def test_offline_with_nothing_cached_names_the_model_and_the_fix(tmp_path, monkeypatch):
+    from huggingface_hub import try_to_load_from_cache
+
+    monkeypatch.setenv("DAYDREAM_SCOPE_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if isinstance(try_to_load_from_cache("stabilityai/sd-turbo", "model_index.json"), str):
+        pytest.skip("sd-turbo is in this machine's Hugging Face cache")
+    with pytest.raises(ModelLoadError) as info:
+        StreamDiffusionPipeline(model_id="stabilityai/sd-turbo", **SIZE)
+    message = str(info.value)
+    assert "stabilityai/sd-turbo" in message and "Fix" in message
+    assert "scope-streamdiffusion download stabilityai/sd-turbo" in message and "Scope" in message
