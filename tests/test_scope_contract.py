@@ -55,10 +55,12 @@ def test_init_cache_resets_filter_history(tiny_sd15):
     pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), similar_image_filter=True,
                                    similar_image_filter_threshold=0.9, **SIZE)
     pipe(video=[frame()], init_cache=True)
-    pipe(video=[frame()], init_cache=False)
-    assert pipe.engine.frames_skipped == 1  # identical frame: skipped
+    for _ in range(3):
+        pipe(video=[frame()], init_cache=False)
+    skipped = pipe.engine.frames_skipped
+    assert skipped >= 1  # identical frames: skipped
     pipe(video=[frame()], init_cache=True)
-    assert pipe.engine.frames_skipped == 1  # history gone: processed again
+    assert pipe.engine.frames_skipped == skipped  # history gone: processed again
 
 
 def test_transition_delivered_once_like_scope(pipe):
