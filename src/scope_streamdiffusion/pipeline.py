@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from ._scope import Pipeline, Requirements
-from .parameters import ParameterCoercer, normalize_prompts
+from .parameters import ParameterCoercer
 from .schema import DEFAULT_PROMPT, StreamDiffusionConfig
 
 logger = logging.getLogger("scope_streamdiffusion")
@@ -77,7 +77,8 @@ class StreamDiffusionPipeline(Pipeline):
         self._settings_fields = set(StreamSettings.__dataclass_fields__)
         self._cfg_type = CfgType
         self._transition: PromptTransition | None = None
-        self.prompts = normalize_prompts(kwargs.get("prompts", kwargs.get("prompt"))) or ((DEFAULT_PROMPT, 1.0),)
+        initial = kwargs.get("prompts", kwargs.get("prompt"))
+        self.prompts = (self._coercer.prompts("prompts", initial) if initial is not None else None) or ((DEFAULT_PROMPT, 1.0),)
         self._coercer.seen("prompts", kwargs.get("prompts"))
         self._coercer.seen("prompt", kwargs.get("prompt"))
         models = load_models(
@@ -109,17 +110,16 @@ class StreamDiffusionPipeline(Pipeline):
         out = {k: v for k, v in values.items() if k in self._settings_fields}
         if "cfg_type" in out:
             out["cfg_type"] = self._cfg_type(out["cfg_type"])
-        if "t_index_list" in out and out["t_index_list"] is not None:
-            out["t_index_list"] = tuple(min(max(int(i), 0), 49) for i in out["t_index_list"]) or None
+        if out.get("t_index_list") is not None:
+            out["t_index_list"] = tuple(out["t_index_list"])
         return out
 
     def _prompt_changes(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         changes: dict[str, Any] = {}
         for key in ("prompts", "prompt"):
             if key in kwargs and not self._coercer.seen(key, kwargs[key]):
-                prompts = normalize_prompts(kwargs[key])
+                prompts = self._coercer.prompts(key, kwargs[key])
                 if prompts is None:
-                    logger.warning("Ignoring %s=%r: expected a string or a list of {text, weight}.", key, kwargs[key])
                     continue
                 self.prompts, self._transition = prompts, None
                 changes["prompts"] = prompts
@@ -127,7 +127,7 @@ class StreamDiffusionPipeline(Pipeline):
         if transition is None:  # Scope delivers a transition once: the same one may come again later
             self._coercer.seen("transition", None)
         if isinstance(transition, dict) and not self._coercer.seen("transition", transition):
-            target = normalize_prompts(transition.get("target_prompts"))
+            target = self._coercer.prompts("transition", transition.get("target_prompts"))
             if target is not None:
                 self._transition = PromptTransition(self.prompts, target, transition.get("num_steps", 0) or 0,
                                                     transition.get("temporal_interpolation_method", "linear"))
@@ -216,11 +216,22 @@ class StreamDiffusionPipeline(Pipeline):
             self.engine.reset()
         self.update(**kwargs)
         video = kwargs.get("video")
-        if video is None or isinstance(video, bool):
-            out = self.engine(None)
-        else:
-            batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
-            out = torch.cat([self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)])
+        try:
+            if video is None or isinstance(video, bool):
+                out = self.engine(None)
+            else:
+                batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
+                out = torch.cat([self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)])
+        except torch.cuda.OutOfMemoryError as exc:
+            # Free what this call allocated (the half-advanced buffers too); Scope stops the stream on OOM.
+            batch = out = None
+            self.engine.reset()
+            torch.cuda.empty_cache()
+            raise torch.cuda.OutOfMemoryError(
+                f"GPU out of memory running {self.engine.models.model_id} at {self.width}x{self.height}, "
+                f"frame_buffer_size={self.frame_buffer_size}, {self.engine.settings.num_inference_steps} steps. "
+                "Fix: lower the resolution, steps or frames per call, use the tiny VAE, or free GPU memory."
+            ) from exc
         return {"video": batch_to_frames(out)}
 
     def _run_chunk(self, chunk):

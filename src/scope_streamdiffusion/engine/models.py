@@ -178,6 +178,23 @@ def _from_pretrained(cls, source: str, dtype: torch.dtype, **kwargs):
     return cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
 
 
+def lora_source(name: str) -> tuple[str, dict]:
+    """(source, load_lora_weights kwargs) for a LoRA id, folder or file.
+
+    A local folder needs its file named: diffusers 0.36 offline does not search folders for it.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return str(path.parent), {"weight_name": path.name}
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not files:
+            raise ModelLoadError(f"LoRA folder '{name}' holds no .safetensors file. Fix: point to the LoRA file "
+                                 "or the folder that holds it.")
+        return str(path), {"weight_name": files[0].name}
+    return name, {}
+
+
 def _fuse_lcm_lora(pipe, family: ModelFamily, lcm_lora_id: str | None, model_id: str) -> None:
     if family.distilled:
         logger.info("'%s' is already a few-step model: LCM-LoRA is not fused.", model_id)
@@ -186,9 +203,9 @@ def _fuse_lcm_lora(pipe, family: ModelFamily, lcm_lora_id: str | None, model_id:
     if lora is None:
         logger.warning("No LCM-LoRA is known for %s models: pass lcm_lora_id; continuing without it.", family.base)
         return
-    source = lora if not Path(lora).expanduser().exists() else str(Path(lora).expanduser())
+    source, weight_kwargs = lora_source(lora)
     try:
-        pipe.load_lora_weights(source, adapter_name="lcm")
+        pipe.load_lora_weights(source, adapter_name="lcm", **weight_kwargs)
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
@@ -288,7 +305,9 @@ def load_models(
         attention = _set_attention(unet, vae, acceleration, device)
         alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod
         force_zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
-        return StreamModels(
+        from .acceleration import accelerate
+
+        return accelerate(StreamModels(
             unet=unet,
             vae=vae,
             text_encoders=encoders,
@@ -301,7 +320,7 @@ def load_models(
             model_id=model_id,
             force_zeros_for_empty_prompt=force_zeros,
             extras={"attention": attention, "source": source, "loras": loaded_loras},
-        )
+        ), acceleration)
     except ModelLoadError:
         del pipe
         gc.collect()

@@ -216,6 +216,13 @@ class StreamDiffusion:
         return output
 
     def _denoise(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
+        # Graph modes (acceleration.py) replay this step as a CUDA graph over static buffers.
+        runner = self.models.extras.get("step_runner")
+        if runner is not None:
+            return runner.denoise(self, p, images, frames)
+        return self._denoise_eager(p, images, frames)
+
+    def _denoise_eager(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
         sched = p.sched
         noise0 = p.noise[0:1].expand(frames, -1, -1, -1)
         if images is not None:

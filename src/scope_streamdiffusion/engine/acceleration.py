@@ -1,0 +1,350 @@
+"""Acceleration modes: how the per-frame step runs on the GPU.
+
+On a fast GPU an eager UNet call is bound by kernel launches (an H200 spends ~40 ms launching
+what it computes in ~5), so real time needs the host out of the loop:
+
+* ``"none"``: eager PyTorch, SDPA attention. The reference for correctness.
+* ``"xformers"``: eager, xformers memory-efficient attention (when importable, on CUDA).
+* ``"cudagraph"``: the whole per-frame step (VAE/TAESD encode, noising, the UNet batch, x0, the
+  stream-batch bookkeeping, decode) is captured once in ONE CUDA graph with static buffers and
+  replayed for every frame. Eager kernels, no compiler: ready in seconds.
+* ``"compile"``: ``torch.compile`` (inductor) of the UNet and the VAE/TAESD encoder and decoder,
+  then the same whole-step CUDA graph. The fastest mode without extra installs; the compilation
+  costs minutes the first time for each model and shape, and inductor's on-disk caches (under
+  ``~/.cache/scope-streamdiffusion/inductor``) make later starts faster.
+* ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
+  same whole-step CUDA graph.
+* ``"auto"`` (the default): ``"cudagraph"`` on CUDA, ``"none"`` elsewhere, silently.
+
+Runtime parameters never re-capture or re-compile: the prompt embeddings, guidance scale, delta,
+timesteps (strength / t_index_list of the same length), the per-step noise (seed) and the input
+mix live in static buffers that are refreshed before a replay. A change of the UNet batch shape
+(number of steps, CFG type, frame_buffer_size, prompt token count, txt2img vs img2img) captures
+one more graph once; graphs are cached per shape. A requested mode that cannot run here falls
+back to ``"none"`` with ONE warning, never silently (``"tensorrt"`` without the ``tensorrt``
+package is a :class:`~.models.ModelLoadError` naming the install command instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import sampling
+from .prompts import PromptEmbeds
+from .residual_cfg import Guidance
+from .schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "tensorrt")
+GRAPH_MODES = ("cudagraph", "compile", "tensorrt")
+
+
+def cache_root() -> Path:
+    """Where compiled artefacts live (``SCOPE_STREAMDIFFUSION_CACHE`` or ~/.cache/scope-streamdiffusion)."""
+    return Path(os.environ.get("SCOPE_STREAMDIFFUSION_CACHE") or Path.home() / ".cache" / "scope-streamdiffusion")
+
+
+def _fallback(requested: str, reason: str) -> str:
+    logger.warning("acceleration=%r cannot run here (%s); falling back to 'none' (eager PyTorch).", requested, reason)
+    return "none"
+
+
+def has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton as _has_triton
+
+        return bool(_has_triton())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def resolve_acceleration(requested: str, device: torch.device) -> str:
+    """The mode that will actually run: ``requested`` if it can, else ``"none"`` (one warning).
+
+    Raises :class:`~.models.ModelLoadError` for ``"tensorrt"`` on CUDA without the package.
+    """
+    requested = (requested or "auto").lower()
+    if requested not in ACCELERATIONS:
+        return _fallback(requested, f"unknown mode; expected one of {', '.join(ACCELERATIONS)}")
+    cuda = torch.device(device).type == "cuda"
+    if requested == "auto":
+        return "cudagraph" if cuda else "none"
+    if requested == "none":
+        return "none"
+    if not cuda:
+        return _fallback(requested, f"it needs a CUDA device, the pipeline runs on '{torch.device(device).type}'")
+    if requested == "compile" and not has_triton():
+        return _fallback(requested, "torch.compile needs Triton, which is not importable")
+    if requested == "tensorrt":
+        from .tensorrt_export import require_tensorrt
+
+        require_tensorrt()
+    return requested
+
+
+# ----- torch.compile ------------------------------------------------------------------------------
+def configure_inductor_cache() -> Path:
+    """Point inductor's on-disk caches (FX graph, AOTAutograd, Triton kernels) at our cache dir.
+
+    An existing ``TORCHINDUCTOR_CACHE_DIR`` is respected. Must run before the first compilation.
+    """
+    try:
+        # Importing inductor sets TORCHINDUCTOR_CACHE_DIR to its /tmp default: treat that as unset.
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default = default_cache_dir()
+    except Exception:  # noqa: BLE001
+        torch_default = None
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or current == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        functorch_config.enable_autograd_cache = True
+        # Experiments: SCOPE_STREAMDIFFUSION_INDUCTOR="freezing=1,conv_1x1_as_mm=1" sets inductor options.
+        for item in filter(None, os.environ.get("SCOPE_STREAMDIFFUSION_INDUCTOR", "").split(",")):
+            key, _, value = item.partition("=")
+            setattr(inductor_config, key.strip(), value.strip().lower() in ("1", "true", "yes"))
+    except Exception as exc:  # noqa: BLE001 - older torch: the defaults apply
+        logger.debug("inductor cache configuration skipped: %s", exc)
+    return path
+
+
+def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | None = None) -> list[str]:
+    """``torch.compile`` in place (``nn.Module.compile``): identity, config and weights stay shared,
+    so LoRA fused later is seen. Static shapes (``dynamic=False``): one specialisation per shape."""
+    configure_inductor_cache()
+    import torch._dynamo
+
+    # One specialisation per batch shape and resolution; keep room for many before falling back.
+    torch._dynamo.config.cache_size_limit = max(int(torch._dynamo.config.cache_size_limit), 64)
+    mode = mode or os.environ.get("SCOPE_STREAMDIFFUSION_COMPILE_MODE") or None
+    options = dict(dynamic=False, mode=mode)
+    compiled = []
+    unet.compile(**options)
+    compiled.append("unet")
+    for name in ("encoder", "decoder"):
+        sub = getattr(vae, name, None)
+        if isinstance(sub, torch.nn.Module):
+            sub.compile(**options)
+            compiled.append(f"vae.{name}")
+    return compiled
+
+
+def eager_stance():
+    """Run compiled modules eagerly (used for the one-off priming frame, whose shapes differ)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
+# ----- the whole-step CUDA graph ------------------------------------------------------------------
+@dataclasses.dataclass
+class _Static:
+    """Static buffers of one graphed step shape and the graph that reads them."""
+
+    key: tuple
+    prepared: object  # a _Prepared whose tensors are the static buffers below
+    images: torch.Tensor | None
+    sched: Schedule
+    noise: torch.Tensor
+    scalars: torch.Tensor  # (4,) float32: guidance scale, delta, input a, input b
+    embeds: list  # [(static, source attr)] prompt / negative embeds and pooled
+    state: sampling.StreamState
+    use_batch: bool
+    output: torch.Tensor | None = None
+    graph: object = None
+    loaded: object = None
+
+
+def _clone(t):
+    return None if t is None else t.detach().clone()
+
+
+class StepGraphs:
+    """Runs ``StreamDiffusion._denoise_eager`` as replayed CUDA graphs, one per batch shape.
+
+    ``use_graphs=False`` keeps the static-buffer plumbing but calls the step eagerly (CPU tests).
+    """
+
+    def __init__(self, mode: str = "cudagraph", *, use_graphs: bool = True, warmup: int = 2):
+        self.mode = mode
+        self.use_graphs = use_graphs
+        self.warmup = warmup
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self.failed: str | None = None
+        self._steps: dict[tuple, _Static] = {}
+        self._pool = None
+
+    # -- keys and buffers --
+    @staticmethod
+    def _key(engine, p, images, frames) -> tuple:
+        s = p.settings
+        return (
+            None if images is None else (tuple(images.shape), images.dtype),
+            frames,
+            p.sched.num_steps,
+            p.guidance.cfg_type,
+            bool(s.use_denoising_batch),
+            bool(s.do_add_noise),
+            tuple(p.prompt.embeds.shape),
+            tuple(p.negative.embeds.shape),
+        )
+
+    def _buffers(self, engine, p, images, frames, key) -> _Static:
+        sched = Schedule(*(_clone(getattr(p.sched, f.name)) for f in dataclasses.fields(Schedule)))
+        noise = _clone(p.noise)
+        scalars = torch.zeros(4, device=engine.device, dtype=torch.float32)
+        prompt = PromptEmbeds(_clone(p.prompt.embeds), _clone(p.prompt.pooled))
+        negative = PromptEmbeds(_clone(p.negative.embeds), _clone(p.negative.pooled))
+        embeds = [(prompt.embeds, "prompt", "embeds"), (negative.embeds, "negative", "embeds")]
+        if prompt.pooled is not None:
+            embeds += [(prompt.pooled, "prompt", "pooled"), (negative.pooled, "negative", "pooled")]
+        guidance = Guidance(p.guidance.cfg_type, scalars[0], scalars[1])
+        static_p = dataclasses.replace(p, sched=sched, noise=noise, guidance=guidance, prompt=prompt,
+                                       negative=negative, input_a=scalars[2], input_b=scalars[3])
+        use_batch = bool(p.settings.use_denoising_batch)
+        state = sampling.StreamState()
+        if use_batch:
+            rows = (p.sched.num_steps - 1) * frames
+            shape = (rows, *engine.latent_shape)
+            latents = torch.zeros(shape, device=engine.device, dtype=engine.dtype)
+            residual = (torch.zeros(shape, device=engine.device, dtype=engine.dtype)
+                        if p.guidance.cfg_type.uses_residual_noise else None)
+            state = sampling.StreamState(latents, residual)
+        static_images = None if images is None else torch.empty_like(images, memory_format=torch.contiguous_format)
+        return _Static(key, static_p, static_images, sched, noise, scalars, embeds, state, use_batch)
+
+    def _load(self, st: _Static, engine, p, images) -> None:
+        """Copy this call's inputs into the static buffers (no host sync, no allocation)."""
+        if images is not None:
+            st.images.copy_(images)
+        if st.loaded is not p:
+            for f in dataclasses.fields(Schedule):
+                getattr(st.sched, f.name).copy_(getattr(p.sched, f.name))
+            st.noise.copy_(p.noise)
+            for static, owner, attr in st.embeds:
+                static.copy_(getattr(getattr(p, owner), attr))
+            values = (p.guidance.scale, p.guidance.delta, p.input_a, p.input_b)
+            for i, v in enumerate(values):
+                st.scalars[i].fill_(v) if not torch.is_tensor(v) else st.scalars[i].copy_(v)
+            st.loaded = p
+        state = engine.state
+        if st.use_batch and state.primed and state.latents is not st.state.latents:
+            st.state.latents.copy_(state.latents)
+            if st.state.residual_noise is not None:
+                st.state.residual_noise.copy_(state.residual_noise)
+
+    def _step(self, st: _Static, engine, frames: int) -> torch.Tensor:
+        """The step over the static buffers; the new stream state is written back into them."""
+        engine.state = sampling.StreamState(st.state.latents, st.state.residual_noise) if st.use_batch \
+            else sampling.StreamState()
+        out = engine._denoise_eager(st.prepared, st.images, frames)
+        if st.use_batch:
+            new = engine.state
+            st.state.latents.copy_(new.latents)
+            if st.state.residual_noise is not None:
+                st.state.residual_noise.copy_(new.residual_noise)
+        return out
+
+    def _capture(self, st: _Static, engine, p, images, frames) -> None:
+        saved = engine.state
+        start = time.perf_counter()
+        try:
+            self._load(st, engine, p, images)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):  # compiles (compile mode), autotunes cuDNN, warms allocators
+                    self._step(st, engine, frames)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                st.output = self._step(st, engine, frames)
+            torch.cuda.synchronize()
+            st.graph = graph
+            self.captures += 1
+        finally:
+            engine.state = saved
+            st.loaded = None  # warm-up advanced the static state: reload everything
+            self.capture_seconds += time.perf_counter() - start
+
+    # -- the call --
+    def denoise(self, engine, p, images, frames: int) -> torch.Tensor:
+        n = p.sched.num_steps
+        use_batch = bool(p.settings.use_denoising_batch)
+        state = engine.state
+        if use_batch and n > 1 and not (state.primed and state.latents.shape[0] == (n - 1) * frames):
+            # Priming runs the steps one after another (other UNet shapes): once, eagerly. (One step
+            # needs no priming: its stream state is empty.)
+            with eager_stance():
+                return engine._denoise_eager(p, images, frames)
+        if self.failed:
+            return engine._denoise_eager(p, images, frames)
+        key = self._key(engine, p, images, frames)
+        st = self._steps.get(key)
+        if st is None:
+            st = self._buffers(engine, p, images, frames, key)
+            if self.use_graphs:
+                try:
+                    self._capture(st, engine, p, images, frames)
+                except Exception as exc:  # noqa: BLE001 - fall back once, loudly
+                    self.failed = f"{type(exc).__name__}: {exc}"
+                    logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
+                                   "graphs.", self.mode, self.failed[:300])
+                    return engine._denoise_eager(p, images, frames)
+            self._steps[key] = st
+        self._load(st, engine, p, images)
+        if st.graph is not None:
+            st.graph.replay()
+            out = st.output
+        else:
+            out = self._step(st, engine, frames)
+        engine.state = st.state if use_batch else sampling.StreamState()
+        # The static output is overwritten by the next replay: hand out a copy.
+        return out.clone()
+
+
+# ----- wiring -------------------------------------------------------------------------------------
+def accelerate(models, requested: str):
+    """Apply the acceleration mode to loaded :class:`~.models.StreamModels` (in place) and return them.
+
+    Sets ``models.extras["acceleration"]`` (the mode that runs) and, for graph modes,
+    ``models.extras["step_runner"]`` (a :class:`StepGraphs`) that the engine calls per frame.
+    """
+    if (requested or "").lower() == "xformers":
+        mode = models.extras.get("attention", "none")  # models._set_attention applied it or warned once
+    else:
+        mode = resolve_acceleration(requested, models.device)
+    models.extras["acceleration"] = mode
+    if mode not in GRAPH_MODES:
+        return models
+    torch.backends.cudnn.benchmark = True
+    if mode == "compile":
+        models.extras["compiled"] = compile_modules(models.unet, models.vae)
+        models.extras["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    elif mode == "tensorrt":
+        from .tensorrt_export import tensorrt_unet
+
+        models.unet = tensorrt_unet(models)
+    # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
+    models.extras["step_runner"] = StepGraphs(mode, use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
+    return models

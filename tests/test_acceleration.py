@@ -1,0 +1,198 @@
+"""Acceleration modes on CPU: fallbacks, the static-buffer step, ONNX export, and the bench command.
+
+The CUDA-graph capture, torch.compile and TensorRT themselves only run on a GPU (BENCHMARKS.md has
+the figures and correctness tolerances measured there); here we test everything around them.
+"""
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from conftest import make_frames
+from scope_streamdiffusion.engine import CfgType, ModelLoadError, StreamDiffusion, StreamSettings, load_models
+from scope_streamdiffusion.engine import acceleration as acc
+
+CPU = torch.device("cpu")
+
+
+def _fallback_warnings(caplog):
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and "acceleration" in r.getMessage()]
+
+
+@pytest.mark.parametrize("mode", ["compile", "cudagraph", "xformers", "tensorrt"])
+def test_modes_fall_back_to_none_on_cpu_with_one_warning(tiny_sd15, caplog, mode):
+    caplog.set_level(logging.WARNING)
+    models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration=mode)
+    assert models.extras["acceleration"] == "none"
+    assert "step_runner" not in models.extras
+    assert len(_fallback_warnings(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_auto_is_silent_and_none_on_cpu(tiny_sd15, caplog):
+    caplog.set_level(logging.WARNING)
+    models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration="auto")
+    assert models.extras["acceleration"] == "none"
+    assert not _fallback_warnings(caplog)
+    assert acc.resolve_acceleration("auto", torch.device("cuda")) == "cudagraph"
+
+
+def test_schema_lists_every_mode():
+    from typing import get_args
+
+    from scope_streamdiffusion.schema import StreamDiffusionConfig
+
+    field = StreamDiffusionConfig.model_fields["acceleration"]
+    assert set(get_args(field.annotation)) == set(acc.ACCELERATIONS)
+    assert field.default == "auto"
+
+
+def test_tensorrt_missing_is_one_clear_error_on_cuda(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(ModelLoadError) as info:
+        acc.resolve_acceleration("tensorrt", torch.device("cuda"))
+    text = str(info.value)
+    assert "pip install tensorrt" in text and "scope-streamdiffusion[tensorrt]" in text
+
+
+def test_compile_without_triton_falls_back_once(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(acc, "has_triton", lambda: False)
+    assert acc.resolve_acceleration("compile", torch.device("cuda")) == "none"
+    assert len(_fallback_warnings(caplog)) == 1
+
+
+def test_inductor_cache_goes_under_our_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert acc.configure_inductor_cache() == tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's choice is kept
+    assert acc.configure_inductor_cache() == tmp_path / "mine"
+
+
+# ----- the static-buffer step (what the CUDA graph replays) ----------------------------------------
+def _run(models, runner, frames, **settings):
+    models.extras.pop("step_runner", None)
+    if runner is not None:
+        models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(models, width=64, height=64, settings=StreamSettings(**settings))
+        outs = [engine(f) for f in frames]
+        # Runtime parameters of the same batch shape: prompt, guidance, delta, strength, seed.
+        engine.update(prompts=(("a red fox", 1.0),), guidance_scale=settings.get("guidance_scale", 1.0) + 0.4,
+                      delta=0.6, strength=0.7, seed=7)
+        outs += [engine(f) for f in frames[:3]]
+        return outs
+    finally:
+        models.extras.pop("step_runner", None)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_inference_steps=3, cfg_type=CfgType.SELF, guidance_scale=1.3),
+    dict(num_inference_steps=2, cfg_type=CfgType.FULL, guidance_scale=1.5, do_add_noise=False),
+    dict(num_inference_steps=3, cfg_type=CfgType.INITIALIZE, guidance_scale=1.5, use_denoising_batch=False),
+], ids=["self-batch", "full-batch", "initialize-sequential"])
+def test_static_step_matches_eager_and_runtime_changes_reuse_it(sd15_models, settings):
+    frames = make_frames(5)
+    expected = _run(sd15_models, None, frames, **settings)
+    runner = acc.StepGraphs(use_graphs=False)
+    got = _run(sd15_models, runner, frames, **settings)
+    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
+    assert len(runner._steps) == 1  # one batch shape -> one graph, whatever the runtime parameters
+
+
+def test_static_step_txt2img_and_new_shape_gets_its_own_graph(sd15_models):
+    runner = acc.StepGraphs(use_graphs=False)
+    sd15_models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+        a = engine(None)
+        engine.update(seed=5)
+        b = engine(None)
+        assert (a - b).abs().max() > 1e-3 and len(runner._steps) == 1
+        engine.update(num_inference_steps=2)  # batch shape change: one more step graph, once
+        engine(make_frames(1)[0])
+        engine(make_frames(1)[0])
+        engine(make_frames(1, seed=3)[0])
+        assert len(runner._steps) == 2
+    finally:
+        sd15_models.extras.pop("step_runner", None)
+
+
+# ----- ONNX export (the tensorrt mode's input) -----------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_onnx_export_matches_pytorch_with_dynamic_axes(tmp_path, family, request):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from diffusers import UNet2DConditionModel
+
+    from scope_streamdiffusion.engine.tensorrt_export import UNetForExport, example_inputs, export_unet_onnx
+
+    folder = request.getfixturevalue(f"tiny_{family}")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    path = export_unet_onnx(unet, tmp_path / "unet.onnx", height=64, width=64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    wrapper = UNetForExport(unet)
+    # Other batch, resolution (non-square) and token count than the export example.
+    for batch, height, width, tokens in [(3, 128, 64, 154), (1, 64, 64, 77)]:
+        inputs = example_inputs(unet, batch=batch, height=height, width=width, tokens=tokens, seed=batch)
+        with torch.no_grad():
+            ref = wrapper(*inputs).numpy()
+        out = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+        assert out.shape == ref.shape
+        assert abs(out - ref).max() <= 1e-4 * max(1.0, abs(ref).max())
+
+
+def test_engine_cache_key_follows_weights_and_profile(tiny_sd15, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from scope_streamdiffusion.engine.tensorrt_export import Profile, engine_path, weights_fingerprint
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet").eval()
+    before = weights_fingerprint(unet)
+    assert weights_fingerprint(unet) == before
+    with torch.no_grad():
+        next(unet.parameters()).add_(0.5)  # e.g. a LoRA fused into the weights
+    after = weights_fingerprint(unet)
+    assert after != before
+    a = engine_path(after, Profile(), "10.0", "GPU", root=tmp_path)
+    assert a != engine_path(after, Profile(max_size=768), "10.0", "GPU", root=tmp_path)
+    assert a != engine_path(before, Profile(), "10.0", "GPU", root=tmp_path)
+    assert Profile().accepts(torch.zeros(2, 4, 64, 96), 77) and not Profile().accepts(torch.zeros(2, 4, 160, 64), 77)
+
+
+# ----- the bench command ---------------------------------------------------------------------------
+def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_path):
+    from scope_streamdiffusion import bench
+
+    parser = bench.add_arguments(__import__("argparse").ArgumentParser())
+    args = parser.parse_args(["--random-weights"])
+    assert args.random_weights == "auto" and args.modes == bench.DEFAULT_MODES
+    assert parser.parse_args(["--random-weights", "sdxl"]).random_weights == "sdxl"
+    assert bench.main(["--model", str(tiny_sd15), "--modes", "bogus"]) == 2
+
+    out = tmp_path / "bench.json"
+    code = bench.main([
+        "--model", str(tiny_sd15), "--tiny-vae-id", str(tiny_taesd), "--workloads", "sd-turbo-img2img,sd15-lcm4-self",
+        "--modes", "none,cudagraph", "--frames", "2", "--warmup", "1", "--width", "64", "--height", "64",
+        "--device", "cpu", "--check", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"meta", "results", "checks", "ratios"}
+    assert {"date", "versions", "hardware", "command"} <= set(report["meta"])
+    rows = {(r["workload"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {(w, m) for w in ("sd-turbo-img2img", "sd15-lcm4-self") for m in ("diffusers", "none", "cudagraph")}
+    for row in rows.values():
+        assert "error" not in row, row.get("error")
+        assert {"fps_p50", "fps", "p50_ms", "p99_ms", "load_s", "first_frame_s", "startup_s"} <= set(row)
+    assert rows[("sd-turbo-img2img", "cudagraph")]["acceleration"] == "none"  # CPU: fell back
+    checks = {(c["workload"], c["mode"]): c for c in report["checks"]}
+    lcm = checks[("sd15-lcm4-self", "none")]
+    assert lcm["determinism_max_abs"] == 0.0 and lcm["batch_vs_sequential_max_abs"] <= 1e-5
+    assert lcm["recaptures_on_param_change"] == 0 and lcm["seed_changes_output_max_abs"] > 1e-3
+    ratios = {r["workload"]: r for r in report["ratios"]}
+    assert "none/diffusers" in ratios["sd-turbo-img2img"]
