@@ -147,14 +147,19 @@ class StreamDiffusion:
         negative = self.prompt_encoder.negative(settings.negative_prompt)
         tokens = max(prompt.embeds.shape[1], negative.embeds.shape[1])
         pad = self.prompt_encoder.encode("")
-        alpha0 = float(sched.alpha[0])
-        a, b = input_mix(settings.strength, alpha0) if img2img else (0.0, 1.0)
+        # alpha0 from the CPU table: no device sync. t_index_list overrides strength, fade included.
+        alpha0 = float(self.models.alphas_cumprod[timesteps[0]].sqrt())
+        a, b = input_mix(1.0 if settings.t_index_list else settings.strength, alpha0) if img2img else (0.0, 1.0)
         prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt.with_tokens(tokens, pad),
                              negative.with_tokens(tokens, pad), a, b)
         if old is None or old.shape_key != prepared.shape_key:
             self.state = sampling.StreamState()
         if old is None or old.settings.seed != settings.seed:
             self.filter.reset(settings.seed)
+        else:
+            # A skip must never return an output made under the old settings.
+            self.filter.reset(None)
+        self.last_output = None
         self.filter.threshold = settings.similar_image_filter_threshold
         self.filter.max_skip_frame = settings.similar_image_filter_max_skip_frame
         self._prepared = prepared
@@ -205,10 +210,11 @@ class StreamDiffusion:
         img2img = images is not None
         frames = images.shape[0] if img2img else self.frame_buffer_size
         if img2img and settings.strength <= 0.0 and not settings.t_index_list:
+            self.state = sampling.StreamState()  # nothing stale resurfaces when strength rises again
             return images.float().clamp(0, 1)
         p = self._prepare(settings, img2img)
-        if img2img and settings.similar_image_filter and self.filter.should_skip(images) \
-                and self.last_output is not None and self.last_output.shape[0] == frames:
+        if img2img and settings.similar_image_filter and self.last_output is not None \
+                and self.last_output.shape[0] == frames and self.filter.should_skip(images):
             self.frames_skipped += frames
             return self.last_output
         output = self._denoise(p, images, frames)
