@@ -437,35 +437,26 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "scope-streamdiffusion"
 
 
-def _is_complete(folder: Path) -> bool:
+def _is_complete(folder: Path, marker_file: str = "model_index.json") -> bool:
     marker = folder / _VERSION_FILE
-    return (
-        (folder / "model_index.json").is_file()
-        and marker.is_file()
-        and marker.read_text().strip() == BUILDER_VERSION
-    )
+    return (folder / marker_file).is_file() and marker.is_file() and marker.read_text().strip() == BUILDER_VERSION
 
 
-def ensure_tiny_model(name: str = "tiny-random", cache_dir: Path | None = None) -> Path:
-    """Return the cached tiny model folder ``name``, building it once if needed.
+def _build_once(final: Path, build, marker_file: str) -> Path:
+    """Build into a temp dir beside ``final`` and rename it into place.
 
-    Built in a temp dir next to the target and renamed into place, so concurrent
-    processes see either no folder or a complete one.
+    Concurrent processes see either no folder or a complete one; a stale one (older builder) is
+    swapped out first.
     """
-    if name not in TINY_MODEL_NAMES:
-        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODEL_NAMES)}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / name
-    if _is_complete(final):
+    if _is_complete(final, marker_file):
         return final
-
+    root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))
     try:
-        build_tiny_model(tmp, TINY_MODEL_NAMES[name])
+        build(tmp)
         (tmp / _VERSION_FILE).write_text(BUILDER_VERSION + "\n")
-        if final.exists() and not _is_complete(final):
-            # Stale (older builder) or foreign folder: move it aside first; rename is atomic.
+        if final.exists() and not _is_complete(final, marker_file):
             trash = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
             try:
                 os.replace(final, trash / name)
@@ -475,13 +466,20 @@ def ensure_tiny_model(name: str = "tiny-random", cache_dir: Path | None = None) 
         try:
             os.rename(tmp, final)
         except OSError:
-            # Lost the race: another process renamed its complete build into place.
-            if not _is_complete(final):
+            if not _is_complete(final, marker_file):  # lost the race to a complete build: fine
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def ensure_tiny_model(name: str = "tiny-random", cache_dir: Path | None = None) -> Path:
+    """Return the cached tiny model folder ``name``, building it once if needed."""
+    if name not in TINY_MODEL_NAMES:
+        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODEL_NAMES)}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _build_once(root / name, lambda tmp: build_tiny_model(tmp, TINY_MODEL_NAMES[name]), "model_index.json")
 
 
 TINY_TAESD_NAME = "tiny-random-taesd"
@@ -491,17 +489,10 @@ def ensure_tiny_taesd(cache_dir: Path | None = None) -> Path:
     """Return the cached tiny random-weight TAESD folder, building it once if needed.
 
     The tiny-random models use it as their default tiny VAE, so ``use_tiny_vae=True`` (the default)
-    never reaches the hub. Built and renamed into place atomically, like :func:`ensure_tiny_model`.
+    never reaches the hub.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / TINY_TAESD_NAME
-
-    def complete(folder: Path) -> bool:
-        marker = folder / _VERSION_FILE
-        return (folder / "config.json").is_file() and marker.is_file() and marker.read_text().strip() == BUILDER_VERSION
-
-    if complete(final):
-        return final
+    return _build_once(root / TINY_TAESD_NAME, build_tiny_taesd, "config.json")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_TAESD_NAME}.build-", dir=root))
     try:
