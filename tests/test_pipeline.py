@@ -154,3 +154,13 @@ def test_cuda_requested_without_cuda(tiny_sd15):
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         StreamDiffusionPipeline(model_id=str(tiny_sd15), device="cuda", **SIZE)
+
+
+def test_slerp_transition_restores_the_users_interpolation_method(pipe):
+    pipe(video=[uint8_frame()], prompts="a dog", prompt_interpolation_method="linear")
+    pipe(video=[uint8_frame()], transition={"target_prompts": [{"text": "a castle", "weight": 1.0}],
+                                            "num_steps": 2, "temporal_interpolation_method": "slerp"})
+    assert pipe.engine.settings.prompt_interpolation_method == "slerp"  # mid-transition
+    pipe(video=[uint8_frame()])
+    assert pipe.engine.settings.prompts == (("a castle", 1.0),)
+    assert pipe.engine.settings.prompt_interpolation_method == "linear"

@@ -77,6 +77,7 @@ class StreamDiffusionPipeline(Pipeline):
         self._settings_fields = set(StreamSettings.__dataclass_fields__)
         self._cfg_type = CfgType
         self._transition: PromptTransition | None = None
+        self._interp_method = self._interpolation(kwargs, "linear")
         initial = kwargs.get("prompts", kwargs.get("prompt"))
         self.prompts = (self._coercer.prompts("prompts", initial) if initial is not None else None) or ((DEFAULT_PROMPT, 1.0),)
         self._coercer.seen("prompts", kwargs.get("prompts"))
@@ -96,7 +97,7 @@ class StreamDiffusionPipeline(Pipeline):
             logger.warning("acceleration='tensorrt' builds the UNet with the LoRA scales of load time: runtime "
                            "lora_scales changes will not show. Use acceleration='cudagraph' to change them live.")
         settings = StreamSettings(**self._settings_changes(p), prompts=self.prompts,
-                                  prompt_interpolation_method=self._interpolation(kwargs, "linear"))
+                                  prompt_interpolation_method=self._interp_method)
         self.engine = StreamDiffusion(models, width=self.width, height=self.height,
                                       frame_buffer_size=self.frame_buffer_size, settings=settings)
 
@@ -132,18 +133,18 @@ class StreamDiffusionPipeline(Pipeline):
                 self._transition = PromptTransition(self.prompts, target, transition.get("num_steps", 0) or 0,
                                                     transition.get("temporal_interpolation_method", "linear"))
                 self.prompts = target
+        if "prompt_interpolation_method" in kwargs:
+            self._interp_method = self._interpolation(kwargs, self._interp_method)
+        method = self._interp_method  # the user's choice; a slerp transition borrows it only while it runs
         if self._transition is not None:
             prompts, done = self._transition.next()
             changes["prompts"] = prompts
-            if self._transition.method == "slerp" and len(prompts) == 2:
-                changes["prompt_interpolation_method"] = "slerp"
+            if not done and self._transition.method == "slerp" and len(prompts) == 2:
+                method = "slerp"
             if done:
                 self._transition = None
-                changes["prompt_interpolation_method"] = self._interpolation(kwargs, self.engine.settings.prompt_interpolation_method)
-        if "prompt_interpolation_method" in kwargs and "prompt_interpolation_method" not in changes:
-            method = self._interpolation(kwargs, self.engine.settings.prompt_interpolation_method)
-            if method != self.engine.settings.prompt_interpolation_method:
-                changes["prompt_interpolation_method"] = method
+        if method != self.engine.settings.prompt_interpolation_method:
+            changes["prompt_interpolation_method"] = method
         return changes
 
     def update(self, **kwargs: Any) -> None:
