@@ -156,3 +156,30 @@ def test_a_lora_that_does_not_fit_fails_cleanly(tiny_sd15, tiny_sdxl, tmp_path):
     gc.collect()
     # Nothing half-loaded stays alive.
     assert sum(1 for o in gc.get_objects() if type(o).__name__ == "UNet2DConditionModel") == unets_before
+
+
+def test_out_of_memory_during_a_call_frees_the_stream_and_says_why(tiny_sd15):
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), num_inference_steps=2, **SIZE)
+    frame = GOOD_FRAMES["37x53"]
+    pipe(video=[frame])
+    assert pipe.engine.state.primed
+
+    def out_of_memory(_module, _args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = pipe.engine.models.unet.register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError, match="(?s)out of memory.*64x64.*Fix"):
+            pipe(video=[frame])
+    finally:
+        handle.remove()
+    assert not pipe.engine.state.primed  # the half-advanced buffers were dropped
+    assert valid(pipe(video=[frame]))  # and the pipeline works again once memory is back
+
+
+def test_out_of_memory_while_loading_names_the_model_and_vram():
+    from scope_streamdiffusion.engine.models import _load_error
+
+    err = _load_error("model", "stabilityai/sdxl-turbo", torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert isinstance(err, ModelLoadError)
+    assert "stabilityai/sdxl-turbo" in str(err) and "GB" in str(err) and "Fix" in str(err)

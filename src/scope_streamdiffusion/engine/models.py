@@ -28,6 +28,10 @@ DISTILLED_MARKERS = ("turbo", "lightning", "lcm", "hyper", "dmd")
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
+# Peak VRAM of a loaded model in fp16 with TAESD at 512x512, rounded up (BENCHMARKS.md has measurements).
+ESTIMATED_VRAM_GB = {"sd": 4, "sdxl": 10}
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the cause and the fix."""
 
@@ -78,6 +82,12 @@ def resolve_source(name: str, marker: str = "model_index.json") -> str:
 
 
 def _load_error(what: str, name: str, exc: Exception) -> ModelLoadError:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ModelLoadError(
+            f"Out of GPU memory loading {what} '{name}'. It needs about {ESTIMATED_VRAM_GB['sd']} GB "
+            f"(SD1.5/SD2.1/SD-Turbo) or {ESTIMATED_VRAM_GB['sdxl']} GB (SDXL) of free GPU memory in fp16. "
+            "Fix: close other GPU programs or pipelines, use the tiny VAE, or pick a smaller model."
+        )
     text = f"{type(exc).__name__}: {exc}".strip()
     lowered = text.lower()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
