@@ -4,6 +4,7 @@
 #   bash scripts/bench-h200.sh 1   # SD-Turbo img2img/txt2img + SD1.5 LCM 4-step, checks, warm restart
 #   bash scripts/bench-h200.sh 2   # SDXL-Turbo 1024² and 512²
 #   bash scripts/bench-h200.sh 3   # compile variants (inductor options, reduce-overhead) on SD-Turbo img2img
+#   bash scripts/bench-h200.sh 4   # the default compile (frozen weights) with correctness checks
 # Results: $OUT (or ./bench-out) *.json and *.log.
 set -uo pipefail
 part=${1:-1}
@@ -32,6 +33,10 @@ elif [ "$part" = 3 ]; then
   timeout 200 bash -c 'bench v-default --workloads sd-turbo-img2img --modes none,cudagraph,compile --no-baseline --frames 150 --profile'
   timeout 200 env SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=1,conv_1x1_as_mm=1 bash -c 'bench v-freeze --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile'
   timeout 200 env SCOPE_STREAMDIFFUSION_COMPILE_MODE=reduce-overhead SCOPE_STREAMDIFFUSION_STEP_GRAPH=0 bash -c 'bench v-ro --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile'
+elif [ "$part" = 4 ]; then
+  # The default compile (frozen weights since this run) with the correctness checks.
+  export -f bench
+  timeout 250 bash -c 'bench frozen --workloads sd-turbo-img2img --modes none,compile --no-baseline --frames 150 --check --profile'
 else
   bench sdxl1024 --workloads sdxl-turbo-1024 --modes none,cudagraph,compile --frames 60 --warmup 5 --profile
   bench sdxl512 --workloads sdxl-turbo-512 --modes none,cudagraph --frames 100 --warmup 5 --check

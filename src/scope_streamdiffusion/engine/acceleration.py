@@ -20,7 +20,8 @@ Runtime parameters never re-capture or re-compile: the prompt embeddings, guidan
 timesteps (strength / t_index_list of the same length), the per-step noise (seed) and the input
 mix live in static buffers that are refreshed before a replay. A change of the UNet batch shape
 (number of steps, CFG type, frame_buffer_size, prompt token count, txt2img vs img2img) captures
-one more graph once; graphs are cached per shape. A requested mode that cannot run here falls
+one more graph once; graphs are cached per shape. A runtime LoRA scale change re-captures (the
+scales are baked into a graph). A requested mode that cannot run here falls
 back to ``"none"`` with ONE warning, never silently (``"tensorrt"`` without the ``tensorrt``
 package is a :class:`~.models.ModelLoadError` naming the install command instead).
 """
@@ -124,8 +125,16 @@ def configure_inductor_cache() -> Path:
 
 
 def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | None = None) -> list[str]:
-    """``torch.compile`` in place (``nn.Module.compile``): identity, config and weights stay shared,
-    so LoRA fused later is seen. Static shapes (``dynamic=False``): one specialisation per shape."""
+    """``torch.compile`` in place (``nn.Module.compile``): identity, config and weights stay shared.
+    Static shapes (``dynamic=False``): one specialisation per shape. A runtime LoRA scale change
+    (``StreamDiffusion.weights_changed``) drops the step graphs; the next frame re-captures them
+    and, since PEFT's scales are Python numbers that dynamo guards on, may recompile once.
+
+    Inductor options for experiments: ``SCOPE_STREAMDIFFUSION_INDUCTOR="freezing=1,conv_1x1_as_mm=1"``
+    (measured once +12% fps on the H200, BENCHMARKS.md; freezing folds the weights into the compiled
+    code, so runtime LoRA scale changes would NOT show). ``SCOPE_STREAMDIFFUSION_COMPILE_MODE`` sets
+    torch.compile's mode.
+    """
     configure_inductor_cache()
     import torch._dynamo
 
