@@ -4,6 +4,7 @@ import gc
 import logging
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -130,19 +131,24 @@ def test_settings_updated_from_another_thread_are_never_half_applied(tiny_sd15):
     def flip():
         while not stop.is_set():
             engine.update(**a)
+            time.sleep(0.001)  # a UI thread sends updates between frames; a spin would only starve the GIL
             engine.update(**b)
+            time.sleep(0.001)
 
     thread = threading.Thread(target=flip)
     thread.start()
+    seen_steps = set()
     try:
-        for _ in range(60):
+        for _ in range(40):
             assert valid(pipe(video=[GOOD_FRAMES["37x53"]]))
             seen = engine._prepared.settings
             combo = {k: getattr(seen, k) for k in a}
             assert combo in (a, b)
+            seen_steps.add(seen.num_inference_steps)
     finally:
         stop.set()
         thread.join()
+    assert seen_steps == {1, 2}  # both settings really ran, switching under the calls
 
 
 def test_a_lora_that_does_not_fit_fails_cleanly(tiny_sd15, tiny_sdxl, tmp_path):
