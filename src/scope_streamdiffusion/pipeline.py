@@ -63,7 +63,7 @@ class StreamDiffusionPipeline(Pipeline):
         return StreamDiffusionConfig
 
     def __init__(self, **kwargs: Any):
-        from .engine import CfgType, StreamDiffusion, StreamSettings, load_models
+        from .engine import StreamDiffusion, StreamSettings, load_models
         from .engine.frames import snap_to_multiple
 
         self._coercer = ParameterCoercer(StreamDiffusionConfig)
@@ -75,7 +75,6 @@ class StreamDiffusionPipeline(Pipeline):
         self.width, self.height = snap_to_multiple(p["width"]), snap_to_multiple(p["height"])
         self.frame_buffer_size = p["frame_buffer_size"]
         self._settings_fields = set(StreamSettings.__dataclass_fields__)
-        self._cfg_type = CfgType
         self._transition: PromptTransition | None = None
         self._interp_method = self._interpolation(kwargs, "linear")
         initial = kwargs.get("prompts", kwargs.get("prompt"))
@@ -108,9 +107,11 @@ class StreamDiffusionPipeline(Pipeline):
         return method if method in ("linear", "slerp") else default
 
     def _settings_changes(self, values: dict[str, Any]) -> dict[str, Any]:
+        from .engine import CfgType
+
         out = {k: v for k, v in values.items() if k in self._settings_fields}
         if "cfg_type" in out:
-            out["cfg_type"] = self._cfg_type(out["cfg_type"])
+            out["cfg_type"] = CfgType(out["cfg_type"])
         if out.get("t_index_list") is not None:
             out["t_index_list"] = tuple(out["t_index_list"])
         return out

@@ -36,10 +36,9 @@ class StreamState:
         return self.latents is not None
 
 
-def to_epsilon(model_output: torch.Tensor, x: torch.Tensor, sched: Schedule, prediction_type: str) -> torch.Tensor:
-    if prediction_type == "v_prediction":
-        return sched.alpha * model_output + sched.beta * x
-    return model_output
+def v_to_epsilon(v: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """A v-prediction model's output as noise: eps = alpha * v + beta * x."""
+    return alpha * v + beta * x
 
 
 def predict_x0(x: torch.Tensor, eps: torch.Tensor, sched: Schedule) -> torch.Tensor:

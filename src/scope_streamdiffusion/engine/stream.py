@@ -196,7 +196,7 @@ class StreamDiffusion:
             out = unet(latents, timesteps, encoder_hidden_states=ehs, return_dict=False, **kwargs)[0]
             if v_pred:
                 abar = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(out.dtype)
-                out = abar.sqrt() * out + (1 - abar).sqrt() * latents
+                out = sampling.v_to_epsilon(out, latents, abar.sqrt(), (1 - abar).sqrt())
             return out
 
         return predict
