@@ -300,3 +300,21 @@ def test_sdxl_fp16_keeps_the_vae_in_fp32(tiny_sdxl):
 
     models = load_models(str(tiny_sdxl), device=torch.device("cpu"), dtype=torch.float16, use_tiny_vae=False)
     assert models.vae_dtype == torch.float32 and models.dtype == torch.float16
+
+
+@pytest.mark.parametrize("kind,model_id,scheduler,base,distilled", [
+    ("sd15", "runwayml/stable-diffusion-v1-5", "PNDMScheduler", "sd15", False),
+    ("sd15", "SimianLuo/LCM_Dreamshaper_v7", "LCMScheduler", "sd15", True),
+    ("sd21", "stabilityai/stable-diffusion-2-1", "DDIMScheduler", "sd21", False),
+    ("sd21", "stabilityai/sd-turbo", "EulerDiscreteScheduler", "sd21", True),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "EulerDiscreteScheduler", "sdxl", False),
+    ("sdxl", "stabilityai/sdxl-turbo", "EulerDiscreteScheduler", "sdxl", True),
+    ("sdxl", "ByteDance/SDXL-Lightning", "EulerDiscreteScheduler", "sdxl", True),
+])
+def test_model_family_is_read_from_the_true_configs(kind, model_id, scheduler, base, distilled):
+    from scope_streamdiffusion.engine.models import detect_family
+    from scope_streamdiffusion.testing.architectures import build_unet
+
+    unet = build_unet(kind, device="meta")  # the released UNet configs, no memory
+    family = detect_family(dict(unet.config), model_id, scheduler)
+    assert (family.base, family.distilled) == (base, distilled)
