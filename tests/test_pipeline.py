@@ -164,3 +164,19 @@ def test_slerp_transition_restores_the_users_interpolation_method(pipe):
     pipe(video=[uint8_frame()])
     assert pipe.engine.settings.prompts == (("a castle", 1.0),)
     assert pipe.engine.settings.prompt_interpolation_method == "linear"
+
+
+def test_short_groups_never_drop_or_misattribute_frames(tiny_sd15):
+    frames = [uint8_frame(seed=i) for i in range(5)]
+    one_step = StreamDiffusionPipeline(model_id=str(tiny_sd15), frame_buffer_size=2, **SIZE)
+    assert one_step(video=frames)["video"].shape[0] == 5  # no lag: one output per input frame
+    reference = StreamDiffusionPipeline(model_id=str(tiny_sd15), frame_buffer_size=1, num_inference_steps=2, **SIZE)
+    expected = [reference(video=[f])["video"] for f in frames + [frames[-1]]]
+    lagged = StreamDiffusionPipeline(model_id=str(tiny_sd15), frame_buffer_size=2, num_inference_steps=2, **SIZE)
+    out = lagged(video=frames)["video"]  # groups (0,1) (2,3) (4,4*): with one step of lag
+    assert out.shape[0] == 6
+    # Output group g shows input group g-1 (group 0 at first): frames 0,1 0,1 2,3, never padding in place of
+    # a frame. With frame_buffer_size 1 frame k's result is the output of call k+1 (call 0 for frame 0).
+    result = {0: expected[0], 1: expected[2], 2: expected[3], 3: expected[4]}
+    for got, want in zip(out, [result[0], result[1], result[0], result[1], result[2], result[3]]):
+        assert (got - want[0]).abs().max() < 1e-3

@@ -240,6 +240,12 @@ class StreamDiffusionPipeline(Pipeline):
         import torch
 
         count = chunk.shape[0]
-        if count < self.frame_buffer_size:  # pad a short group with its last frame; drop those outputs
-            chunk = torch.cat([chunk, chunk[-1:].expand(self.frame_buffer_size - count, -1, -1, -1)])
-        return self.engine(chunk)[:count]
+        if count == self.frame_buffer_size:
+            return self.engine(chunk)
+        # A short group is padded with its last frame. Without lag its outputs are this group's, so
+        # the padding's outputs are dropped; in a multi-step stream batch the outputs belong to an
+        # earlier group, so all of them are returned (none is dropped or misattributed).
+        out = self.engine(torch.cat([chunk, chunk[-1:].expand(self.frame_buffer_size - count, -1, -1, -1)]))
+        settings = self.engine.settings
+        lagged = settings.use_denoising_batch and len(settings.timesteps(img2img=True)) > 1
+        return out if lagged else out[:count]
