@@ -318,3 +318,13 @@ def test_model_family_is_read_from_the_true_configs(kind, model_id, scheduler, b
     unet = build_unet(kind, device="meta")  # the released UNet configs, no memory
     family = detect_family(dict(unet.config), model_id, scheduler)
     assert (family.base, family.distilled) == (base, distilled)
+
+
+def test_sdxl_empty_negative_stays_zero_next_to_a_long_prompt(sdxl_models):
+    assert sdxl_models.force_zeros_for_empty_prompt
+    long_text = ", ".join(["a very detailed painting of a quiet harbour town at dawn"] * 12)
+    engine = engine_for(sdxl_models, prompts=((long_text, 1.0),), negative_prompt="", cfg_type=CfgType.FULL)
+    engine(make_frames(1)[0])
+    p = engine._prepared
+    assert p.negative.embeds.shape == p.prompt.embeds.shape and p.prompt.embeds.shape[1] >= 154
+    assert not p.negative.embeds.any() and not p.negative.pooled.any()

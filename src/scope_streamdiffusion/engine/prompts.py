@@ -105,9 +105,13 @@ class PromptEncoder:
             self._cache.popitem(last=False)
         return result
 
-    def negative(self, text: str) -> PromptEmbeds:
-        """SDXL models trained with zeroed unconditional embeddings want zeros for an empty negative."""
-        embeds = self.encode(text)
+    def negative(self, text: str, tokens: int = 0) -> PromptEmbeds:
+        """The negative prompt padded to ``tokens``.
+
+        SDXL models trained with zeroed unconditional embeddings want zeros for an empty negative
+        (zeroed after padding, so long positive prompts don't pad it with non-zero chunks).
+        """
+        embeds = self.encode(text).with_tokens(tokens, self.encode(""))
         if not text.strip() and self.force_zeros_for_empty_prompt:
             return PromptEmbeds(torch.zeros_like(embeds.embeds), None if embeds.pooled is None else torch.zeros_like(embeds.pooled))
         return embeds

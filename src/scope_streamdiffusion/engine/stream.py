@@ -144,14 +144,14 @@ class StreamDiffusion:
             noise = self._noise(settings.seed, len(timesteps))
         guidance = Guidance(effective_cfg_type(settings.cfg_type, settings.guidance_scale), settings.guidance_scale, settings.delta)
         prompt = self.prompt_encoder.blend(list(settings.prompts), settings.prompt_interpolation_method)
-        negative = self.prompt_encoder.negative(settings.negative_prompt)
-        tokens = max(prompt.embeds.shape[1], negative.embeds.shape[1])
+        tokens = max(prompt.embeds.shape[1], self.prompt_encoder.encode(settings.negative_prompt).embeds.shape[1])
+        negative = self.prompt_encoder.negative(settings.negative_prompt, tokens)
         pad = self.prompt_encoder.encode("")
         # alpha0 from the CPU table: no device sync. t_index_list overrides strength, fade included.
         alpha0 = float(self.models.alphas_cumprod[timesteps[0]].sqrt())
         a, b = input_mix(1.0 if settings.t_index_list else settings.strength, alpha0) if img2img else (0.0, 1.0)
         prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt.with_tokens(tokens, pad),
-                             negative.with_tokens(tokens, pad), a, b)
+                             negative, a, b)
         if old is None or old.shape_key != prepared.shape_key:
             self.state = sampling.StreamState()
         if old is None or old.settings.seed != settings.seed:
