@@ -493,24 +493,3 @@ def ensure_tiny_taesd(cache_dir: Path | None = None) -> Path:
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return _build_once(root / TINY_TAESD_NAME, build_tiny_taesd, "config.json")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_TAESD_NAME}.build-", dir=root))
-    try:
-        build_tiny_taesd(tmp)
-        (tmp / _VERSION_FILE).write_text(BUILDER_VERSION + "\n")
-        if final.exists() and not complete(final):
-            trash = Path(tempfile.mkdtemp(prefix=f".{TINY_TAESD_NAME}.old-", dir=root))
-            try:
-                os.replace(final, trash / TINY_TAESD_NAME)
-            except OSError:
-                pass  # another process already swapped it
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not complete(final):  # lost the race to a complete build: fine
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
