@@ -200,6 +200,10 @@ class StepGraphs:
         self._steps: dict[tuple, _Static] = {}
         self._pool = None
 
+    def invalidate(self) -> None:
+        """Drop every captured graph (weights changed in place, e.g. a runtime LoRA scale)."""
+        self._steps.clear()
+
     # -- keys and buffers --
     @staticmethod
     def _key(engine, p, images, frames) -> tuple:

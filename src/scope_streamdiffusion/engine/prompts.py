@@ -119,6 +119,10 @@ class PromptEncoder:
     def blend(self, prompts: list[tuple[str, float]], method: str = "linear") -> PromptEmbeds:
         return blend([(self.encode(text), weight) for text, weight in prompts], method, self.encode(""))
 
+    def clear(self) -> None:
+        """Forget cached embeddings (the text encoders' weights changed)."""
+        self._cache.clear()
+
     @property
     def cache_len(self) -> int:
         return len(self._cache)

@@ -118,11 +118,11 @@ class StreamDiffusion:
         embeddings are stale too (re-encoding them restarts the stream).
         """
         with self._lock:
-            steps = getattr(self.models.extras.get("step_runner"), "_steps", None)
-            if isinstance(steps, dict):
-                steps.clear()
+            runner = self.models.extras.get("step_runner")
+            if runner is not None:
+                runner.invalidate()
             if text_encoders:
-                self.prompt_encoder._cache.clear()
+                self.prompt_encoder.clear()
                 self._prepared = None
             self.last_output = None
 
