@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs behind BENCHMARKS.md, on a bare H200 machine (python3 with torch, no
-# diffusers/compel/pydantic: those travel as wheels in .whl/, see BENCHMARKS.md).
+# diffusers/compel/pydantic: installed from wheels in .whl/ when missing, see BENCHMARKS.md).
 #   bash scripts/bench-h200.sh 1   # SD-Turbo img2img/txt2img + SD1.5 LCM 4-step, checks, warm restart
 #   bash scripts/bench-h200.sh 2   # SDXL-Turbo 1024² and 512²
 #   bash scripts/bench-h200.sh 3   # compile variants (inductor options, reduce-overhead) on SD-Turbo img2img
