@@ -180,3 +180,11 @@ def test_short_groups_never_drop_or_misattribute_frames(tiny_sd15):
     result = {0: expected[0], 1: expected[2], 2: expected[3], 3: expected[4]}
     for got, want in zip(out, [result[0], result[1], result[0], result[1], result[2], result[3]]):
         assert (got - want[0]).abs().max() < 1e-3
+
+
+def test_a_list_edited_in_place_and_resent_is_a_change(pipe):
+    prompts = [{"text": "a dog", "weight": 1.0}]
+    pipe(video=[uint8_frame()], prompts=prompts)
+    prompts[0]["text"] = "a boat"  # library callers may reuse their list
+    pipe(video=[uint8_frame()], prompts=prompts)
+    assert pipe.engine.settings.prompts == (("a boat", 1.0),)

@@ -8,6 +8,7 @@ processed, since Scope resends the whole parameter dict on every call.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -130,9 +131,9 @@ class ParameterCoercer:
         for name, value in kwargs.items():
             if name not in self.fields:
                 continue
-            if self._last_raw.get(name, _MISSING) is value or _equal(self._last_raw.get(name, _MISSING), value):
+            if _equal(self._last_raw.get(name, _MISSING), value):
                 continue
-            self._last_raw[name] = value
+            self._last_raw[name] = _snapshot(value)
             clean = self.coerce(name, value, current.get(name))
             if clean != current.get(name):
                 out[name] = clean
@@ -141,8 +142,18 @@ class ParameterCoercer:
     def seen(self, name: str, value: Any) -> bool:
         """True if ``value`` is what ``name`` had last time (and remember it)."""
         same = _equal(self._last_raw.get(name, _MISSING), value)
-        self._last_raw[name] = value
+        self._last_raw[name] = _snapshot(value)
         return same
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of lists/dicts, so a caller editing its list in place and resending it is seen as a change."""
+    if isinstance(value, (list, dict)):
+        try:
+            return copy.deepcopy(value)
+        except Exception:  # noqa: BLE001 - odd contents: compare by identity then
+            return value
+    return value
 
 
 def _equal(a: Any, b: Any) -> bool:
