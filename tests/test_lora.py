@@ -97,7 +97,7 @@ def test_permanent_merge_changes_output_and_keeps_its_scale(tiny_sd15, lora_file
 def test_text_encoder_lora_reencodes_prompts_on_scale_change(tiny_sd15, text_encoder_lora):
     pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": text_encoder_lora, "scale": 1.0}],
                                    lora_merge_mode="runtime_peft", **SIZE)
-    (lora,) = pipe._loras
+    (lora,) = pipe._lora_scales.loras
     assert lora.components == ("text_encoder", "unet")
     full = run(pipe)
     encoded = pipe.engine.prompt_encoder.encode_count

@@ -88,11 +88,12 @@ class StreamDiffusionPipeline(Pipeline):
             # Scope's UI sends lora_merge_mode; the schema field is the fallback for other callers.
             lora_merge_mode=kwargs.get("lora_merge_mode") or p.get("lora_merge_strategy"),
         )
-        self._loras = list(models.extras.get("loras") or [])
+        from .engine.lora import RuntimeLoraScales
+
+        self._lora_scales = RuntimeLoraScales(list(models.extras.get("loras") or []))
         # Scope's status report; its UI sends lora_scales only for these exact path strings.
-        self.loaded_lora_adapters: list[dict] = [{"path": lora.path, "scale": lora.scale} for lora in self._loras]
-        self._lora_warned: set[str] = set()
-        if any(lora.is_runtime for lora in self._loras) and models.extras.get("acceleration") == "tensorrt":
+        self.loaded_lora_adapters: list[dict] = self._lora_scales.report
+        if any(lora.is_runtime for lora in self._lora_scales.loras) and models.extras.get("acceleration") == "tensorrt":
             logger.warning("acceleration='tensorrt' builds the UNet with the LoRA scales of load time: runtime "
                            "lora_scales changes will not show. Use acceleration='cudagraph' to change them live.")
         settings = StreamSettings(**self._settings_changes(p), prompts=self.prompts,
@@ -158,49 +159,13 @@ class StreamDiffusionPipeline(Pipeline):
         if kwargs.get("lora_scales") is not None:
             self._update_lora_scales(kwargs["lora_scales"])
 
-    def _lora_warn_once(self, key: str, message: str, *args) -> None:
-        if key not in self._lora_warned:
-            self._lora_warned.add(key)
-            logger.warning(message, *args)
-
     def _update_lora_scales(self, updates: Any) -> None:
-        """Scope's runtime ``lora_scales=[{"path", "scale"}]``: new adapter weights, no reload."""
-        from .engine.lora import clamp_scale, set_lora_scales
-
-        if isinstance(updates, dict):
-            updates = [updates]
-        if not isinstance(updates, (list, tuple)):
-            self._lora_warn_once("<type>", "Ignoring lora_scales=%r: expected [{'path': ..., 'scale': ...}].", updates)
-            return
-        by_path = {lora.path: lora for lora in self._loras}
-        changed = False
-        for item in updates:
-            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
-                self._lora_warn_once("<type>", "Ignoring lora_scales entry %r: expected {'path': ..., 'scale': ...}.",
-                                     item)
-                continue
-            lora = by_path.get(item["path"])
-            if lora is None:
-                self._lora_warn_once(item["path"], "lora_scales names '%s', which is not loaded; loaded: %s. Adding "
-                                     "a LoRA needs a reload.", item["path"], [x.path for x in self._loras] or "none")
-                continue
-            scale = clamp_scale(item.get("scale"), lora.scale)
-            if scale == lora.scale:
-                continue
-            if not lora.is_runtime:
-                self._lora_warn_once(lora.path, "LoRA '%s' was merged permanently at scale %s; its scale cannot change "
-                                     "while streaming. Fix: load it with merge mode 'runtime_peft'.", lora.path,
-                                     lora.scale)
-                continue
-            lora.scale, changed = scale, True
-        if not changed:
-            return
         models = self.engine.models
-        modules = {"unet": models.unet, **{name: enc for name, enc in zip(("text_encoder", "text_encoder_2"),
-                                                                          models.text_encoders)}}
-        touched = set_lora_scales(modules, self._loras)
-        self.engine.weights_changed(text_encoders=bool(touched - {"unet"}))
-        self.loaded_lora_adapters = [{"path": lora.path, "scale": lora.scale} for lora in self._loras]
+        modules = {"unet": models.unet, **dict(zip(("text_encoder", "text_encoder_2"), models.text_encoders))}
+        touched = self._lora_scales.update(updates, modules)
+        if touched:
+            self.engine.weights_changed(text_encoders=bool(touched - {"unet"}))
+            self.loaded_lora_adapters = self._lora_scales.report
 
     # ----- Scope's calls --------------------------------------------------------------------------
     def prepare(self, **kwargs: Any) -> Requirements | None:

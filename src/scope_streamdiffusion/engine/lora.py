@@ -218,3 +218,53 @@ def set_lora_scales(modules: dict, loras: list[LoadedLora]) -> set[str]:
             set_adapters_for_text_encoder(names, module, weights)
         touched.add(component)
     return touched
+
+
+class RuntimeLoraScales:
+    """Scope's runtime ``lora_scales=[{"path", "scale"}]`` applied to the loaded LoRAs, without a reload.
+
+    Permanently merged LoRAs cannot change; unknown paths and malformed entries are ignored; each
+    problem warns once.
+    """
+
+    def __init__(self, loras: list[LoadedLora]):
+        self.loras = loras
+        self._warned: set[str] = set()
+
+    @property
+    def report(self) -> list[dict]:
+        """``loaded_lora_adapters`` as Scope reads it (paths exactly as received)."""
+        return [{"path": lora.path, "scale": lora.scale} for lora in self.loras]
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def update(self, updates, modules: dict) -> set[str]:
+        """Apply ``updates``; returns the components whose weights changed (empty: nothing to do)."""
+        if isinstance(updates, dict):
+            updates = [updates]
+        if not isinstance(updates, (list, tuple)):
+            self._warn_once("<type>", "Ignoring lora_scales=%r: expected [{'path': ..., 'scale': ...}].", updates)
+            return set()
+        by_path = {lora.path: lora for lora in self.loras}
+        changed = False
+        for item in updates:
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+                self._warn_once("<type>", "Ignoring lora_scales entry %r: expected {'path': ..., 'scale': ...}.", item)
+                continue
+            lora = by_path.get(item["path"])
+            if lora is None:
+                self._warn_once(item["path"], "lora_scales names '%s', which is not loaded; loaded: %s. Adding a LoRA "
+                                "needs a reload.", item["path"], [x.path for x in self.loras] or "none")
+                continue
+            scale = clamp_scale(item.get("scale"), lora.scale)
+            if scale == lora.scale:
+                continue
+            if not lora.is_runtime:
+                self._warn_once(lora.path, "LoRA '%s' was merged permanently at scale %s; its scale cannot change "
+                                "while streaming. Fix: load it with merge mode 'runtime_peft'.", lora.path, lora.scale)
+                continue
+            lora.scale, changed = scale, True
+        return set_lora_scales(modules, self.loras) if changed else set()
