@@ -27,8 +27,8 @@ def _channels_last_layout(frame: torch.Tensor) -> bool:
     raise ValueError(f"frame of shape {tuple(frame.shape)} has no 1-, 3- or 4-channel axis")
 
 
-def to_chw01(frame, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One frame -> (3, H, W) in [0, 1] on ``device``: drops batch dims of 1, alpha, converts grey."""
+def to_chw01(frame, device: torch.device) -> torch.Tensor:
+    """One frame -> (3, H, W) float32 in [0, 1] on ``device``: drops batch dims of 1, alpha, converts grey."""
     if not isinstance(frame, torch.Tensor):
         frame = torch.as_tensor(frame)
     while frame.dim() > 3 and frame.shape[0] == 1:
@@ -43,6 +43,7 @@ def to_chw01(frame, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"empty frame of shape {tuple(frame.shape)}")
     if frame.is_complex():
         raise ValueError("complex-valued frames are not images")
+    in_range = frame.dtype == torch.uint8  # Scope's frames: already in [0, 255], nothing to sanitise
     scale = _INTEGER_SCALE.get(frame.dtype, 1.0 if frame.is_floating_point() else 255.0)
     frame = frame.to(device=device, non_blocking=True).to(torch.float32)
     if scale != 1.0:
@@ -52,8 +53,9 @@ def to_chw01(frame, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         frame = frame.expand(3, -1, -1)
     elif channels == 4:
         frame = frame[:3]
-    frame = torch.nan_to_num(frame, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
-    return frame.to(dtype)
+    if not in_range:
+        frame = torch.nan_to_num(frame, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+    return frame
 
 
 def fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -71,8 +73,7 @@ def fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
         top = (h - new_h) // 2
         images = images[..., top : top + new_h, :]
     antialias = images.shape[-1] > width or images.shape[-2] > height
-    return F.interpolate(images.float(), size=(height, width), mode="bilinear", align_corners=False,
-                         antialias=antialias).to(images.dtype)
+    return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def frames_to_batch(video, width: int, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -83,9 +84,10 @@ def frames_to_batch(video, width: int, height: int, device: torch.device, dtype:
         video = [video]
     if len(video) == 0:
         raise ValueError("video is an empty list of frames")
-    return torch.stack([fit(to_chw01(f, device, dtype).unsqueeze(0), width, height)[0] for f in video])
+    # Resized in float32, cast to the model's dtype once at the end.
+    return torch.stack([fit(to_chw01(f, device).unsqueeze(0), width, height)[0] for f in video]).to(dtype)
 
 
 def batch_to_frames(images: torch.Tensor) -> torch.Tensor:
-    """(T, 3, H, W) -> (T, H, W, 3) float32 in [0, 1], Scope's output layout."""
-    return images.permute(0, 2, 3, 1).float().clamp(0.0, 1.0).contiguous()
+    """(T, 3, H, W) in [0, 1] -> (T, H, W, 3) float32, Scope's output layout."""
+    return images.permute(0, 2, 3, 1).float().contiguous()
