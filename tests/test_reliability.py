@@ -189,3 +189,18 @@ def test_out_of_memory_while_loading_names_the_model_and_vram():
     err = _load_error("model", "stabilityai/sdxl-turbo", torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert isinstance(err, ModelLoadError)
     assert "stabilityai/sdxl-turbo" in str(err) and "GB" in str(err) and "Fix" in str(err)
+
+
+def test_a_corrupt_model_fails_cleanly_without_leftovers(tiny_sd15, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd15, broken)
+    next((broken / "vae").glob("*.safetensors")).write_bytes(b"\x00not safetensors" * 10)
+    gc.collect()
+    before = sum(1 for o in gc.get_objects() if type(o).__name__ in ("UNet2DConditionModel", "CLIPTextModel"))
+    with pytest.raises(ModelLoadError, match="Fix"):
+        StreamDiffusionPipeline(model_id=str(broken), **SIZE)
+    gc.collect()
+    after = sum(1 for o in gc.get_objects() if type(o).__name__ in ("UNet2DConditionModel", "CLIPTextModel"))
+    assert after == before  # components loaded before the corrupt one are not kept alive

@@ -18,8 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 logger = logging.getLogger("scope_streamdiffusion")
 
 _MISSING = object()
-LCM_GRID_STEPS = 50
-MAX_STEPS = 10
+LCM_GRID_STEPS = 50  # engine.schedule.LCM_GRID_STEPS, repeated here to keep this module torch-free
 # compel encodes long prompts in 77-token chunks; ~2,000 characters is ~6 chunks already.
 MAX_PROMPT_CHARS = 2000
 
@@ -105,11 +104,12 @@ class ParameterCoercer:
         return clean
 
     def _timestep_indices(self, indices: list[int]) -> list[int] | None:
-        """Indices into the 50-step grid: in range, ascending, unique, at most MAX_STEPS of them."""
-        clean = sorted({min(max(int(i), 0), LCM_GRID_STEPS - 1) for i in indices})[:MAX_STEPS]
+        """Indices into the 50-step grid: in range, ascending, unique, at most as many as steps allow."""
+        max_steps = int(self._bounds("num_inference_steps")[1])
+        clean = sorted({min(max(int(i), 0), LCM_GRID_STEPS - 1) for i in indices})[:max_steps]
         if clean != list(indices):
             self._warn_once("t_index_list", "range", "t_index_list=%r must be ascending indices in [0, %d], at "
-                            "most %d; using %r.", indices, LCM_GRID_STEPS - 1, MAX_STEPS, clean)
+                            "most %d; using %r.", indices, LCM_GRID_STEPS - 1, max_steps, clean)
         return clean or None
 
     def prompts(self, name: str, value: Any) -> tuple[tuple[str, float], ...] | None:
@@ -142,7 +142,8 @@ class ParameterCoercer:
     def seen(self, name: str, value: Any) -> bool:
         """True if ``value`` is what ``name`` had last time (and remember it)."""
         same = _equal(self._last_raw.get(name, _MISSING), value)
-        self._last_raw[name] = _snapshot(value)
+        if not same:  # Scope resends the same prompts every call: copy only on change
+            self._last_raw[name] = _snapshot(value)
         return same
 
 

@@ -176,8 +176,3 @@ class StreamDiffusionConfig(BasePipelineConfig):
         default=512, ge=64, le=2048, description="Output width in pixels (rounded down to a multiple of 8).",
         json_schema_extra=_config(0, "Width", component="resolution", is_load_param=True))
 
-
-LOAD_PARAMS = frozenset(
-    name for name, field in StreamDiffusionConfig.model_fields.items()
-    if ((field.json_schema_extra or {}).get("ui") or {}).get("is_load_param")
-) | {"height", "width", "device"}
