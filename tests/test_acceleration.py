@@ -196,3 +196,42 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     assert lcm["recaptures_on_param_change"] == 0 and lcm["seed_changes_output_max_abs"] > 1e-3
     ratios = {r["workload"]: r for r in report["ratios"]}
     assert "none/diffusers" in ratios["sd-turbo-img2img"]
+
+
+def test_bench_frame_buffer_size_feeds_groups_and_counts_frames(tiny_sd15, tiny_taesd, tmp_path):
+    from scope_streamdiffusion import bench
+
+    out = tmp_path / "bench.json"
+    code = bench.main([
+        "--model", str(tiny_sd15), "--tiny-vae-id", str(tiny_taesd), "--workloads", "sd-turbo-img2img,sd-turbo-txt2img",
+        "--modes", "none", "--frames", "3", "--warmup", "1", "--width", "64", "--height", "64",
+        "--frame-buffer-size", "2", "--device", "cpu", "--check", "--profile", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for row in report["results"]:  # the diffusers baseline too: two images per call
+        assert "error" not in row, row.get("error")
+        assert row["frames_per_call"] == 2 and row["calls"] == 3
+        assert row["fps_p50"] == pytest.approx(2e3 / row["p50_ms"], rel=0.01)
+    none = [r for r in report["results"] if r["mode"] == "none"]
+    assert all(r["profile"]["frames_per_call"] == 2 for r in none)
+    for check in report["checks"]:
+        assert check["determinism_max_abs"] == 0.0 and check["seed_changes_output_max_abs"] > 1e-3
+
+
+def test_compile_freezes_weights_unless_runtime_loras_and_patches_only_its_own_compilations(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from scope_streamdiffusion.engine.lora import LoadedLora
+
+    fused = LoadedLora("a.safetensors", 0.8, "permanent_merge", "a")
+    runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
+    assert acc.can_freeze(None) and acc.can_freeze([fused]) and not acc.can_freeze([fused, runtime])
+    assert acc.inductor_options(True) == acc.FROZEN_OPTIONS and acc.inductor_options(False) == {}
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "freezing=0,coordinate_descent_tuning=1")
+    options = acc.inductor_options(True)
+    assert options == {**acc.FROZEN_OPTIONS, "freezing": False, "coordinate_descent_tuning": True}
+    before = inductor_config.freezing, inductor_config.conv_1x1_as_mm
+    with acc.compiling(acc.FROZEN_OPTIONS):
+        assert inductor_config.freezing is True and inductor_config.conv_1x1_as_mm is True
+    assert (inductor_config.freezing, inductor_config.conv_1x1_as_mm) == before  # other pipelines untouched

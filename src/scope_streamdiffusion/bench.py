@@ -201,6 +201,8 @@ class Runner:
         return StreamDiffusionPipeline(**kwargs)
 
     def time_calls(self, call, inputs, warmup: int, frames: int) -> dict:
+        """``frames`` timed calls of ``frame_buffer_size`` frames each; fps counts frames, latency calls."""
+        per_call = self.args.frame_buffer_size
         _sync(self.device)
         start = time.perf_counter()
         first = None
@@ -219,9 +221,10 @@ class Runner:
             lat.append(time.perf_counter() - t0)
         total = time.perf_counter() - t_all
         p50, p99 = _percentile(lat, 0.5), _percentile(lat, 0.99)
-        return dict(frames=frames, first_frame_s=round(first, 3), warmup_s=round(warm_total, 3),
-                    p50_ms=round(p50 * 1e3, 3), p99_ms=round(p99 * 1e3, 3), mean_ms=round(total / frames * 1e3, 3),
-                    fps_p50=round(1.0 / p50, 2), fps=round(frames / total, 2), p99_over_p50=round(p99 / p50, 3))
+        return dict(calls=frames, frames_per_call=per_call, first_frame_s=round(first, 3),
+                    warmup_s=round(warm_total, 3), p50_ms=round(p50 * 1e3, 3), p99_ms=round(p99 * 1e3, 3),
+                    mean_ms=round(total / frames * 1e3, 3), fps_p50=round(per_call / p50, 2),
+                    fps=round(per_call * frames / total, 2), p99_over_p50=round(p99 / p50, 3))
 
     def peak_vram(self) -> dict:
         import torch
@@ -241,8 +244,8 @@ def _dynamo_graphs() -> int:
         return 0
 
 
-def _profile(pipe, call, inputs, device, frames: int = 10) -> dict:
-    import torch
+def _profile(pipe, call, inputs, device, frames: int = 10, per_call: int = 1) -> dict:
+    """Kernel time and launches per frame over ``frames`` calls of ``per_call`` frames."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -255,12 +258,13 @@ def _profile(pipe, call, inputs, device, frames: int = 10) -> dict:
     kernels = [e for e in events if getattr(e, attr, 0) > 0 and e.key and not e.key.startswith(("cuda", "aten::"))]
     kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, attr, 0)) for e in kernels)
     top = sorted(kernels, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, attr, 0)))[:15]
+    n = frames * per_call
     return dict(
-        frames=frames,
-        kernel_ms_per_frame=round(kernel_us / 1e3 / frames, 3),
-        kernel_launches_per_frame=round(sum(e.count for e in kernels) / frames, 1),
-        top_kernels=[dict(name=e.key[:90], ms_per_frame=round(getattr(e, "self_device_time_total", 0) / 1e3 / frames, 3),
-                          calls_per_frame=round(e.count / frames, 1)) for e in top],
+        calls=frames, frames_per_call=per_call,
+        kernel_ms_per_frame=round(kernel_us / 1e3 / n, 3),
+        kernel_launches_per_frame=round(sum(e.count for e in kernels) / n, 1),
+        top_kernels=[dict(name=e.key[:90], ms_per_frame=round(getattr(e, "self_device_time_total", 0) / 1e3 / n, 3),
+                          calls_per_frame=round(e.count / n, 1)) for e in top],
     )
 
 
@@ -274,7 +278,7 @@ def _run_check(pipe, wl: Workload, inputs, none_ref):
 
     engine = pipe.engine
     k = 4
-    feed = (lambda i: dict(video=[inputs[i % len(inputs)]])) if wl.img2img else (lambda i: {})
+    feed = (lambda i: dict(video=inputs[i % len(inputs)])) if wl.img2img else (lambda i: {})
 
     def run(count, **first):
         outs = []
@@ -364,7 +368,10 @@ def run(args) -> int:
             folder, taesd = random_weight_model(arch, cache, device)
             model_id, tiny_vae_id = str(folder), tiny_vae_id or str(taesd)
             logger.info("%s: random-weight %s ready in %.1fs", name, arch, time.perf_counter() - t0)
-        inputs = make_frames(8, height, width, device)
+        # 8 distinct frames; each call takes frame_buffer_size of them (Scope's groups), in rotation.
+        fbs = args.frame_buffer_size
+        frames = make_frames(8, height, width, device)
+        inputs = [[frames[(i * fbs + j) % len(frames)] for j in range(fbs)] for i in range(len(frames))]
         results: dict[str, dict] = {}
         none_ref = None
         for mode in (["diffusers"] if not args.no_baseline else []) + modes:
@@ -380,7 +387,7 @@ def run(args) -> int:
                     call, pipe, extra = _diffusers_baseline(bench, name, wl, model_id, tiny_vae_id, width, height)
                 else:
                     pipe = bench.pipeline(name, wl, model_id, tiny_vae_id, mode, width, height)
-                    call = (lambda f, p=pipe: p(video=[f])) if wl.img2img else (lambda f, p=pipe: p())
+                    call = (lambda group, p=pipe: p(video=group)) if wl.img2img else (lambda group, p=pipe: p())
                     models = pipe.engine.models
                     extra = dict(acceleration=models.extras.get("acceleration"), unet_params=sum(
                         p.numel() for p in models.unet.parameters()))
@@ -399,7 +406,7 @@ def run(args) -> int:
                                    graph_failed=runner.failed)
                 row.update(bench.peak_vram())
                 if args.profile:
-                    row["profile"] = _profile(pipe, call, inputs, device)
+                    row["profile"] = _profile(pipe, call, inputs, device, per_call=fbs)
                 if args.check and mode != "diffusers":
                     check, outs = _run_check(pipe, wl, inputs, none_ref)
                     if mode == "none":
@@ -520,6 +527,9 @@ def _diffusers_baseline(bench: Runner, name: str, wl: Workload, model_id, tiny_v
         else:
             pe, _ = t2i.encode_prompt(DEFAULT_PROMPT, device, 1, False)
             embeds = dict(prompt_embeds=pe)
+    # A call takes frame_buffer_size frames, as ours does: the prompt is repeated per image.
+    fbs = bench.args.frame_buffer_size
+    embeds = {k: v.repeat(fbs, *([1] * (v.dim() - 1))) for k, v in embeds.items()}
     # Guidance off (scale <= 1): the cheapest diffusers equivalent of the workload.
     common = dict(guidance_scale=0.0 if steps == 1 else 1.0, output_type="pt", **embeds)
     if wl.img2img:
@@ -529,14 +539,14 @@ def _diffusers_baseline(bench: Runner, name: str, wl: Workload, model_id, tiny_v
         # diffusers runs int(num_inference_steps * strength) steps.
         n_sched = max(steps, round(steps / strength + 0.49))
 
-        def call(frame):
-            image = frame.permute(0, 3, 1, 2).to(dtype) / 255.0
+        def call(group):
+            image = torch.cat(group).permute(0, 3, 1, 2).to(dtype) / 255.0
             with torch.no_grad():
                 return pipe(image=image, num_inference_steps=n_sched, strength=strength, **common).images
     else:
         pipe = t2i
 
-        def call(frame):
+        def call(group):
             with torch.no_grad():
                 return pipe(num_inference_steps=steps, height=height, width=width,
                             generator=torch.Generator(device).manual_seed(0), **common).images

@@ -115,25 +115,55 @@ def configure_inductor_cache() -> Path:
 
         inductor_config.fx_graph_cache = True
         functorch_config.enable_autograd_cache = True
-        # Experiments: SCOPE_STREAMDIFFUSION_INDUCTOR="freezing=1,conv_1x1_as_mm=1" sets inductor options.
-        for item in filter(None, os.environ.get("SCOPE_STREAMDIFFUSION_INDUCTOR", "").split(",")):
-            key, _, value = item.partition("=")
-            setattr(inductor_config, key.strip(), value.strip().lower() in ("1", "true", "yes"))
     except Exception as exc:  # noqa: BLE001 - older torch: the defaults apply
         logger.debug("inductor cache configuration skipped: %s", exc)
     return path
 
 
+# Freezing folds the weights into the compiled code as constants (then constant-folds and re-lays
+# them out), and 1x1 convolutions become matmuls: 894 -> 807 kernels and +12% fps for SD-Turbo on
+# an H200 (BENCHMARKS.md). Only for inference with weights that never change after compilation.
+FROZEN_OPTIONS = {"freezing": True, "conv_1x1_as_mm": True}
+
+
+def can_freeze(loras) -> bool:
+    """Frozen weights unless runtime LoRA adapters are loaded (their scales change after compilation;
+    fused LoRAs are part of the weights before it)."""
+    return not any(lora.is_runtime for lora in loras or [])
+
+
+def inductor_options(freeze: bool) -> dict:
+    """Inductor options for the compilations of this pipeline (applied as a patch, not globally).
+
+    ``SCOPE_STREAMDIFFUSION_INDUCTOR="key=1,other=0"`` adds or overrides boolean options (experiments).
+    """
+    options = dict(FROZEN_OPTIONS) if freeze else {}
+    for item in filter(None, os.environ.get("SCOPE_STREAMDIFFUSION_INDUCTOR", "").split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = value.strip().lower() in ("1", "true", "yes")
+    return options
+
+
+def compiling(options: dict):
+    """A context in which torch.compile's lazy compilations use ``options`` (nothing when empty).
+
+    Scoped so that other pipelines in the same process (Scope runs several) keep their own settings.
+    """
+    if not options:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(options)
+
+
 def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | None = None) -> list[str]:
     """``torch.compile`` in place (``nn.Module.compile``): identity, config and weights stay shared.
-    Static shapes (``dynamic=False``): one specialisation per shape. A runtime LoRA scale change
-    (``StreamDiffusion.weights_changed``) drops the step graphs; the next frame re-captures them
-    and, since PEFT's scales are Python numbers that dynamo guards on, may recompile once.
-
-    Inductor options for experiments: ``SCOPE_STREAMDIFFUSION_INDUCTOR="freezing=1,conv_1x1_as_mm=1"``
-    (measured once +12% fps on the H200, BENCHMARKS.md; freezing folds the weights into the compiled
-    code, so runtime LoRA scale changes would NOT show). ``SCOPE_STREAMDIFFUSION_COMPILE_MODE`` sets
-    torch.compile's mode.
+    Static shapes (``dynamic=False``): one specialisation per shape. Compilation happens lazily, at
+    the first call of each shape, i.e. inside :meth:`StepGraphs._capture`, which applies the
+    inductor options (:func:`compiling`). A runtime LoRA scale change (``StreamDiffusion.weights_changed``)
+    drops the step graphs; the next frame re-captures them and, since PEFT's scales are Python
+    numbers that dynamo guards on, may recompile once. ``SCOPE_STREAMDIFFUSION_COMPILE_MODE`` sets
+    torch.compile's mode (experiments).
     """
     configure_inductor_cache()
     import torch._dynamo
@@ -188,11 +218,14 @@ class StepGraphs:
     """Runs ``StreamDiffusion._denoise_eager`` as replayed CUDA graphs, one per batch shape.
 
     ``use_graphs=False`` keeps the static-buffer plumbing but calls the step eagerly (CPU tests).
+    ``compile_options``: inductor options for compilations triggered by the step (compile mode).
     """
 
-    def __init__(self, mode: str = "cudagraph", *, use_graphs: bool = True, warmup: int = 2):
+    def __init__(self, mode: str = "cudagraph", *, use_graphs: bool = True, warmup: int = 2,
+                 compile_options: dict | None = None):
         self.mode = mode
         self.use_graphs = use_graphs
+        self.compile_options = dict(compile_options or {})
         self.warmup = warmup
         self.captures = 0
         self.capture_seconds = 0.0
@@ -282,7 +315,7 @@ class StepGraphs:
             self._load(st, engine, p, images)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), compiling(self.compile_options):
                 for _ in range(self.warmup):  # compiles (compile mode), autotunes cuDNN, warms allocators
                     self._step(st, engine, frames)
             torch.cuda.current_stream().wait_stream(side)
@@ -300,6 +333,10 @@ class StepGraphs:
             st.loaded = None  # warm-up advanced the static state: reload everything
             self.capture_seconds += time.perf_counter() - start
 
+    def _eager(self, engine, p, images, frames: int) -> torch.Tensor:
+        with compiling(self.compile_options):
+            return engine._denoise_eager(p, images, frames)
+
     # -- the call --
     def denoise(self, engine, p, images, frames: int) -> torch.Tensor:
         n = p.sched.num_steps
@@ -311,7 +348,7 @@ class StepGraphs:
             with eager_stance():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
-            return engine._denoise_eager(p, images, frames)
+            return self._eager(engine, p, images, frames)
         key = self._key(engine, p, images, frames)
         st = self._steps.get(key)
         if st is None:
@@ -323,14 +360,15 @@ class StepGraphs:
                     self.failed = f"{type(exc).__name__}: {exc}"
                     logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
                                    "graphs.", self.mode, self.failed[:300])
-                    return engine._denoise_eager(p, images, frames)
+                    return self._eager(engine, p, images, frames)
             self._steps[key] = st
         self._load(st, engine, p, images)
         if st.graph is not None:
             st.graph.replay()
             out = st.output
         else:
-            out = self._step(st, engine, frames)
+            with compiling(self.compile_options):
+                out = self._step(st, engine, frames)
         engine.state = st.state if use_batch else sampling.StreamState()
         # The static output is overwritten by the next replay: hand out a copy.
         return out.clone()
@@ -351,13 +389,17 @@ def accelerate(models, requested: str):
     if mode not in GRAPH_MODES:
         return models
     torch.backends.cudnn.benchmark = True
+    options = {}
     if mode == "compile":
         models.extras["compiled"] = compile_modules(models.unet, models.vae)
         models.extras["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        options = inductor_options(freeze=can_freeze(models.extras.get("loras")))
+        models.extras["inductor_options"] = options
     elif mode == "tensorrt":
         from .tensorrt_export import tensorrt_unet
 
         models.unet = tensorrt_unet(models)
     # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
-    models.extras["step_runner"] = StepGraphs(mode, use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
+    models.extras["step_runner"] = StepGraphs(mode, compile_options=options,
+                                              use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
     return models
