@@ -6,6 +6,7 @@ the figures and correctness tolerances measured there); here we test everything 
 
 import json
 import logging
+import shutil
 import sys
 
 import pytest
@@ -235,3 +236,55 @@ def test_compile_freezes_weights_unless_runtime_loras_and_patches_only_its_own_c
     with acc.compiling(acc.FROZEN_OPTIONS):
         assert inductor_config.freezing is True and inductor_config.conv_1x1_as_mm is True
     assert (inductor_config.freezing, inductor_config.conv_1x1_as_mm) == before  # other pipelines untouched
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on CPU needs a C++ compiler")
+def test_frozen_weights_are_released_with_the_models():
+    """With freezing, compiled code keeps the weights alive after their module is gone: the frozen
+    copies (dropped with the runner) and the parameters (their storage freed when the module is
+    collected), so reloading a compiled pipeline does not leak a copy of its UNet."""
+    import gc
+    import weakref
+
+    import torch._inductor.config as inductor_config
+
+    class Net(torch.nn.Module):  # (dynamo does not trace nn.Sequential's own forward)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.b(self.a(x).relu())
+
+    def alive(refs):
+        return [r() for r in refs if r() is not None and r().numel() > 0]
+
+    def compiled(release: bool):
+        model = Net().eval()
+        model.requires_grad_(False).compile(dynamic=False)
+        if release:
+            acc.release_weights_with(model)
+        runner = acc.StepGraphs("compile", use_graphs=False, compile_options={"freezing": True})
+        x = torch.randn(2, 32)
+        with torch.no_grad(), acc.compiling(runner.compile_options, runner._generated):
+            assert inductor_config.freezing
+            torch.testing.assert_close(model(x), model.forward(x))  # forward: eager (compile wraps __call__)
+        assert not inductor_config.freezing and runner._generated, "freezing did not take effect"
+        frozen = [weakref.ref(v) for m in runner._generated for v in vars(m).values() if isinstance(v, torch.Tensor)]
+        return model, runner, [weakref.ref(p) for p in model.parameters()], frozen
+
+    torch._dynamo.reset()
+    try:
+        model, runner, weights, _ = compiled(release=False)
+        del model
+        gc.collect()
+        assert alive(weights), "the compiled code no longer holds the weights: release_weights_with is obsolete"
+        model, runner, weights, frozen = compiled(release=True)
+        del model
+        gc.collect()
+        assert not alive(weights)
+        del runner
+        gc.collect()
+        assert not alive(frozen)
+    finally:
+        torch._dynamo.reset()
