@@ -202,6 +202,35 @@ def test_runtime_changes_never_reload_and_cache_prompts(sd15_models):
     assert engine.prompt_encoder.encode_count == count + 1  # cached
 
 
+def test_modulated_parameters_rebuild_only_what_depends_on_them(sd15_models):
+    """Per-frame modulation (guidance, delta, strength) reuses the prompt embeddings and, when the
+    timesteps are the same, the schedule; the frames equal a fresh engine's under the same settings."""
+    settings = dict(num_inference_steps=2, cfg_type=CfgType.SELF, guidance_scale=1.4, use_denoising_batch=False)
+    engine = engine_for(sd15_models, **settings)
+    frame = make_frames(1)[0]
+    engine(frame)
+    first = engine._prepared
+    engine.update(guidance_scale=1.8, delta=0.6)
+    engine(frame)
+    after_guidance = engine._prepared
+    assert after_guidance.prompt is first.prompt and after_guidance.negative is first.negative
+    assert after_guidance.sched is first.sched
+    engine.update(strength=0.7)
+    got = engine(frame)
+    after_strength = engine._prepared
+    assert after_strength.prompt is first.prompt and after_strength.sched is not first.sched
+    engine.update(strength=0.8)  # back: the cached schedule
+    engine(frame)
+    assert engine._prepared.sched is first.sched
+    engine.update(strength=0.7)
+    got = engine(frame)
+    fresh = engine_for(sd15_models, **{**settings, "guidance_scale": 1.8, "delta": 0.6, "strength": 0.7})
+    assert (fresh(frame) - got).abs().max() <= 1e-6
+    engine.update(negative_prompt="low quality")
+    engine(frame)
+    assert engine._prepared.negative is not first.negative
+
+
 def test_compel_weighting_and_long_prompts(sd15_models):
     engine = engine_for(sd15_models)
     enc = engine.prompt_encoder

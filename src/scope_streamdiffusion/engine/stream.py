@@ -55,6 +55,7 @@ class _Prepared:
 
     settings: StreamSettings
     img2img: bool
+    timesteps: tuple[int, ...]
     sched: object
     noise: torch.Tensor
     guidance: Guidance
@@ -89,6 +90,7 @@ class StreamDiffusion:
         self.last_output: torch.Tensor | None = None
         self.frames_skipped = 0
         self._alphas_cumprod = models.alphas_cumprod.to(self.device)
+        self._schedules: dict = {}
         if models.family.is_sdxl:
             # (original size, crop top-left, target size): no cropping, native size.
             self._time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
@@ -132,26 +134,42 @@ class StreamDiffusion:
         gen = torch.Generator("cpu").manual_seed(seed)
         return torch.randn((steps, *self.latent_shape), generator=gen).to(self.device, self.dtype)
 
+    def _schedule(self, timesteps: tuple[int, ...]):
+        # Cached: a modulated strength cycles through a few timestep sets, each a handful of
+        # host-to-device copies to build. Schedules are never written to.
+        sched = self._schedules.pop(timesteps, None)
+        if sched is None:
+            sched = make_schedule(list(timesteps), self._alphas_cumprod, self.device, self.dtype)
+            while len(self._schedules) >= 64:
+                self._schedules.pop(next(iter(self._schedules)))
+        self._schedules[timesteps] = sched  # most recently used last
+        return sched
+
     def _prepare(self, settings: StreamSettings, img2img: bool) -> _Prepared:
         old = self._prepared
         if old is not None and old.settings == settings and old.img2img == img2img:
             return old
-        timesteps = settings.timesteps(img2img)
-        sched = make_schedule(timesteps, self._alphas_cumprod, self.device, self.dtype)
+        # Parameters modulated every frame (Scope's beat sync) rebuild only what depends on them.
+        timesteps = tuple(settings.timesteps(img2img))
+        sched = self._schedule(timesteps)
         if old is not None and old.settings.seed == settings.seed and old.noise.shape[0] == len(timesteps):
             noise = old.noise
         else:
             noise = self._noise(settings.seed, len(timesteps))
         guidance = Guidance(effective_cfg_type(settings.cfg_type, settings.guidance_scale), settings.guidance_scale, settings.delta)
-        prompt = self.prompt_encoder.blend(list(settings.prompts), settings.prompt_interpolation_method)
-        tokens = max(prompt.embeds.shape[1], self.prompt_encoder.encode(settings.negative_prompt).embeds.shape[1])
-        negative = self.prompt_encoder.negative(settings.negative_prompt, tokens)
-        pad = self.prompt_encoder.encode("")
+        prompt_key = (settings.prompts, settings.prompt_interpolation_method, settings.negative_prompt)
+        if old is not None and (old.settings.prompts, old.settings.prompt_interpolation_method,
+                                old.settings.negative_prompt) == prompt_key:
+            prompt, negative = old.prompt, old.negative
+        else:
+            blended = self.prompt_encoder.blend(list(settings.prompts), settings.prompt_interpolation_method)
+            tokens = max(blended.embeds.shape[1], self.prompt_encoder.encode(settings.negative_prompt).embeds.shape[1])
+            negative = self.prompt_encoder.negative(settings.negative_prompt, tokens)
+            prompt = blended.with_tokens(tokens, self.prompt_encoder.encode(""))
         # alpha0 from the CPU table: no device sync. t_index_list overrides strength, fade included.
         alpha0 = float(self.models.alphas_cumprod[timesteps[0]].sqrt())
         a, b = input_mix(1.0 if settings.t_index_list else settings.strength, alpha0) if img2img else (0.0, 1.0)
-        prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt.with_tokens(tokens, pad),
-                             negative, a, b)
+        prepared = _Prepared(settings, img2img, timesteps, sched, noise, guidance, prompt, negative, a, b)
         if old is None or old.shape_key != prepared.shape_key:
             self.state = sampling.StreamState()
         if old is None or old.settings.seed != settings.seed:
