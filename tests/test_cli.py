@@ -290,7 +290,7 @@ def test_runner_flushes_the_lag_and_keeps_frames_aligned(steps, group, count):
     inputs = [torch.full((4, 4, 3), 10 * (i + 1), dtype=torch.uint8) for i in range(count)]
     written = []
     writer = SimpleNamespace(write=lambda frame, stamp=None: written.append(int(frame[0, 0, 0])))
-    source = SimpleNamespace(frames=iter(inputs), live=False, name="t")
+    source = SimpleNamespace(frames=iter(inputs), live=False, name="t", text=False)
     runner = cli._Runner(LaggingPipe(steps, group), writer, source, SimpleNamespace(update=lambda n: None,
                                                                                    set_postfix_str=lambda *a, **k: None))
     runner.run()
@@ -320,3 +320,41 @@ def test_download_patterns_prefer_fp16_weights(monkeypatch):
     from scope_streamdiffusion.schema import SD_TURBO_FILES
 
     assert cli._allow_patterns("stabilityai/sd-turbo") == SD_TURBO_FILES
+
+
+def test_text_to_image_input(tmp_path, capsys, model_args, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "run", "-i", "text", *model_args, "--prompt", "a lighthouse", "--json")
+    assert code == 0, err
+    image = np.asarray(Image.open(tmp_path / "text-streamdiffusion.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    dst = tmp_path / "text.mkv"
+    code, out, err = run_cli(capsys, "run", "-i", "text", "--frames", "3", "-o", dst, *model_args,
+                             "--num-inference-steps", "2", "--json")
+    assert code == 0, err
+    assert probe(dst)["frames"] == 3 and json.loads(out)["frames_out"] == 3
+
+
+def test_lora_flags_and_config(tmp_path, capsys, model_args, tiny_lcm_lora):
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "in.png")
+
+    def run(name, *extra):
+        code, _, err = run_cli(capsys, "run", "-i", tmp_path / "in.png", "-o", tmp_path / name, *model_args, *extra)
+        assert code == 0, err
+        return np.asarray(Image.open(tmp_path / name)).astype(int)
+
+    plain = run("plain.png")
+    fused = run("fused.png", "--lora", f"{tiny_lcm_lora}=10")
+    adapter = run("adapter.png", "--lora", f"{tiny_lcm_lora}=10", "--lora-merge-mode", "runtime_peft")
+    assert np.abs(fused - plain).max() > 2  # the LoRA changes the image
+    assert np.abs(fused - adapter).max() <= 2  # fused or as an adapter: the same function
+    config = tmp_path / "lora.yaml"
+    config.write_text(f"loras:\n  - path: {tiny_lcm_lora}\n    scale: 10\n")
+    assert np.abs(run("config.png", "--config", config) - fused).max() <= 2
+    code, _, err = run_cli(capsys, "run", "-i", tmp_path / "in.png", "-o", tmp_path / "x.png", *model_args,
+                           "--lora", tmp_path / "missing.safetensors")
+    assert_one_line_error(code, err, "missing.safetensors")

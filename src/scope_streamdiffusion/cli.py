@@ -38,6 +38,7 @@ _SCOPE_BASE_FIELDS = {"manage_cache", "base_seed", "denoising_steps", "lora_merg
                       "noise_controller", "input_size", "ref_images", "vace_context_scale"}
 # `run` options that a config file may also set (besides the engine parameters).
 _RUN_KEYS = ("input", "output", "frames", "fps")
+_LORA_KEYS = ("loras", "lora_merge_mode")  # load parameters in Scope's format, not config fields
 TINY_HELP = ("'tiny-random' (or tiny-random-sdxl) is a tiny random-weight model the package builds itself: "
              "it runs offline on a CPU to check an install end to end, and its output is noise by nature.")
 
@@ -152,7 +153,7 @@ def _validate_config(data: dict[str, Any], path: str) -> dict[str, Any]:
     from pydantic import TypeAdapter, ValidationError
 
     fields = engine_fields()
-    known = {*fields, "prompt", "prompts", "model", *_RUN_KEYS}
+    known = {*fields, "prompt", "prompts", "model", *_RUN_KEYS, *_LORA_KEYS}
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
@@ -182,7 +183,22 @@ def resolve_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict
     flags = _flag_values(args)
     if "prompt" in flags:  # a prompt flag replaces the file's prompt list
         file_values.pop("prompts", None)
+    if getattr(args, "lora", None):  # --lora flags replace the file's list
+        flags["loras"] = [_lora_flag(value) for value in args.lora]
+    if getattr(args, "lora_merge_mode", None):
+        flags["lora_merge_mode"] = args.lora_merge_mode
     return {**file_values, **flags}, run_opts
+
+
+def _lora_flag(value: str) -> dict[str, Any]:
+    """``PATH`` or ``PATH=SCALE`` -> Scope's LoRA entry."""
+    path, sep, scale = value.rpartition("=")
+    if not sep:
+        return {"path": value}
+    try:
+        return {"path": path, "scale": float(scale)}
+    except ValueError:
+        return {"path": value}  # an '=' that belongs to the path
 
 
 # ----- run -------------------------------------------------------------------------------------------
@@ -212,6 +228,8 @@ def _default_output(input_spec: str | None, kind_hint: str) -> str:
 
     if input_spec is None or input_spec == "testpattern":
         return "testpattern-streamdiffusion.mp4"
+    if input_spec == "text":
+        return "text-streamdiffusion" + (".png" if kind_hint == "image" else ".mp4")
     if is_webcam(input_spec):
         return "webcam-streamdiffusion.mp4"
     path = Path(input_spec)
@@ -222,14 +240,14 @@ def _default_output(input_spec: str | None, kind_hint: str) -> str:
     return f"{path.stem}-streamdiffusion.mp4"
 
 
-def stream_lag_calls(pipe) -> int:
+def stream_lag_calls(pipe, img2img: bool = True) -> int:
     """How many calls an output lags its input: n-1 in stream-batch mode with n steps, else 0."""
     settings = pipe.engine.settings
     if not settings.use_denoising_batch:
         return 0
-    if settings.strength <= 0.0 and not settings.t_index_list:  # strength 0 returns the input as is
+    if img2img and settings.strength <= 0.0 and not settings.t_index_list:  # strength 0 returns the input as is
         return 0
-    return max(len(settings.timesteps(True)) - 1, 0)
+    return max(len(settings.timesteps(img2img)) - 1, 0)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -266,7 +284,8 @@ class _Runner:
     def __init__(self, pipe, writer, source, progress):
         self.pipe, self.writer, self.source, self.progress = pipe, writer, source, progress
         self.group_size = pipe.frame_buffer_size
-        self.lag_calls = stream_lag_calls(pipe)
+        self.text = source.text  # text-to-image: no input frames
+        self.lag_calls = stream_lag_calls(pipe, img2img=not self.text)
         self.to_drop = self.lag_calls * self.group_size
         self.frames_in = 0
         self.frames_out = 0
@@ -276,7 +295,7 @@ class _Runner:
         from .video_io import uint8_frame
 
         start = time.perf_counter()
-        out = self.pipe(video=frames, **params)["video"]
+        out = self.pipe(video=None if self.text else frames, **params)["video"]
         outputs = [uint8_frame(f) for f in out]  # to the CPU: also waits for the GPU
         self.latencies.append(time.perf_counter() - start)
         for frame in outputs:
@@ -707,8 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                     + TINY_HELP)
     io = run.add_argument_group("input and output")
     io.add_argument("-i", "--input", default=None,
-                    help="video file, image, folder of images, webcam:N or /dev/videoN, or 'testpattern' "
-                         "(a built-in moving pattern; the default)")
+                    help="video file, image, folder of images, webcam:N or /dev/videoN, 'testpattern' "
+                         "(a built-in moving pattern; the default) or 'text' (text-to-image from the prompt; one "
+                         "image unless --frames says more, all alike for a fixed prompt and seed)")
     io.add_argument("-o", "--output", default=None,
                     help="video file (.mp4 .mkv .mov .webm .avi; h264, audio copied from the input) or folder of PNG "
                          "images (a path without a video extension, or ending in '/'). Default: in the current folder, "
@@ -723,6 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--prompt", default=None, help="the prompt (a config file may give weighted 'prompts' instead)")
     for name, field in engine_fields().items():
         _add_field_flag(engine, name, field)
+    lora = run.add_argument_group("LoRAs (a config file may give 'loras' as a list of {path, scale, merge_mode})")
+    lora.add_argument("--lora", action="append", default=None, metavar="PATH[=SCALE]",
+                      help="a LoRA file or folder (a name in Scope's lora folder works too), with its scale "
+                           "(default 1.0); repeat for several")
+    lora.add_argument("--lora-merge-mode", choices=["permanent_merge", "runtime_peft"], default=None,
+                      help="fuse the LoRAs into the weights (fastest, the default) or keep them as adapters")
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", parents=[common], help="versions, GPU, acceleration backends and models found")

@@ -49,6 +49,7 @@ class Source:
     audio: AudioTrack | None = None
     live: bool = False  # a camera: frames carry wall-clock timestamps, never ends on its own
     timestamps: list[float] = field(default_factory=list)  # live only: capture time of each frame read
+    text: bool = False  # no input frames (text-to-image): ``frames`` yields None
     _close: object = None
 
     def close(self) -> None:
@@ -66,10 +67,13 @@ def is_webcam(spec: str) -> bool:
 
 def open_source(spec: str | None, *, width: int, height: int, frames: int | None = None,
                 fps: float | None = None) -> Source:
-    """Open ``spec``: "testpattern" (or None), "webcam[:N]", a /dev/video path, a video, an image or a
-    folder of images. ``frames`` limits the length (and sets the test pattern's); ``fps`` overrides the
+    """Open ``spec``: "testpattern" (or None), "text" (no input: text-to-image, frames are None),
+    "webcam[:N]", a /dev/video path, a video, an image or a folder of images. ``frames`` limits the length (and sets the test pattern's); ``fps`` overrides the
     frame rate of images and the test pattern (videos and cameras keep their own)."""
     rate = Fraction(fps).limit_denominator(1001) if fps else None
+    if spec == "text":  # text-to-image: no input frames, the pipeline runs in text mode
+        count = frames if frames is not None else 1
+        return Source("text (no input)", iter([None] * count), rate or DEFAULT_FPS, total=count, text=True)
     if spec is None or spec == "testpattern":
         count = frames if frames is not None else 120
         return Source("test pattern", test_pattern(count, width, height, rate or DEFAULT_FPS), rate or DEFAULT_FPS,
