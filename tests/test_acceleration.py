@@ -232,6 +232,8 @@ def test_compile_freezes_weights_unless_runtime_loras_and_patches_only_its_own_c
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "freezing=0,coordinate_descent_tuning=1")
     options = acc.inductor_options(True)
     assert options == {**acc.FROZEN_OPTIONS, "freezing": False, "coordinate_descent_tuning": True}
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "no_such_option=1")
+    assert acc.inductor_options(False) == {}  # ignored with a warning, never a failing compilation
     before = inductor_config.freezing, inductor_config.conv_1x1_as_mm
     with acc.compiling(acc.FROZEN_OPTIONS):
         assert inductor_config.freezing is True and inductor_config.conv_1x1_as_mm is True

@@ -144,7 +144,12 @@ def inductor_options(freeze: bool) -> dict:
     for item in filter(None, os.environ.get("SCOPE_STREAMDIFFUSION_INDUCTOR", "").split(",")):
         key, _, value = item.partition("=")
         options[key.strip()] = value.strip().lower() in ("1", "true", "yes")
-    return options
+    import torch._inductor.config as inductor_config
+
+    unknown = [key for key in options if not hasattr(inductor_config, key)]
+    if unknown:  # a typo must not break every compilation (config.patch raises on unknown keys)
+        logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: ignoring unknown inductor option(s) %s.", ", ".join(unknown))
+    return {key: value for key, value in options.items() if key not in unknown}
 
 
 @contextlib.contextmanager
