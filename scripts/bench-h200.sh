@@ -4,7 +4,9 @@
 #   bash scripts/bench-h200.sh 1   # SD-Turbo img2img/txt2img: 1 and 2 frames per call, checks, warm restart
 #   bash scripts/bench-h200.sh 2   # SD1.5 LCM 4-step (1 and 2 frames per call), SDXL-Turbo 1024²
 #   bash scripts/bench-h200.sh 3   # SDXL-Turbo 512² and 1024² with 2 frames per call
-#   bash scripts/bench-h200.sh 4   # compile variants on SD-Turbo img2img (unfrozen, reduce-overhead)
+#   bash scripts/bench-h200.sh 4   # compile variants on SD-Turbo img2img (default unfrozen, reduce-overhead)
+# Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
+# FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
 # compilation cannot eat the machine's whole call.
 set -uo pipefail
@@ -17,11 +19,15 @@ if [ -d .whl ] && ! python3 -c 'import diffusers, compel, pydantic' 2>/dev/null;
 fi
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi > "$OUT/nvidia-smi-$part.txt" 2>&1
+FROZEN=${FROZEN-freezing=1,conv_1x1_as_mm=1}
 bench() {  # bench NAME SECONDS ARGS...
   local name=$1 limit=$2 start=$SECONDS; shift 2; echo "=== $name: $*"
   timeout "$limit" python3 -m scope_streamdiffusion.bench --random-weights --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"; grep -E "^(sd|ratios|check|WARNING|ERROR)" "$OUT/$name.log" | cut -c1-400
 }
+case "$part" in
+1|2|3) export SCOPE_STREAMDIFFUSION_INDUCTOR=$FROZEN ;;
+esac
 case "$part" in
 1)
   bench sdturbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --frames 150 --check --profile
@@ -40,8 +46,7 @@ case "$part" in
   bench sdxl1024-fbs2 240 --workloads sdxl-turbo-1024 --modes compile --frame-buffer-size 2 --frames 40
   ;;
 4)
-  SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=0,conv_1x1_as_mm=0 \
-    bench v-unfrozen 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  bench v-default 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   SCOPE_STREAMDIFFUSION_COMPILE_MODE=reduce-overhead SCOPE_STREAMDIFFUSION_STEP_GRAPH=0 \
     bench v-ro 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   ;;

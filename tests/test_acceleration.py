@@ -220,7 +220,7 @@ def test_bench_frame_buffer_size_feeds_groups_and_counts_frames(tiny_sd15, tiny_
         assert check["determinism_max_abs"] == 0.0 and check["seed_changes_output_max_abs"] > 1e-3
 
 
-def test_compile_freezes_weights_unless_runtime_loras_and_patches_only_its_own_compilations(monkeypatch):
+def test_inductor_options_are_opt_in_and_freezing_is_off_with_runtime_loras(monkeypatch, caplog):
     import torch._inductor.config as inductor_config
 
     from scope_streamdiffusion.engine.lora import LoadedLora
@@ -228,23 +228,53 @@ def test_compile_freezes_weights_unless_runtime_loras_and_patches_only_its_own_c
     fused = LoadedLora("a.safetensors", 0.8, "permanent_merge", "a")
     runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
     assert acc.can_freeze(None) and acc.can_freeze([fused]) and not acc.can_freeze([fused, runtime])
-    assert acc.inductor_options(True) == acc.FROZEN_OPTIONS and acc.inductor_options(False) == {}
-    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "freezing=0,coordinate_descent_tuning=1")
-    options = acc.inductor_options(True)
-    assert options == {**acc.FROZEN_OPTIONS, "freezing": False, "coordinate_descent_tuning": True}
-    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "no_such_option=1")
-    assert acc.inductor_options(False) == {}  # ignored with a warning, never a failing compilation
+    monkeypatch.delenv("SCOPE_STREAMDIFFUSION_INDUCTOR", raising=False)
+    assert acc.inductor_options() == {}  # the default: inductor's own
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "freezing=1,conv_1x1_as_mm=1,coordinate_descent_tuning=0")
+    assert acc.inductor_options() == {**acc.FROZEN_OPTIONS, "coordinate_descent_tuning": False}
+    with caplog.at_level(logging.WARNING):
+        assert acc.inductor_options(allow_freezing=False)["freezing"] is False
+        monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "no_such_option=1")
+        assert acc.inductor_options() == {}  # ignored with a warning, never a failing compilation
+    assert any("runtime LoRA" in r.getMessage() for r in caplog.records)
+    assert any("no_such_option" in r.getMessage() for r in caplog.records)
     before = inductor_config.freezing, inductor_config.conv_1x1_as_mm
     with acc.compiling(acc.FROZEN_OPTIONS):
         assert inductor_config.freezing is True and inductor_config.conv_1x1_as_mm is True
-    assert (inductor_config.freezing, inductor_config.conv_1x1_as_mm) == before  # other pipelines untouched
+    assert (inductor_config.freezing, inductor_config.conv_1x1_as_mm) == before  # restored afterwards
+
+
+def test_a_graph_captured_while_weights_change_is_not_kept(sd15_models):
+    """weights_changed() (a runtime LoRA scale, from Scope's update thread) during a capture: that
+    graph may hold the old weights, so it serves its own frame only and the next frame captures anew."""
+    runner = acc.StepGraphs(use_graphs=False)
+    made = []
+    original = runner._buffers
+
+    def buffers_then_weights_change(*args):
+        made.append(original(*args))
+        if len(made) == 1:
+            runner.invalidate()
+        return made[-1]
+
+    runner._buffers = buffers_then_weights_change
+    sd15_models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+        engine(make_frames(1)[0])
+        assert not runner._steps
+        engine(make_frames(1)[0])
+        engine(make_frames(1)[0])
+        assert len(made) == 2 and len(runner._steps) == 1
+    finally:
+        sd15_models.extras.pop("step_runner", None)
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on CPU needs a C++ compiler")
 def test_frozen_weights_are_released_with_the_models():
-    """With freezing, compiled code keeps the weights alive after their module is gone: the frozen
-    copies (dropped with the runner) and the parameters (their storage freed when the module is
-    collected), so reloading a compiled pipeline does not leak a copy of its UNet."""
+    """With freezing, compiled code keeps the weights alive after their module is gone: the
+    parameters and the generated code's frozen copies are freed when the module is collected, so
+    reloading a compiled pipeline does not leak a copy of its UNet."""
     import gc
     import weakref
 
@@ -264,9 +294,10 @@ def test_frozen_weights_are_released_with_the_models():
     def compiled(release: bool):
         model = Net().eval()
         model.requires_grad_(False).compile(dynamic=False)
-        if release:
-            acc.release_weights_with(model)
         runner = acc.StepGraphs("compile", use_graphs=False, compile_options={"freezing": True})
+        if release:  # as accelerate() does
+            acc.release_weights_with(model)
+            weakref.finalize(model, acc.release_constants, runner._generated)
         x = torch.randn(2, 32)
         with torch.no_grad(), acc.compiling(runner.compile_options, runner._generated):
             assert inductor_config.freezing
@@ -284,9 +315,6 @@ def test_frozen_weights_are_released_with_the_models():
         model, runner, weights, frozen = compiled(release=True)
         del model
         gc.collect()
-        assert not alive(weights)
-        del runner
-        gc.collect()
-        assert not alive(frozen)
+        assert not alive(weights) and not alive(frozen)
     finally:
         torch._dynamo.reset()

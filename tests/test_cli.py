@@ -358,3 +358,14 @@ def test_lora_flags_and_config(tmp_path, capsys, model_args, tiny_lcm_lora):
     code, _, err = run_cli(capsys, "run", "-i", tmp_path / "in.png", "-o", tmp_path / "x.png", *model_args,
                            "--lora", tmp_path / "missing.safetensors")
     assert_one_line_error(code, err, "missing.safetensors")
+
+
+def test_lora_flag_parsing(tmp_path):
+    odd = tmp_path / "v=2"
+    odd.mkdir()
+    assert cli._lora_flag("style.safetensors") == {"path": "style.safetensors"}
+    assert cli._lora_flag("style.safetensors=0.5") == {"path": "style.safetensors", "scale": 0.5}
+    assert cli._lora_flag(str(odd)) == {"path": str(odd)}  # an existing path keeps its '='
+    assert cli._lora_flag("a=b") == {"path": "a=b"}
+    with pytest.raises(cli.CliError, match="finite"):
+        cli._lora_flag("style.safetensors=nan")

@@ -216,7 +216,7 @@ def test_modulated_parameters_rebuild_only_what_depends_on_them(sd15_models):
     assert after_guidance.prompt is first.prompt and after_guidance.negative is first.negative
     assert after_guidance.sched is first.sched
     engine.update(strength=0.7)
-    got = engine(frame)
+    engine(frame)
     after_strength = engine._prepared
     assert after_strength.prompt is first.prompt and after_strength.sched is not first.sched
     engine.update(strength=0.8)  # back: the cached schedule

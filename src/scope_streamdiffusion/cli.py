@@ -16,6 +16,7 @@ import difflib
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -191,14 +192,17 @@ def resolve_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict
 
 
 def _lora_flag(value: str) -> dict[str, Any]:
-    """``PATH`` or ``PATH=SCALE`` -> Scope's LoRA entry."""
+    """``PATH`` or ``PATH=SCALE`` -> Scope's LoRA entry (an existing path may itself contain '=')."""
     path, sep, scale = value.rpartition("=")
-    if not sep:
+    if not sep or Path(value).expanduser().exists():
         return {"path": value}
     try:
-        return {"path": path, "scale": float(scale)}
+        number = float(scale)
     except ValueError:
         return {"path": value}  # an '=' that belongs to the path
+    if not math.isfinite(number):
+        raise CliError(f"--lora {value}: the scale must be a finite number, e.g. {path}=0.8")
+    return {"path": path, "scale": number}
 
 
 # ----- run -------------------------------------------------------------------------------------------
@@ -359,7 +363,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if kind == "image" and source.total != 1:
             raise CliError(f"Output '{output}' is one image but the input has several frames. Fix: write a "
                            "video (out.mp4) or a folder (out/).")
-        if input_spec and Path(output).expanduser().resolve() == Path(input_spec).expanduser().resolve():
+        if input_spec and not source.text and \
+                Path(output).expanduser().resolve() == Path(input_spec).expanduser().resolve():
             raise CliError("The output would overwrite the input. Fix: choose another --output.")
         _quiet_libraries(args.debug)
         model = params.get("model_id", "stabilityai/sd-turbo")

@@ -11,9 +11,9 @@ what it computes in ~5), so real time needs the host out of the loop:
 * ``"compile"``: ``torch.compile`` (inductor) of the UNet and the VAE/TAESD encoder and decoder,
   then the same whole-step CUDA graph. The fastest mode without extra installs; the compilation
   costs minutes the first time for each model and shape, and inductor's on-disk caches (under
-  ``~/.cache/scope-streamdiffusion/inductor``) make later starts faster. The weights are frozen
-  into the compiled code (:data:`FROZEN_OPTIONS`) unless runtime LoRA adapters are loaded, and
-  released when the models are garbage collected (:func:`release_weights_with`).
+  ``~/.cache/scope-streamdiffusion/inductor``) make later starts faster. Frozen weights
+  (:data:`FROZEN_OPTIONS`) are opt-in; their weights are released with the models
+  (:func:`release_weights_with`, :func:`release_constants`).
 * ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
   same whole-step CUDA graph.
 * ``"auto"`` (the default): ``"cudagraph"`` on CUDA, ``"none"`` elsewhere, silently.
@@ -123,24 +123,25 @@ def configure_inductor_cache() -> Path:
     return path
 
 
-# Freezing folds the weights into the compiled code as constants (then constant-folds and re-lays
-# them out), and 1x1 convolutions become matmuls: 894 -> 807 kernels and +12% fps for SD-Turbo on
-# an H200 (BENCHMARKS.md). Only for inference with weights that never change after compilation.
+# Frozen weights, opt-in: SCOPE_STREAMDIFFUSION_INDUCTOR="freezing=1,conv_1x1_as_mm=1". Freezing folds
+# the weights into the compiled code as constants (then constant-folds and re-lays them out) and
+# 1x1 convolutions become matmuls: 894 -> 820 kernels, +5-10% fps on an H200 (BENCHMARKS.md). Not the
+# default: dynamo then guards on each parameter's identity, so every reload of a pipeline compiles
+# again and the dead pipeline's cache entries stay until the recompile limit turns compilation off;
+# and the option is a process-wide inductor setting while this pipeline compiles.
 FROZEN_OPTIONS = {"freezing": True, "conv_1x1_as_mm": True}
 
 
 def can_freeze(loras) -> bool:
-    """Frozen weights unless runtime LoRA adapters are loaded (their scales change after compilation;
-    fused LoRAs are part of the weights before it)."""
+    """No frozen weights with runtime LoRA adapters (their scales change after compilation; fused
+    LoRAs are part of the weights before it)."""
     return not any(lora.is_runtime for lora in loras or [])
 
 
-def inductor_options(freeze: bool) -> dict:
-    """Inductor options for the compilations of this pipeline (applied as a patch, not globally).
-
-    ``SCOPE_STREAMDIFFUSION_INDUCTOR="key=1,other=0"`` adds or overrides boolean options (experiments).
-    """
-    options = dict(FROZEN_OPTIONS) if freeze else {}
+def inductor_options(allow_freezing: bool = True) -> dict:
+    """Inductor options for this pipeline's compilations, from ``SCOPE_STREAMDIFFUSION_INDUCTOR``
+    (``"key=1,other=0"``, booleans); applied as a patch around them, not left set globally."""
+    options = {}
     for item in filter(None, os.environ.get("SCOPE_STREAMDIFFUSION_INDUCTOR", "").split(",")):
         key, _, value = item.partition("=")
         options[key.strip()] = value.strip().lower() in ("1", "true", "yes")
@@ -149,6 +150,10 @@ def inductor_options(freeze: bool) -> dict:
     unknown = [key for key in options if not hasattr(inductor_config, key)]
     if unknown:  # a typo must not break every compilation (config.patch raises on unknown keys)
         logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: ignoring unknown inductor option(s) %s.", ", ".join(unknown))
+    if options.get("freezing") and not allow_freezing:
+        logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: freezing is off while runtime LoRA adapters are loaded "
+                       "(their scales would not show).")
+        options["freezing"] = False
     return {key: value for key, value in options.items() if key not in unknown}
 
 
@@ -296,9 +301,9 @@ class StepGraphs:
         self.mode = mode
         self.use_graphs = use_graphs
         self.compile_options = dict(compile_options or {})
-        # Generated code holding frozen weights: released when this runner (i.e. the models) goes away.
+        # Generated code holding frozen weights (released with the models, see accelerate()).
         self._generated: list = []
-        weakref.finalize(self, release_constants, self._generated)
+        self._generation = 0
         self.warmup = warmup
         self.captures = 0
         self.capture_seconds = 0.0
@@ -307,7 +312,11 @@ class StepGraphs:
         self._pool = None
 
     def invalidate(self) -> None:
-        """Drop every captured graph (weights changed in place, e.g. a runtime LoRA scale)."""
+        """Drop every captured graph (weights changed in place, e.g. a runtime LoRA scale).
+
+        May come from another thread (Scope's parameter updates) while a frame captures: the
+        generation tells the capture that its graph holds the old weights and must not be kept."""
+        self._generation += 1
         self._steps.clear()
 
     # -- keys and buffers --
@@ -425,6 +434,7 @@ class StepGraphs:
         key = self._key(engine, p, images, frames)
         st = self._steps.get(key)
         if st is None:
+            generation = self._generation
             st = self._buffers(engine, p, images, frames, key)
             if self.use_graphs:
                 try:
@@ -434,7 +444,8 @@ class StepGraphs:
                     logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
                                    "graphs.", self.mode, self.failed[:300])
                     return self._eager(engine, p, images, frames)
-            self._steps[key] = st
+            if generation == self._generation:  # else weights changed meanwhile: this frame only
+                self._steps[key] = st
         self._load(st, engine, p, images)
         if st.graph is not None:
             st.graph.replay()
@@ -466,17 +477,20 @@ def accelerate(models, requested: str):
     if mode == "compile":
         models.extras["compiled"] = compile_modules(models.unet, models.vae)
         models.extras["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        options = inductor_options(freeze=can_freeze(models.extras.get("loras")))
+        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
         models.extras["inductor_options"] = options
-        if options.get("freezing"):
-            for module in (models.unet, getattr(models.vae, "encoder", None), getattr(models.vae, "decoder", None)):
-                if isinstance(module, torch.nn.Module):
-                    release_weights_with(module)
     elif mode == "tensorrt":
         from .tensorrt_export import tensorrt_unet
 
         models.unet = tensorrt_unet(models)
     # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
-    models.extras["step_runner"] = StepGraphs(mode, compile_options=options,
-                                              use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
+    runner = StepGraphs(mode, compile_options=options,
+                        use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
+    models.extras["step_runner"] = runner
+    if options.get("freezing"):
+        # The compiled code outlives the models and keeps their weights: give them back with the models.
+        for module in (models.unet, getattr(models.vae, "encoder", None), getattr(models.vae, "decoder", None)):
+            if isinstance(module, torch.nn.Module):
+                release_weights_with(module)
+        weakref.finalize(models.unet, release_constants, runner._generated)
     return models

@@ -55,7 +55,6 @@ class _Prepared:
 
     settings: StreamSettings
     img2img: bool
-    timesteps: tuple[int, ...]
     sched: object
     noise: torch.Tensor
     guidance: Guidance
@@ -169,7 +168,7 @@ class StreamDiffusion:
         # alpha0 from the CPU table: no device sync. t_index_list overrides strength, fade included.
         alpha0 = float(self.models.alphas_cumprod[timesteps[0]].sqrt())
         a, b = input_mix(1.0 if settings.t_index_list else settings.strength, alpha0) if img2img else (0.0, 1.0)
-        prepared = _Prepared(settings, img2img, timesteps, sched, noise, guidance, prompt, negative, a, b)
+        prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt, negative, a, b)
         if old is None or old.shape_key != prepared.shape_key:
             self.state = sampling.StreamState()
         if old is None or old.settings.seed != settings.seed:
