@@ -318,3 +318,34 @@ def test_frozen_weights_are_released_with_the_models():
         assert not alive(weights) and not alive(frozen)
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_failure_falls_back_to_eager_once_and_keeps_streaming(sd15_models, monkeypatch, caplog):
+    """A compiled module that fails (e.g. a Triton error on an unusual GPU) must not fail every frame:
+    the capture fails, the compiled call fails once more, then the modules run eagerly, with one warning."""
+    import contextlib
+
+    frames = make_frames(3)
+    expected = _run(sd15_models, None, frames, num_inference_steps=1)
+    forced = []
+
+    @contextlib.contextmanager
+    def stance():  # what torch.compiler.set_stance("force_eager") does for compiled modules
+        forced.append(True)
+        yield
+
+    monkeypatch.setattr(acc, "eager_stance", stance)
+    original = StreamDiffusion._denoise_eager
+
+    def compiled_call_fails(self, *args):
+        if not forced:
+            raise RuntimeError("triton: no kernel image is available")
+        return original(self, *args)
+
+    monkeypatch.setattr(StreamDiffusion, "_denoise_eager", compiled_call_fails)
+    runner = acc.StepGraphs("compile", use_graphs=True)  # on the CPU the capture itself fails first
+    with caplog.at_level(logging.WARNING):
+        got = _run(sd15_models, runner, frames, num_inference_steps=1)
+    assert runner.failed and runner.force_eager
+    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
+    assert sum("running them eagerly" in r.getMessage() for r in caplog.records) == 1

@@ -304,6 +304,7 @@ class StepGraphs:
         # Generated code holding frozen weights (released with the models, see accelerate()).
         self._generated: list = []
         self._generation = 0
+        self.force_eager = False  # compile mode whose compiled modules failed: run them eagerly
         self.warmup = warmup
         self.captures = 0
         self.capture_seconds = 0.0
@@ -416,7 +417,21 @@ class StepGraphs:
             self.capture_seconds += time.perf_counter() - start
 
     def _eager(self, engine, p, images, frames: int) -> torch.Tensor:
-        with compiling(self.compile_options, self._generated):
+        """The step without a graph. In compile mode, when the compiled modules themselves fail (the
+        usual reason a capture failed), they run eagerly from then on instead of failing every frame."""
+        if not self.force_eager:
+            try:
+                with compiling(self.compile_options, self._generated):
+                    return engine._denoise_eager(p, images, frames)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fall back once, loudly
+                if self.mode != "compile":
+                    raise
+                self.force_eager = True
+                logger.warning("acceleration='compile': the compiled modules failed (%s: %s); running them "
+                               "eagerly.", type(exc).__name__, str(exc)[:300])
+        with eager_stance():
             return engine._denoise_eager(p, images, frames)
 
     # -- the call --
