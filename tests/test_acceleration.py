@@ -15,6 +15,7 @@ import torch
 from conftest import make_frames
 from scope_streamdiffusion.engine import CfgType, ModelLoadError, StreamDiffusion, StreamSettings, load_models
 from scope_streamdiffusion.engine import acceleration as acc
+from scope_streamdiffusion.engine import inductor
 
 CPU = torch.device("cpu")
 
@@ -68,9 +69,9 @@ def test_compile_without_triton_falls_back_once(monkeypatch, caplog):
 def test_inductor_cache_goes_under_our_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_CACHE", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    assert acc.configure_inductor_cache() == tmp_path / "inductor"
+    assert inductor.configure_inductor_cache() == tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's choice is kept
-    assert acc.configure_inductor_cache() == tmp_path / "mine"
+    assert inductor.configure_inductor_cache() == tmp_path / "mine"
 
 
 # ----- the static-buffer step (what the CUDA graph replays) ----------------------------------------
@@ -227,19 +228,19 @@ def test_inductor_options_are_opt_in_and_freezing_is_off_with_runtime_loras(monk
 
     fused = LoadedLora("a.safetensors", 0.8, "permanent_merge", "a")
     runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
-    assert acc.can_freeze(None) and acc.can_freeze([fused]) and not acc.can_freeze([fused, runtime])
+    assert inductor.can_freeze(None) and inductor.can_freeze([fused]) and not inductor.can_freeze([fused, runtime])
     monkeypatch.delenv("SCOPE_STREAMDIFFUSION_INDUCTOR", raising=False)
-    assert acc.inductor_options() == {}  # the default: inductor's own
+    assert inductor.inductor_options() == {}  # the default: inductor's own
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "freezing=1,conv_1x1_as_mm=1,coordinate_descent_tuning=0")
-    assert acc.inductor_options() == {**acc.FROZEN_OPTIONS, "coordinate_descent_tuning": False}
+    assert inductor.inductor_options() == {**inductor.FROZEN_OPTIONS, "coordinate_descent_tuning": False}
     with caplog.at_level(logging.WARNING):
-        assert acc.inductor_options(allow_freezing=False)["freezing"] is False
+        assert inductor.inductor_options(allow_freezing=False)["freezing"] is False
         monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "no_such_option=1")
-        assert acc.inductor_options() == {}  # ignored with a warning, never a failing compilation
+        assert inductor.inductor_options() == {}  # ignored with a warning, never a failing compilation
     assert any("runtime LoRA" in r.getMessage() for r in caplog.records)
     assert any("no_such_option" in r.getMessage() for r in caplog.records)
     before = inductor_config.freezing, inductor_config.conv_1x1_as_mm
-    with acc.compiling(acc.FROZEN_OPTIONS):
+    with inductor.compiling(inductor.FROZEN_OPTIONS):
         assert inductor_config.freezing is True and inductor_config.conv_1x1_as_mm is True
     assert (inductor_config.freezing, inductor_config.conv_1x1_as_mm) == before  # restored afterwards
 
@@ -296,10 +297,10 @@ def test_frozen_weights_are_released_with_the_models():
         model.requires_grad_(False).compile(dynamic=False)
         runner = acc.StepGraphs("compile", use_graphs=False, compile_options={"freezing": True})
         if release:  # as accelerate() does
-            acc.release_weights_with(model)
-            weakref.finalize(model, acc.release_constants, runner._generated)
+            inductor.release_weights_with(model)
+            weakref.finalize(model, inductor.release_constants, runner._generated)
         x = torch.randn(2, 32)
-        with torch.no_grad(), acc.compiling(runner.compile_options, runner._generated):
+        with torch.no_grad(), inductor.compiling(runner.compile_options, runner._generated):
             assert inductor_config.freezing
             torch.testing.assert_close(model(x), model.forward(x))  # forward: eager (compile wraps __call__)
         assert not inductor_config.freezing and runner._generated, "freezing did not take effect"

@@ -159,7 +159,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def engine_path(fingerprint: str, profile: Profile, trt_version: str, gpu: str, root: Path | None = None) -> Path:
-    from .acceleration import cache_root
+    from .inductor import cache_root
 
     key = hashlib.sha256(json.dumps([fingerprint, asdict(profile), trt_version, gpu]).encode()).hexdigest()[:16]
     return (root or cache_root() / "tensorrt") / f"unet-{fingerprint}-{key}.plan"
