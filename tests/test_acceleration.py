@@ -86,6 +86,13 @@ def _run(models, runner, frames, **settings):
         engine.update(prompts=(("a red fox", 1.0),), guidance_scale=settings.get("guidance_scale", 1.0) + 0.4,
                       delta=0.6, strength=0.7, seed=7)
         outs += [engine(f) for f in frames[:3]]
+        # One at a time, as per-frame modulation does: each refreshes only its own static buffers.
+        g = settings.get("guidance_scale", 1.0)
+        for change in (dict(guidance_scale=g + 0.2), dict(delta=0.9), dict(strength=0.55),
+                       dict(prompts=(("a blue boat", 1.0),)), dict(negative_prompt="dark"), dict(seed=11),
+                       dict(strength=0.7)):
+            engine.update(**change)
+            outs.append(engine(frames[0]))
         return outs
     finally:
         models.extras.pop("step_runner", None)

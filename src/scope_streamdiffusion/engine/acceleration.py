@@ -208,14 +208,22 @@ class StepGraphs:
         if images is not None:
             st.images.copy_(images)
         if st.loaded is not p:
-            for f in dataclasses.fields(Schedule):
-                getattr(st.sched, f.name).copy_(getattr(p.sched, f.name))
-            st.noise.copy_(p.noise)
+            # A modulated parameter (guidance, strength...) changes one part of ``p``: copy only the
+            # parts whose source object changed (they are never written to, and kept referenced here).
+            loaded = st.loaded
+            if loaded is None or loaded.sched is not p.sched:
+                for f in dataclasses.fields(Schedule):
+                    getattr(st.sched, f.name).copy_(getattr(p.sched, f.name))
+            if loaded is None or loaded.noise is not p.noise:
+                st.noise.copy_(p.noise)
             for static, owner, attr in st.embeds:
-                static.copy_(getattr(getattr(p, owner), attr))
+                if loaded is None or getattr(loaded, owner) is not getattr(p, owner):
+                    static.copy_(getattr(getattr(p, owner), attr))
             values = (p.guidance.scale, p.guidance.delta, p.input_a, p.input_b)
-            for i, v in enumerate(values):
-                st.scalars[i].fill_(v) if not torch.is_tensor(v) else st.scalars[i].copy_(v)
+            if loaded is None or any(torch.is_tensor(v) for v in values) or \
+                    values != (loaded.guidance.scale, loaded.guidance.delta, loaded.input_a, loaded.input_b):
+                for i, v in enumerate(values):
+                    st.scalars[i].fill_(v) if not torch.is_tensor(v) else st.scalars[i].copy_(v)
             st.loaded = p
         state = engine.state
         if st.use_batch and state.primed and state.latents is not st.state.latents:
