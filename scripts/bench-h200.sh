@@ -47,6 +47,9 @@ case "$part" in
   ;;
 4)
   bench v-default 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  # R2 run 7 tried this one (frozen + coordinate descent tuning): it did not finish within 200 s.
+  SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=1,conv_1x1_as_mm=1,coordinate_descent_tuning=1 \
+    bench v-cdt 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   SCOPE_STREAMDIFFUSION_COMPILE_MODE=reduce-overhead SCOPE_STREAMDIFFUSION_STEP_GRAPH=0 \
     bench v-ro 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   ;;
