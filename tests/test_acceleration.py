@@ -357,3 +357,21 @@ def test_compile_failure_falls_back_to_eager_once_and_keeps_streaming(sd15_model
     assert runner.failed and runner.force_eager
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
     assert sum("running them eagerly" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_out_of_memory_during_capture_is_reported_not_turned_into_a_fallback(sd15_models, monkeypatch):
+    """OOM while capturing is memory, not a graph problem: it reaches the pipeline's OOM handling and
+    the graphs stay on for the next try."""
+    def no_memory(device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(acc, "_capture_stream", no_memory)
+    runner = acc.StepGraphs("cudagraph", use_graphs=True)
+    sd15_models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            engine(make_frames(1)[0])
+        assert runner.failed is None and not runner._steps
+    finally:
+        sd15_models.extras.pop("step_runner", None)

@@ -369,3 +369,10 @@ def test_lora_flag_parsing(tmp_path):
     assert cli._lora_flag("a=b") == {"path": "a=b"}
     with pytest.raises(cli.CliError, match="finite"):
         cli._lora_flag("style.safetensors=nan")
+
+
+def test_a_file_named_like_a_webcam_is_a_file():
+    from scope_streamdiffusion.video_io import is_webcam
+
+    assert is_webcam("webcam") and is_webcam("webcam:1") and is_webcam("/dev/video2")
+    assert not is_webcam("webcam_demo.mp4") and not is_webcam("webcams/clip.mp4")

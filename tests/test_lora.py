@@ -132,3 +132,15 @@ def test_lora_found_by_name_in_scopes_lora_folder(tiny_sd15, tiny_lcm_lora, monk
     pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": name, "scale": 1.0}], **SIZE)
     assert pipe.loaded_lora_adapters == [{"path": name, "scale": 1.0}]
     assert (run(pipe) - base_output).abs().max() > 1e-3
+
+
+def test_tensorrt_keeps_the_load_time_scales(tiny_sd15, lora_file):
+    """A TensorRT UNet has no adapters to rescale: lora_scales are ignored (warned at load) and the
+    report keeps the scales the engine was built with."""
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": lora_file, "scale": 1.0}],
+                                   lora_merge_mode="runtime_peft", **SIZE)
+    pipe.engine.models.extras["acceleration"] = "tensorrt"  # as accelerate() records it
+    before = run(pipe)
+    after = run(pipe, lora_scales=[{"path": lora_file, "scale": 0.0}])
+    assert (after - before).abs().max() < ATOL
+    assert pipe.loaded_lora_adapters == [{"path": lora_file, "scale": 1.0}]

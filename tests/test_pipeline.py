@@ -182,6 +182,18 @@ def test_short_groups_never_drop_or_misattribute_frames(tiny_sd15):
         assert (got - want[0]).abs().max() < 1e-3
 
 
+def test_a_short_group_without_lag_returns_only_its_own_frames(tiny_sd15):
+    """Lag is what the engine did, not what the settings say: a priming call or the strength-0
+    passthrough returns the group's own frames, so the padding's outputs are dropped."""
+    frames = [uint8_frame(seed=i) for i in range(4)]
+    passthrough = StreamDiffusionPipeline(model_id=str(tiny_sd15), frame_buffer_size=3, num_inference_steps=2,
+                                          strength=0.0, **SIZE)
+    assert passthrough(video=frames)["video"].shape[0] == 4
+    priming = StreamDiffusionPipeline(model_id=str(tiny_sd15), frame_buffer_size=3, num_inference_steps=2, **SIZE)
+    assert priming(video=frames[:1])["video"].shape[0] == 1  # the first call primes: no lag yet
+    assert priming(video=frames[:1])["video"].shape[0] == 3  # primed: the outputs of the earlier group
+
+
 def test_a_list_edited_in_place_and_resent_is_a_change(pipe):
     prompts = [{"text": "a dog", "weight": 1.0}]
     pipe(video=[uint8_frame()], prompts=prompts)

@@ -161,6 +161,8 @@ class StreamDiffusionPipeline(Pipeline):
 
     def _update_lora_scales(self, updates: Any) -> None:
         models = self.engine.models
+        if models.extras.get("acceleration") == "tensorrt":
+            return  # the engine holds the load-time scales (warned at load); the report stays true to it
         modules = {"unet": models.unet, **dict(zip(("text_encoder", "text_encoder_2"), models.text_encoders))}
         touched = self._lora_scales.update(updates, modules)
         if touched:
@@ -211,6 +213,4 @@ class StreamDiffusionPipeline(Pipeline):
         # the padding's outputs are dropped; in a multi-step stream batch the outputs belong to an
         # earlier group, so all of them are returned (none is dropped or misattributed).
         out = self.engine(torch.cat([chunk, chunk[-1:].expand(self.frame_buffer_size - count, -1, -1, -1)]))
-        settings = self.engine.settings
-        lagged = settings.use_denoising_batch and len(settings.timesteps(img2img=True)) > 1
-        return out if lagged else out[:count]
+        return out if self.engine.output_lags else out[:count]

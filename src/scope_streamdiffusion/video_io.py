@@ -62,7 +62,7 @@ class Source:
 
 
 def is_webcam(spec: str) -> bool:
-    return spec.startswith("webcam") or spec.startswith("/dev/video")
+    return spec == "webcam" or spec.startswith(("webcam:", "/dev/video"))
 
 
 def open_source(spec: str | None, *, width: int, height: int, frames: int | None = None,

@@ -249,18 +249,20 @@ class StepGraphs:
         try:
             self._load(st, engine, p, images)
             side = _capture_stream(engine.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), compiling(self.compile_options, self._generated):
-                for _ in range(self.warmup):  # compiles (compile mode), autotunes cuDNN, warms allocators
-                    self._step(st, engine, frames)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                st.output = self._step(st, engine, frames)
-            torch.cuda.synchronize()
+            # The model's device, also when it is not the current one (cuda:1): streams, syncs, capture.
+            with torch.cuda.device(engine.device):
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), compiling(self.compile_options, self._generated):
+                    for _ in range(self.warmup):  # compiles (compile mode), autotunes cuDNN, warms allocators
+                        self._step(st, engine, frames)
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                    st.output = self._step(st, engine, frames)
+                torch.cuda.synchronize()
             st.graph = graph
             self.captures += 1
         finally:
@@ -291,7 +293,7 @@ class StepGraphs:
         n = p.sched.num_steps
         use_batch = bool(p.settings.use_denoising_batch)
         state = engine.state
-        if use_batch and n > 1 and not (state.primed and state.latents.shape[0] == (n - 1) * frames):
+        if use_batch and n > 1 and not state.holds((n - 1) * frames):
             # Priming runs the steps one after another (other UNet shapes): once, eagerly. (One step
             # needs no priming: its stream state is empty.)
             with eager_stance():
@@ -306,6 +308,8 @@ class StepGraphs:
             if self.use_graphs:
                 try:
                     self._capture(st, engine, p, images, frames)
+                except torch.cuda.OutOfMemoryError:
+                    raise  # memory, not the graph: the pipeline frees and reports it; capture again later
                 except Exception as exc:  # noqa: BLE001 - fall back once, loudly
                     self.failed = f"{type(exc).__name__}: {exc}"
                     logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "

@@ -35,6 +35,10 @@ class StreamState:
     def primed(self) -> bool:
         return self.latents is not None
 
+    def holds(self, rows: int) -> bool:
+        """Primed for a stream batch of ``rows`` frames in flight ((steps - 1) x frames per call)."""
+        return self.latents is not None and self.latents.shape[0] == rows
+
 
 def v_to_epsilon(v: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """A v-prediction model's output as noise: eps = alpha * v + beta * x."""

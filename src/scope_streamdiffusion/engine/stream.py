@@ -87,6 +87,7 @@ class StreamDiffusion:
         self.state = sampling.StreamState()
         self.filter = SimilarImageFilter(seed=self._settings.seed)
         self.last_output: torch.Tensor | None = None
+        self.output_lags = False  # whether the last call's outputs belong to an earlier call's frames
         self.frames_skipped = 0
         self._alphas_cumprod = models.alphas_cumprod.to(self.device)
         self._schedules: dict = {}
@@ -228,12 +229,16 @@ class StreamDiffusion:
         frames = images.shape[0] if img2img else self.frame_buffer_size
         if img2img and settings.strength <= 0.0 and not settings.t_index_list:
             self.state = sampling.StreamState()  # nothing stale resurfaces when strength rises again
+            self.output_lags = False
             return images.float().clamp(0, 1)
         p = self._prepare(settings, img2img)
         if img2img and settings.similar_image_filter and self.last_output is not None \
                 and self.last_output.shape[0] == frames and self.filter.should_skip(images):
             self.frames_skipped += frames
             return self.last_output
+        n = p.sched.num_steps
+        # A primed stream batch returns the frames given n-1 calls earlier; priming returns its own.
+        self.output_lags = bool(p.settings.use_denoising_batch and n > 1 and self.state.holds((n - 1) * frames))
         output = self._denoise(p, images, frames)
         self.last_output = output
         return output
@@ -261,7 +266,7 @@ class StreamDiffusion:
         predict = self._noise_predictor(p)
         add_noise = p.settings.do_add_noise
         use_batch = p.settings.use_denoising_batch
-        if use_batch and self.state.primed and self.state.latents.shape[0] == (sched.num_steps - 1) * frames:
+        if use_batch and self.state.holds((sched.num_steps - 1) * frames):
             x0, self.state = sampling.stream_batch(x_new, residual, self.state, sched, p.noise, p.guidance, predict, add_noise)
         else:
             x0, state = sampling.sequential(x_new, residual, sched, p.noise, p.guidance, predict, add_noise)
