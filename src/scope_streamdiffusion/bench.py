@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .cli import _percentile
+
 logger = logging.getLogger("scope_streamdiffusion.bench")
 
 MODES = ("none", "xformers", "cudagraph", "compile", "tensorrt")
@@ -91,15 +93,6 @@ def _sync(device):
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _percentile(values, q):
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def _versions() -> dict:
@@ -220,7 +213,8 @@ class Runner:
             _sync(self.device)
             lat.append(time.perf_counter() - t0)
         total = time.perf_counter() - t_all
-        p50, p99 = _percentile(lat, 0.5), _percentile(lat, 0.99)
+        ordered = sorted(lat)
+        p50, p99 = _percentile(ordered, 50), _percentile(ordered, 99)
         return dict(calls=frames, frames_per_call=per_call, first_frame_s=round(first, 3),
                     warmup_s=round(warm_total, 3), p50_ms=round(p50 * 1e3, 3), p99_ms=round(p99 * 1e3, 3),
                     mean_ms=round(total / frames * 1e3, 3), fps_p50=round(per_call / p50, 2),
@@ -319,7 +313,6 @@ def _run_check(pipe, wl: Workload, inputs, none_ref):
     result["runtime_changes_alter_output"] = bool(_max_abs(before, changed[-1]) > 0)
     result["recaptures_on_param_change"] = (runner.captures if runner else 0) - captures
     result["recompiles_on_param_change"] = _dynamo_graphs() - graphs
-    run(1, seed=42)  # back to the benchmark's settings
     return result, a
 
 
@@ -341,7 +334,9 @@ def run(args) -> int:
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
-    cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "scope-streamdiffusion" / "random-weights"
+    from .engine.inductor import cache_root
+
+    cache = Path(args.cache_dir) if args.cache_dir else cache_root() / "random-weights"
     report = dict(
         meta=dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv),
                   versions=_versions(), hardware=_hardware(device), dtype=dtype_name,

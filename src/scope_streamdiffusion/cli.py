@@ -79,17 +79,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
 
 
-_FALLBACK_HELP = {
-    "width": "Output width in pixels (snapped to a multiple of 8; the input is centre-cropped to the aspect).",
-    "height": "Output height in pixels (snapped to a multiple of 8).",
-}
-
-
 def _add_field_flag(group, name: str, field) -> None:
     """One flag per config field: ``--name-with-dashes``, plus a hidden ``--name_with_underscores``."""
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
-    help_text = (field.description or _FALLBACK_HELP.get(name, "")).replace("%", "%%")
+    help_text = (field.description or "").replace("%", "%%")
     if field.default not in (None, ""):
         help_text += f" [default: {field.default}]"
     if name == "model_id":
@@ -300,7 +294,7 @@ class _Runner:
 
         start = time.perf_counter()
         out = self.pipe(video=None if self.text else frames, **params)["video"]
-        outputs = [uint8_frame(f) for f in out]  # to the CPU: also waits for the GPU
+        outputs = uint8_frame(out)  # the whole call at once, to the CPU: also waits for the GPU
         self.latencies.append(time.perf_counter() - start)
         for frame in outputs:
             if self.to_drop:

@@ -190,7 +190,8 @@ class StreamDiffusionPipeline(Pipeline):
                 out = self.engine(None)
             else:
                 batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
-                out = torch.cat([self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)])
+                outs = [self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)]
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)  # one group: no copy
         except torch.cuda.OutOfMemoryError as exc:
             # Free what this call allocated (the half-advanced buffers too); Scope stops the stream on OOM.
             batch = out = None

@@ -299,7 +299,7 @@ def output_kind(spec: str) -> str:
 
 
 def uint8_frame(frame: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] (any device) -> contiguous uint8 on the CPU."""
+    """(..., H, W, 3) float in [0, 1] (any device) -> contiguous uint8 on the CPU."""
     if frame.dtype != torch.uint8:
         frame = (frame.float().clamp(0, 1) * 255).round().to(torch.uint8)
     return frame.cpu().contiguous()

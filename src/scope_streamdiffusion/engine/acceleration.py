@@ -100,7 +100,6 @@ def resolve_acceleration(requested: str, device: torch.device) -> str:
 class _Static:
     """Static buffers of one graphed step shape and the graph that reads them."""
 
-    key: tuple
     prepared: object  # a _Prepared whose tensors are the static buffers below
     images: torch.Tensor | None
     sched: Schedule
@@ -166,7 +165,7 @@ class StepGraphs:
 
     # -- keys and buffers --
     @staticmethod
-    def _key(engine, p, images, frames) -> tuple:
+    def _key(p, images, frames) -> tuple:
         s = p.settings
         return (
             None if images is None else (tuple(images.shape), images.dtype),
@@ -179,7 +178,7 @@ class StepGraphs:
             tuple(p.negative.embeds.shape),
         )
 
-    def _buffers(self, engine, p, images, frames, key) -> _Static:
+    def _buffers(self, engine, p, images, frames) -> _Static:
         sched = Schedule(*(_clone(getattr(p.sched, f.name)) for f in dataclasses.fields(Schedule)))
         noise = _clone(p.noise)
         scalars = torch.zeros(4, device=engine.device, dtype=torch.float32)
@@ -201,7 +200,7 @@ class StepGraphs:
                         if p.guidance.cfg_type.uses_residual_noise else None)
             state = sampling.StreamState(latents, residual)
         static_images = None if images is None else torch.empty_like(images, memory_format=torch.contiguous_format)
-        return _Static(key, static_p, static_images, sched, noise, scalars, embeds, state, use_batch)
+        return _Static(static_p, static_images, sched, noise, scalars, embeds, state, use_batch)
 
     def _load(self, st: _Static, engine, p, images) -> None:
         """Copy this call's inputs into the static buffers (no host sync, no allocation)."""
@@ -219,11 +218,10 @@ class StepGraphs:
             for static, owner, attr in st.embeds:
                 if loaded is None or getattr(loaded, owner) is not getattr(p, owner):
                     static.copy_(getattr(getattr(p, owner), attr))
-            values = (p.guidance.scale, p.guidance.delta, p.input_a, p.input_b)
-            if loaded is None or any(torch.is_tensor(v) for v in values) or \
-                    values != (loaded.guidance.scale, loaded.guidance.delta, loaded.input_a, loaded.input_b):
+            values = (p.guidance.scale, p.guidance.delta, p.input_a, p.input_b)  # Python floats
+            if loaded is None or values != (loaded.guidance.scale, loaded.guidance.delta, loaded.input_a, loaded.input_b):
                 for i, v in enumerate(values):
-                    st.scalars[i].fill_(v) if not torch.is_tensor(v) else st.scalars[i].copy_(v)
+                    st.scalars[i].fill_(v)
             st.loaded = p
         state = engine.state
         if st.use_batch and state.primed and state.latents is not st.state.latents:
@@ -300,11 +298,11 @@ class StepGraphs:
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
             return self._eager(engine, p, images, frames)
-        key = self._key(engine, p, images, frames)
+        key = self._key(p, images, frames)
         st = self._steps.get(key)
         if st is None:
             generation = self._generation
-            st = self._buffers(engine, p, images, frames, key)
+            st = self._buffers(engine, p, images, frames)
             if self.use_graphs:
                 try:
                     self._capture(st, engine, p, images, frames)
@@ -346,10 +344,8 @@ def accelerate(models, requested: str):
     torch.backends.cudnn.benchmark = True
     options = {}
     if mode == "compile":
-        models.extras["compiled"] = compile_modules(models.unet, models.vae)
-        models.extras["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
-        models.extras["inductor_options"] = options
     elif mode == "tensorrt":
         from .tensorrt_export import tensorrt_unet
 
