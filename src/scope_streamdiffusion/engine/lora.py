@@ -113,7 +113,8 @@ def _weights_source(path: Path) -> tuple[str, dict]:
         return str(path.parent), {"weight_name": path.name}
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
-        raise ModelLoadError(f"LoRA folder '{path}' holds no .safetensors file. Fix: point to the LoRA file.")
+        raise ModelLoadError(f"LoRA folder '{path}' holds no .safetensors file. Fix: point to the LoRA file "
+                             "or the folder that holds it.")
     return str(path), {"weight_name": files[0].name}
 
 
@@ -137,6 +138,12 @@ def resolve_lora(path: str) -> tuple[str, dict]:
     return path, {}  # a Hugging Face id
 
 
+def does_not_fit(exc: Exception) -> bool:
+    """Whether a diffusers/peft loading error says the LoRA was made for another model."""
+    text = str(exc).lower()
+    return any(k in text for k in ("size mismatch", "shape", "target modules", "no lora", "unexpected key"))
+
+
 def _adapters(pipe) -> dict[str, set[str]]:
     return {component: set(names) for component, names in pipe.get_list_adapters().items()}
 
@@ -155,8 +162,7 @@ def _load_one(pipe, spec: LoraSpec, adapter_name: str, model_id: str, family) ->
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
-        text = str(exc).lower()
-        if any(k in text for k in ("size mismatch", "shape", "target modules", "no lora", "unexpected key")):
+        if does_not_fit(exc):
             first = str(exc).strip().splitlines()
             detail = (first[1] if len(first) > 1 else first[0]).strip().rstrip(".")[:300]
             raise ModelLoadError(f"LoRA '{spec.path}' does not fit model '{model_id}' ({base}): {detail}. {fix}") \

@@ -188,23 +188,6 @@ def _from_pretrained(cls, source: str, dtype: torch.dtype, **kwargs):
     return cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
 
 
-def lora_source(name: str) -> tuple[str, dict]:
-    """(source, load_lora_weights kwargs) for a LoRA id, folder or file.
-
-    A local folder needs its file named: diffusers 0.36 offline does not search folders for it.
-    """
-    path = Path(name).expanduser()
-    if path.is_file():
-        return str(path.parent), {"weight_name": path.name}
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if not files:
-            raise ModelLoadError(f"LoRA folder '{name}' holds no .safetensors file. Fix: point to the LoRA file "
-                                 "or the folder that holds it.")
-        return str(path), {"weight_name": files[0].name}
-    return name, {}
-
-
 def _fuse_lcm_lora(pipe, family: ModelFamily, lcm_lora_id: str | None, model_id: str) -> None:
     if family.distilled:
         logger.info("'%s' is already a few-step model: LCM-LoRA is not fused.", model_id)
@@ -213,14 +196,16 @@ def _fuse_lcm_lora(pipe, family: ModelFamily, lcm_lora_id: str | None, model_id:
     if lora is None:
         logger.warning("No LCM-LoRA is known for %s models: pass lcm_lora_id; continuing without it.", family.base)
         return
-    source, weight_kwargs = lora_source(lora)
+    from .lora import does_not_fit, resolve_lora
+
+    source, weight_kwargs = resolve_lora(lora)
     try:
         pipe.load_lora_weights(source, adapter_name="lcm", **weight_kwargs)
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
         err = _load_error("LCM-LoRA", lora, exc)
-        if any(k in str(exc).lower() for k in ("size mismatch", "shape", "target modules", "no lora")):
+        if does_not_fit(exc):
             err = ModelLoadError(
                 f"LCM-LoRA '{lora}' does not fit model '{model_id}' ({family.base}). Fix: use "
                 f"{DEFAULT_LCM_LORA.get(family.base, 'a LoRA made for this model')} or turn use_lcm_lora off."
