@@ -5,8 +5,8 @@ the ONNX export (the part that decides correctness) is tested on CPU with onnxru
 PyTorch UNet, and the engine build/run code below is thin glue over TensorRT's Python API.
 
 * The ONNX graph has dynamic batch, height, width and token axes (timesteps are per row).
-* Engines are built for a dynamic profile (default 256-1024 px, the batch range the CFG/step
-  settings need, 77-231 tokens) and cached on disk under ``~/.cache/scope-streamdiffusion/tensorrt``
+* Engines are built for a dynamic profile (default 256-1024 px, tuned for 512x512; 1-8 UNet rows,
+  which covers up to 4 steps with full CFG at one frame per call; 77-231 tokens) and cached on disk under ``~/.cache/scope-streamdiffusion/tensorrt``
   keyed by a fingerprint of the UNet weights (so model, fused LoRA and dtype are all in it), the
   profile, the TensorRT version and the GPU. A cached engine is reused; it is rebuilt only when
   missing.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -240,14 +241,17 @@ def tensorrt_unet(models, profile: Profile | None = None) -> TensorRTUNet:
     fingerprint = weights_fingerprint(unet)
     plan = engine_path(fingerprint, profile, trt.__version__, torch.cuda.get_device_name(models.device))
     if not plan.exists():
-        onnx_path = plan.parent / f"onnx-{fingerprint}" / "unet.onnx"
-        if not onnx_path.exists():
+        # The ONNX file is only the engine's input: exported into a temporary folder, so an interrupted
+        # export is never reused and gigabytes of SDXL export don't stay behind. The plan is the cache.
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=plan.parent, prefix="onnx-") as tmp:
+            onnx_path = Path(tmp) / "unet.onnx"
             logger.info("Exporting the UNet to ONNX (%s)...", onnx_path)
             export_unet_onnx(unet, onnx_path)
-        cfg = unet.config
-        sdxl = getattr(cfg, "addition_embed_type", None) == "text_time"
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim if sdxl else 0
-        shapes = profile.shapes(cfg.in_channels, cfg.cross_attention_dim, sdxl, pooled=pooled)
-        logger.info("Building the TensorRT engine (minutes, once per model/LoRA/profile) -> %s", plan)
-        build_engine(onnx_path, plan, shapes, fp16=models.dtype == torch.float16)
+            cfg = unet.config
+            sdxl = getattr(cfg, "addition_embed_type", None) == "text_time"
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim if sdxl else 0
+            shapes = profile.shapes(cfg.in_channels, cfg.cross_attention_dim, sdxl, pooled=pooled)
+            logger.info("Building the TensorRT engine (minutes, once per model/LoRA/profile) -> %s", plan)
+            build_engine(onnx_path, plan, shapes, fp16=models.dtype == torch.float16)
     return TensorRTUNet(plan, unet, profile)
