@@ -5,6 +5,7 @@
 #   bash scripts/bench-h200.sh 2   # SD1.5 LCM 4-step (1 and 2 frames per call), SDXL-Turbo 1024²
 #   bash scripts/bench-h200.sh 3   # SDXL-Turbo 512² and 1024² with 2 frames per call
 #   bash scripts/bench-h200.sh 4   # compile variants on SD-Turbo img2img (default unfrozen, reduce-overhead)
+#   bash scripts/bench-h200.sh 5   # R3: host share of a call; combo kernels, PDL, GEMM autotuning
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -52,6 +53,17 @@ case "$part" in
     bench v-cdt 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   SCOPE_STREAMDIFFUSION_COMPILE_MODE=reduce-overhead SCOPE_STREAMDIFFUSION_STEP_GRAPH=0 \
     bench v-ro 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  ;;
+5)
+  # Round R3: where the host time goes (graph replay alone vs a call) and inductor options that
+  # need no code change, each on the default (unfrozen) compile.
+  bench r3-default 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_INDUCTOR=combo_kernels=1 \
+    bench r3-combo 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_INDUCTOR=triton.enable_pdl=1 \
+    bench r3-pdl 100 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_gemm=1 \
+    bench r3-mag 190 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   ;;
 esac
 du -sh ~/.cache/scope-streamdiffusion/* 2>/dev/null

@@ -187,7 +187,7 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     code = bench.main([
         "--model", str(tiny_sd15), "--tiny-vae-id", str(tiny_taesd), "--workloads", "sd-turbo-img2img,sd15-lcm4-self",
         "--modes", "none,cudagraph", "--frames", "2", "--warmup", "1", "--width", "64", "--height", "64",
-        "--device", "cpu", "--check", "--json", str(out),
+        "--device", "cpu", "--check", "--profile", "--json", str(out),
     ])
     assert code == 0
     report = json.loads(out.read_text())
@@ -198,6 +198,8 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     for row in rows.values():
         assert "error" not in row, row.get("error")
         assert {"fps_p50", "fps", "p50_ms", "p99_ms", "load_s", "first_frame_s", "startup_s"} <= set(row)
+        if row["mode"] != "diffusers":  # no CUDA: no kernel time nor graph replays, but the profile runs
+            assert row["profile"]["calls"] == 10 and row["profile"]["graph_replay_ms_per_call"] is None
     assert rows[("sd-turbo-img2img", "cudagraph")]["acceleration"] == "none"  # CPU: fell back
     checks = {(c["workload"], c["mode"]): c for c in report["checks"]}
     lcm = checks[("sd15-lcm4-self", "none")]
@@ -244,6 +246,11 @@ def test_inductor_options_are_opt_in_and_freezing_is_off_with_runtime_loras(monk
         assert inductor.inductor_options(allow_freezing=False)["freezing"] is False
         monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "no_such_option=1")
         assert inductor.inductor_options() == {}  # ignored with a warning, never a failing compilation
+        monkeypatch.setenv("SCOPE_STREAMDIFFUSION_INDUCTOR", "triton.cudagraphs=1,triton.no_such=1,max_autotune_gemm_backends=1")
+        assert inductor.inductor_options() == {"triton.cudagraphs": True}  # sub-configs; booleans only
+        with inductor.compiling(inductor.inductor_options()):
+            assert inductor_config.triton.cudagraphs is True
+        assert inductor_config.triton.cudagraphs is False
     assert any("runtime LoRA" in r.getMessage() for r in caplog.records)
     assert any("no_such_option" in r.getMessage() for r in caplog.records)
     before = inductor_config.freezing, inductor_config.conv_1x1_as_mm

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -255,11 +256,31 @@ def _profile(pipe, call, inputs, device, frames: int = 10, per_call: int = 1) ->
     n = frames * per_call
     return dict(
         calls=frames, frames_per_call=per_call,
+        graph_replay_ms_per_call=_graph_replay_ms(pipe, device),
         kernel_ms_per_frame=round(kernel_us / 1e3 / n, 3),
         kernel_launches_per_frame=round(sum(e.count for e in kernels) / n, 1),
         top_kernels=[dict(name=e.key[:90], ms_per_frame=round(getattr(e, "self_device_time_total", 0) / 1e3 / n, 3),
                           calls_per_frame=round(e.count / n, 1)) for e in top],
     )
+
+
+def _graph_replay_ms(pipe, device, replays: int = 50):
+    """Median time of the captured step graph replayed back to back (no host work in between):
+    what a call costs on the GPU alone, so ``p50 - this`` is the host's share (conversion, parameter
+    handling, launches outside the graph, the sync)."""
+    runner = getattr(pipe, "engine", None) and pipe.engine.models.extras.get("step_runner")
+    graphs = runner.graphs() if runner is not None and device.type == "cuda" else []
+    if len(graphs) != 1:
+        return None
+    graph = graphs[0]
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for start, end in zip(starts, ends):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    return round(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), 3)
 
 
 def _max_abs(a, b) -> float:

@@ -163,6 +163,10 @@ class StepGraphs:
         self._generation += 1
         self._steps.clear()
 
+    def graphs(self) -> list:
+        """The captured CUDA graphs (one per batch shape seen so far)."""
+        return [st.graph for st in list(self._steps.values()) if st.graph is not None]
+
     # -- keys and buffers --
     @staticmethod
     def _key(p, images, frames) -> tuple:

@@ -65,14 +65,14 @@ def can_freeze(loras) -> bool:
 
 def inductor_options(allow_freezing: bool = True) -> dict:
     """Inductor options for this pipeline's compilations, from ``SCOPE_STREAMDIFFUSION_INDUCTOR``
-    (``"key=1,other=0"``, booleans); applied as a patch around them, not left set globally."""
+    (``"key=1,other=0"``, booleans, dotted for sub-configs); applied as a patch around them, not left set globally."""
     options = {}
     for item in filter(None, os.environ.get("SCOPE_STREAMDIFFUSION_INDUCTOR", "").split(",")):
         key, _, value = item.partition("=")
         options[key.strip()] = value.strip().lower() in ("1", "true", "yes")
     import torch._inductor.config as inductor_config
 
-    unknown = [key for key in options if not hasattr(inductor_config, key)]
+    unknown = [key for key in options if not _has_option(inductor_config, key)]
     if unknown:  # a typo must not break every compilation (config.patch raises on unknown keys)
         logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: ignoring unknown inductor option(s) %s.", ", ".join(unknown))
     if options.get("freezing") and not allow_freezing:
@@ -80,6 +80,14 @@ def inductor_options(allow_freezing: bool = True) -> dict:
                        "(their scales would not show).")
         options["freezing"] = False
     return {key: value for key, value in options.items() if key not in unknown}
+
+
+def _has_option(config, key: str) -> bool:
+    """``key`` names a boolean inductor option; dotted names reach sub-configs (``triton.enable_pdl``)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = getattr(config, part, None)
+    return isinstance(getattr(config, leaf, None), bool)
 
 
 @contextlib.contextmanager
