@@ -278,6 +278,73 @@ def test_similar_image_filter_skips_static_input(sd15_models):
     assert rows.rows == [1]
 
 
+def test_similar_image_filter_keeps_a_reference_across_setting_changes(sd15_models):
+    """After a settings change there is no output to repeat, but the frame processed then is still
+    the reference: the very next identical frame can be skipped."""
+    frame = make_frames(1)[0]
+    engine = engine_for(sd15_models, similar_image_filter=True, similar_image_filter_threshold=0.9,
+                        num_inference_steps=1)
+    engine(frame)
+    engine.update(delta=0.5)
+    engine(frame)  # new settings: processed, and the reference
+    engine(frame)
+    assert engine.frames_skipped == 1
+
+
+def _scale_text_encoder(models, factor):
+    final_norm = [m for m in models.text_encoders[0].modules() if isinstance(m, torch.nn.LayerNorm)][-1]
+    with torch.no_grad():  # an in-place weight change, as a runtime LoRA scale makes
+        final_norm.weight.mul_(factor)
+
+
+def test_text_encoder_weight_change_reencodes_without_restarting_the_stream(sd15_models):
+    frames = make_frames(5)
+    engine = engine_for(sd15_models, num_inference_steps=3)
+    for f in frames[:3]:
+        engine(f)
+    before = engine._prepared.prompt.embeds
+    _scale_text_encoder(sd15_models, 2.0)
+    try:
+        engine.weights_changed(text_encoders=True)
+        engine(frames[3])
+        assert engine.output_lags  # the stream batch went on: no restart, no re-priming
+        after = engine._prepared.prompt.embeds
+        assert (after - before).abs().max() > 1e-3  # re-encoded with the new weights
+    finally:
+        _scale_text_encoder(sd15_models, 0.5)
+
+
+def test_weights_changed_while_a_frame_encodes_its_prompt_is_not_lost(sd15_models):
+    """weights_changed() comes from Scope's update thread, possibly while a frame encodes its prompt
+    with the old weights: that frame's embeddings are rebuilt at the next call, once."""
+    engine = engine_for(sd15_models, num_inference_steps=1)
+    engine(make_frames(1)[0])
+    encoder = engine.prompt_encoder
+    original, blends = encoder.blend, []
+
+    def blend_during_a_change(*args):
+        blends.append(args)
+        embeds = original(*args)  # with the old weights...
+        if len(blends) == 1:  # ...which change before this frame is done
+            _scale_text_encoder(sd15_models, 2.0)
+            engine.weights_changed(text_encoders=True)
+        return embeds
+
+    encoder.blend = blend_during_a_change
+    try:
+        engine.update(prompts=(("a blue bird", 1.0),))
+        engine(make_frames(1)[0])
+        first = engine._prepared.prompt.embeds
+        engine(make_frames(1)[0])
+        assert len(blends) == 2  # the snapshot made during the change was rebuilt
+        assert (engine._prepared.prompt.embeds - first).abs().max() > 1e-3
+        engine(make_frames(1)[0])
+        assert len(blends) == 2  # and only once
+    finally:
+        encoder.blend = original
+        _scale_text_encoder(sd15_models, 0.5)
+
+
 def test_similar_image_filter_is_seeded(sd15_models):
     frames = [f * 0.98 + 0.01 * i for i, f in enumerate(make_frames(1) * 12)]
 

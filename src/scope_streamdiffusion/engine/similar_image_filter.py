@@ -31,10 +31,11 @@ class SimilarImageFilter:
         self._reference: torch.Tensor | None = None
         self._skipped = 0
 
-    def should_skip(self, frames: torch.Tensor) -> bool:
-        """Decide for ``frames`` and remember them as the reference when they will be processed."""
+    def should_skip(self, frames: torch.Tensor, can_skip: bool = True) -> bool:
+        """Decide for ``frames`` and remember them as the reference when they will be processed
+        (always, with ``can_skip=False``: the caller has no output to repeat)."""
         flat = frames.detach().reshape(-1).float()
-        if self._reference is not None and self._reference.shape == flat.shape and self._skipped < self.max_skip_frame:
+        if can_skip and self._reference is not None and self._reference.shape == flat.shape and self._skipped < self.max_skip_frame:
             cos = torch.nn.functional.cosine_similarity(flat, self._reference, dim=0).item()
             p = skip_probability(cos, self.threshold)
             if p > 0.0 and p >= self._rng.random():

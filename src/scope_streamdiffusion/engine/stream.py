@@ -62,6 +62,9 @@ class _Prepared:
     negative: PromptEmbeds
     input_a: float
     input_b: float
+    # weights_changed() counts (see StreamDiffusion): a snapshot made before a change is stale.
+    weights_generation: int = 0
+    text_generation: int = 0
 
     @property
     def shape_key(self):
@@ -84,6 +87,10 @@ class StreamDiffusion:
         self._lock = threading.Lock()
         self._settings = settings or StreamSettings()
         self._prepared: _Prepared | None = None
+        # Bumped by weights_changed() (any thread); only the frame thread acts on them.
+        self._weights_generation = 0
+        self._text_generation = 0
+        self._encoded_generation = 0
         self.state = sampling.StreamState()
         self.filter = SimilarImageFilter(seed=self._settings.seed)
         self.last_output: torch.Tensor | None = None
@@ -116,17 +123,20 @@ class StreamDiffusion:
     def weights_changed(self, text_encoders: bool = False) -> None:
         """Model weights changed in place (a runtime LoRA scale): drop what was derived from the old ones.
 
-        Captured CUDA graphs bake the old LoRA scales in; with ``text_encoders`` the cached prompt
-        embeddings are stale too (re-encoding them restarts the stream).
+        Captured CUDA graphs bake the old LoRA scales in; the last output (a similar-image skip would
+        return it) was made with them; with ``text_encoders`` the prompt embeddings are stale too.
+        Called from Scope's update thread while a frame may be running: this only counts the change,
+        and the frame thread rebuilds at its next call, so it never sees half-cleared caches, and a
+        snapshot built while the change happened is rebuilt once more. The stream keeps running (no
+        restart on each tick of a LoRA slider).
         """
         with self._lock:
             runner = self.models.extras.get("step_runner")
             if runner is not None:
                 runner.invalidate()
+            self._weights_generation += 1
             if text_encoders:
-                self.prompt_encoder.clear()
-                self._prepared = None
-            self.last_output = None
+                self._text_generation += 1
 
     # ----- derived state ----------------------------------------------------------------------
     def _noise(self, seed: int, steps: int) -> torch.Tensor:
@@ -147,8 +157,14 @@ class StreamDiffusion:
 
     def _prepare(self, settings: StreamSettings, img2img: bool) -> _Prepared:
         old = self._prepared
-        if old is not None and old.settings == settings and old.img2img == img2img:
+        with self._lock:
+            weights_generation, text_generation = self._weights_generation, self._text_generation
+        if old is not None and old.settings == settings and old.img2img == img2img \
+                and old.weights_generation == weights_generation:
             return old
+        if text_generation != self._encoded_generation:
+            self.prompt_encoder.clear()  # embeddings made by the old text-encoder weights
+            self._encoded_generation = text_generation
         # Parameters modulated every frame (Scope's beat sync) rebuild only what depends on them.
         timesteps = tuple(settings.timesteps(img2img))
         sched = self._schedule(timesteps)
@@ -158,8 +174,8 @@ class StreamDiffusion:
             noise = self._noise(settings.seed, len(timesteps))
         guidance = Guidance(effective_cfg_type(settings.cfg_type, settings.guidance_scale), settings.guidance_scale, settings.delta)
         prompt_key = (settings.prompts, settings.prompt_interpolation_method, settings.negative_prompt)
-        if old is not None and (old.settings.prompts, old.settings.prompt_interpolation_method,
-                                old.settings.negative_prompt) == prompt_key:
+        if old is not None and old.text_generation == text_generation and (
+                old.settings.prompts, old.settings.prompt_interpolation_method, old.settings.negative_prompt) == prompt_key:
             prompt, negative = old.prompt, old.negative
         else:
             blended = self.prompt_encoder.blend(list(settings.prompts), settings.prompt_interpolation_method)
@@ -169,7 +185,8 @@ class StreamDiffusion:
         # alpha0 from the CPU table: no device sync. t_index_list overrides strength, fade included.
         alpha0 = float(self.models.alphas_cumprod[timesteps[0]].sqrt())
         a, b = input_mix(1.0 if settings.t_index_list else settings.strength, alpha0) if img2img else (0.0, 1.0)
-        prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt, negative, a, b)
+        prepared = _Prepared(settings, img2img, sched, noise, guidance, prompt, negative, a, b,
+                             weights_generation, text_generation)
         if old is None or old.shape_key != prepared.shape_key:
             self.state = sampling.StreamState()
         if old is None or old.settings.seed != settings.seed:
@@ -232,10 +249,12 @@ class StreamDiffusion:
             self.output_lags = False
             return images.float().clamp(0, 1)
         p = self._prepare(settings, img2img)
-        if img2img and settings.similar_image_filter and self.last_output is not None \
-                and self.last_output.shape[0] == frames and self.filter.should_skip(images):
-            self.frames_skipped += frames
-            return self.last_output
+        if img2img and settings.similar_image_filter:
+            # Without a usable last output (first frame, new settings) the frame is still the reference.
+            can_skip = self.last_output is not None and self.last_output.shape[0] == frames
+            if self.filter.should_skip(images, can_skip=can_skip):
+                self.frames_skipped += frames
+                return self.last_output
         n = p.sched.num_steps
         # A primed stream batch returns the frames given n-1 calls earlier; priming returns its own.
         self.output_lags = bool(p.settings.use_denoising_batch and n > 1 and self.state.holds((n - 1) * frames))
