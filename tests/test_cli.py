@@ -139,6 +139,26 @@ def test_test_pattern_is_the_default_input(tmp_path, capsys, model_args, monkeyp
     assert info["frames"] == 4 and info["fps"] == Fraction(30) and info["audio"] == 0
 
 
+def test_test_pattern_is_made_at_the_clamped_size_with_one_warning(tmp_path, capsys, model_args, caplog, monkeypatch):
+    from scope_streamdiffusion import video_io
+
+    sizes, original = [], video_io.test_pattern
+    monkeypatch.setattr(video_io, "test_pattern", lambda count, w, h, fps: sizes.append((w, h)) or original(count, w, h, fps))
+    args = [a for a in model_args]
+    args[args.index("--width") + 1] = "5000"  # above the schema's maximum (2048)
+    with caplog.at_level("WARNING", logger="scope_streamdiffusion"):
+        # One image out of three frames: refused after the source opens, before any model loads.
+        code, _, err = run_cli(capsys, "run", "--frames", "3", "-o", tmp_path / "one.png", *args)
+    assert code != 0 and "one image" in err
+    assert sizes == [(2048, 64)]
+    assert sum("width=5000 is outside" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_unknown_device_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "run", "--device", "gpu7", "--model", "tiny-random")
+    assert_one_line_error(code, err, "Unknown device 'gpu7'", "Fix:")
+
+
 def test_config_file_with_flag_override(tmp_path, capsys, model_args):
     config = tmp_path / "run.toml"
     config.write_text('prompt = "from the file"\nwidth = 128\nframes = 3\nnum-inference-steps = 2\n')

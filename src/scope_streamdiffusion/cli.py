@@ -203,22 +203,24 @@ def _lora_flag(value: str) -> dict[str, Any]:
 
 
 def _check_device(name: str | None) -> None:
-    """CUDA/MPS asked for but absent: one clear line before any model is loaded."""
-    if not name:
-        return
-    import torch
+    """CUDA/MPS asked for but absent: one clear line before any model is loaded (the pipeline's check)."""
+    from .pipeline import _pick_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise CliError(f"Unknown device '{name}'. Fix: use cuda, cuda:N, cpu or mps.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name} was requested but CUDA is not available (torch {torch.__version__}). Fix: "
-                       "install a CUDA build of torch and check the GPU driver (nvidia-smi), or use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CliError(f"--device {name} was requested but MPS is not available. Fix: use --device cpu.")
+        _pick_device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _within_range(params: dict[str, Any], name: str) -> int:
+    """A load parameter clamped as the pipeline will (warned once here; it then sees the clean value)."""
+    from .parameters import ParameterCoercer
+    from .schema import StreamDiffusionConfig
+
+    coercer = ParameterCoercer(StreamDiffusionConfig)
+    default = coercer.defaults()[name]
+    params[name] = coercer.coerce(name, params.get(name, default), default)
+    return params[name]
 
 
 def _default_output(input_spec: str | None, kind_hint: str) -> str:
@@ -347,8 +349,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     params, opts = resolve_run_settings(args)
     _check_device(params.get("device"))
     input_spec = opts.get("input")
-    width = snap_to_multiple(params.get("width", 512))
-    height = snap_to_multiple(params.get("height", 512))
+    # The test pattern is made at the size the pipeline will run at.
+    width = snap_to_multiple(_within_range(params, "width"))
+    height = snap_to_multiple(_within_range(params, "height"))
     source = open_source(input_spec, width=width, height=height, frames=opts.get("frames"), fps=opts.get("fps"))
     try:
         output = opts.get("output") or _default_output(input_spec, "folder" if input_spec and Path(input_spec).is_dir()

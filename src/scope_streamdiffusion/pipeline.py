@@ -19,15 +19,25 @@ logger = logging.getLogger("scope_streamdiffusion")
 
 
 def _pick_device(name: str | None):
+    """The torch device for ``name`` (None: CUDA when there is one); a device that is not there is
+    one clear error, raised before any model is loaded."""
     import torch
 
-    if name:
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
         device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' was requested but CUDA is not available. Fix: install a CUDA build "
-                               "of torch and check the GPU driver, or use device='cpu'.")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as exc:
+        raise ValueError(f"Unknown device '{name}'. Fix: use cuda, cuda:N, cpu or mps.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device='{name}' was requested but CUDA is not available (torch {torch.__version__}). "
+                           "Fix: install a CUDA build of torch and check the GPU driver (nvidia-smi), or use "
+                           "device='cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device='{name}': this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device='{name}' was requested but MPS is not available. Fix: use device='cpu'.")
+    return device
 
 
 def _pick_dtype(name: str | None, device):
