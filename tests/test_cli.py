@@ -396,3 +396,34 @@ def test_a_file_named_like_a_webcam_is_a_file():
 
     assert is_webcam("webcam") and is_webcam("webcam:1") and is_webcam("/dev/video2")
     assert not is_webcam("webcam_demo.mp4") and not is_webcam("webcams/clip.mp4")
+
+
+def test_a_webcam_stuck_in_a_read_is_not_closed_under_it():
+    """close() must not free the camera while its thread is inside a read (the reader closes it when
+    the read returns). A camera stand-in: real PyAV frames, a read that blocks until released."""
+    import threading
+
+    import av
+    import numpy as np
+
+    from scope_streamdiffusion.video_io import _LatestFrame
+
+    release, closed = threading.Event(), []
+
+    class StuckCamera:
+        def decode(self, _stream):
+            yield av.VideoFrame.from_ndarray(np.full((8, 8, 3), 7, np.uint8), format="rgb24")
+            release.wait(10)  # the driver hangs in a read
+            yield av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), np.uint8), format="rgb24")
+
+        def close(self):
+            closed.append(threading.current_thread().name)
+
+    grabber = _LatestFrame(StuckCamera(), None)
+    frame, _ = grabber.next()
+    assert frame.shape == (8, 8, 3) and int(frame[0, 0, 0]) == 7
+    grabber.close(timeout=0.05)
+    assert closed == []  # still reading: left open
+    release.set()
+    grabber._thread.join(5)
+    assert closed == ["webcam"]  # closed once, by the reader, after its read returned

@@ -262,6 +262,12 @@ class _LatestFrame:
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
+        finally:
+            # Closed by the thread that decodes, never under it (a camera stuck in a read).
+            try:
+                self.container.close()
+            except Exception:  # noqa: BLE001 - closing a camera that already failed
+                pass
 
     def next(self) -> tuple[torch.Tensor, float]:
         with self._cond:
@@ -274,13 +280,11 @@ class _LatestFrame:
             frame, self._frame = self._frame, None
             return frame, self._stamp
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop decoding. A camera stuck in a read is left to its (daemon) thread, which closes it
+        when the read returns: closing it from here would free it under that read."""
         self._stop = True
-        self._thread.join(timeout=2.0)
-        try:
-            self.container.close()
-        except Exception:  # noqa: BLE001 - closing a camera that already failed
-            pass
+        self._thread.join(timeout=timeout)
 
 
 # ----- outputs --------------------------------------------------------------------------------------
