@@ -6,6 +6,7 @@
 #   bash scripts/bench-h200.sh 3   # SDXL-Turbo 512² and 1024² with 2 frames per call
 #   bash scripts/bench-h200.sh 4   # compile variants on SD-Turbo img2img (default unfrozen, reduce-overhead)
 #   bash scripts/bench-h200.sh 5   # R3: host share of a call; combo kernels, PDL, GEMM autotuning
+#   bash scripts/bench-h200.sh 6   # R3: fp8 linear layers (torchao) on SD-Turbo and SDXL-Turbo 1024²
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -64,6 +65,12 @@ case "$part" in
     bench r3-pdl 100 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_gemm=1 \
     bench r3-mag 190 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  ;;
+6)
+  # Round R3: fp8 linear layers (torchao wheel in .whl/), against eager fp16 (--check) and on SDXL 1024².
+  export SCOPE_STREAMDIFFUSION_FP8=1
+  bench r3-fp8 170 --workloads sd-turbo-img2img --modes none,compile --no-baseline --frames 150 --check --profile
+  bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile
   ;;
 esac
 du -sh ~/.cache/scope-streamdiffusion/* 2>/dev/null

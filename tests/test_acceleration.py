@@ -382,3 +382,19 @@ def test_out_of_memory_during_capture_is_reported_not_turned_into_a_fallback(sd1
         assert runner.failed is None and not runner._steps
     finally:
         sd15_models.extras.pop("step_runner", None)
+
+
+def test_fp8_is_refused_with_a_reason_where_it_cannot_run(monkeypatch):
+    from scope_streamdiffusion.engine import quantization
+    from scope_streamdiffusion.engine.lora import LoadedLora
+
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_FP8", "1")
+    assert quantization.fp8_requested()
+    assert "CUDA" in quantization.fp8_unavailable(torch.device("cpu"))
+    # Only linear layers whose sizes fp8 matrix products accept are swapped.
+    assert quantization._fp8_friendly(torch.nn.Linear(320, 1280), "ff")
+    assert not quantization._fp8_friendly(torch.nn.Linear(320, 1000), "odd")
+    assert not quantization._fp8_friendly(torch.nn.Conv2d(320, 320, 1), "conv")
+    runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        assert "LoRA" in quantization.fp8_unavailable(torch.device("cuda"), [runtime])

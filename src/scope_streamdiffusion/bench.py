@@ -406,7 +406,8 @@ def run(args) -> int:
                     call = (lambda group, p=pipe: p(video=group)) if wl.img2img else (lambda group, p=pipe: p())
                     models = pipe.engine.models
                     extra = dict(acceleration=models.extras.get("acceleration"), unet_params=sum(
-                        p.numel() for p in models.unet.parameters()))
+                        p.numel() for p in models.unet.parameters()),
+                        fp8_linear_layers=models.extras.get("fp8_linear_layers"))
                     if arch:
                         from .testing.architectures import PARAM_COUNTS, resolve_kind
 

@@ -48,6 +48,7 @@ from .inductor import (
     release_weights_with,
 )
 from .prompts import PromptEmbeds
+from .quantization import fp8_requested, fp8_unavailable, quantize_unet_fp8
 from .residual_cfg import Guidance
 from .schedule import Schedule
 
@@ -348,6 +349,12 @@ def accelerate(models, requested: str):
     torch.backends.cudnn.benchmark = True
     options = {}
     if mode == "compile":
+        if fp8_requested():
+            reason = fp8_unavailable(models.device, models.extras.get("loras"))
+            if reason:
+                logger.warning("SCOPE_STREAMDIFFUSION_FP8: staying in %s: %s.", models.dtype, reason)
+            else:
+                models.extras["fp8_linear_layers"] = quantize_unet_fp8(models.unet)
         compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
     elif mode == "tensorrt":

@@ -1,0 +1,51 @@
+"""fp8 for the UNet's linear layers (opt-in, ``SCOPE_STREAMDIFFUSION_FP8=1``, with ``compile``).
+
+Weights and activations in float8 (e4m3, one scale per row, activations scaled per call) through
+torchao, on GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper). Convolutions and
+attention stay in fp16. An experiment for speed: the quality cost needs checking with real weights,
+and runtime LoRA adapters can't be used with it (their layers wrap the linear layers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def fp8_requested() -> bool:
+    return os.environ.get("SCOPE_STREAMDIFFUSION_FP8", "").strip().lower() in ("1", "true", "yes")
+
+
+def fp8_unavailable(device: torch.device, loras=None) -> str | None:
+    """Why fp8 can't run here, or None."""
+    if device.type != "cuda":
+        return "it needs a CUDA GPU"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} has no fp8 matrix units (compute capability 8.9+ needed)"
+    if any(lora.is_runtime for lora in loras or []):
+        return "runtime LoRA adapters are loaded"
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - missing or built for another torch
+        return f"torchao is not importable ({type(exc).__name__}: {exc}); install it with: pip install torchao"
+    return None
+
+
+def _fp8_friendly(module: torch.nn.Module, _name: str) -> bool:
+    # fp8 matrix products need both dimensions divisible by 16.
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def quantize_unet_fp8(unet: torch.nn.Module) -> int:
+    """Swap the UNet's linear layers for fp8 ones in place; returns how many were swapped."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    count = sum(_fp8_friendly(m, n) for n, m in unet.named_modules())
+    # set_inductor_config=False: torchao's global inductor settings include slow autotuning.
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+              filter_fn=_fp8_friendly)
+    return count
