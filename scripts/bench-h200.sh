@@ -68,6 +68,8 @@ case "$part" in
   ;;
 6)
   # Round R3: fp8 linear layers (torchao wheel in .whl/), against eager fp16 (--check) and on SDXL 1024².
+  SCOPE_STREAMDIFFUSION_INDUCTOR=triton.enable_pdl=1 \
+    bench r3-pdl 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   export SCOPE_STREAMDIFFUSION_FP8=1
   bench r3-fp8 170 --workloads sd-turbo-img2img --modes none,compile --no-baseline --frames 150 --check --profile
   bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile

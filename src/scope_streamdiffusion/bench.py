@@ -268,6 +268,8 @@ def _graph_replay_ms(pipe, device, replays: int = 50):
     """Median time of the captured step graph replayed back to back (no host work in between):
     what a call costs on the GPU alone, so ``p50 - this`` is the host's share (conversion, parameter
     handling, launches outside the graph, the sync)."""
+    import torch
+
     runner = getattr(pipe, "engine", None) and pipe.engine.models.extras.get("step_runner")
     graphs = runner.graphs() if runner is not None and device.type == "cuda" else []
     if len(graphs) != 1:
