@@ -191,6 +191,18 @@ def test_out_of_memory_while_loading_names_the_model_and_vram():
     assert "stabilityai/sdxl-turbo" in str(err) and "GB" in str(err) and "Fix" in str(err)
 
 
+def test_offline_mode_does_not_turn_every_load_error_into_a_missing_model(monkeypatch):
+    """With HF_HUB_OFFLINE set (as in Scope without internet), a model that is there but fails
+    afterwards must say what failed, not that the hub is unreachable."""
+    from scope_streamdiffusion.engine.models import _load_error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = str(_load_error("model", "/models/sd-turbo", AssertionError("only works for bfloat16 weights")))
+    assert "hub" not in err and "bfloat16" in err and "Fix" in err
+    missing = OSError("/models/x does not appear to have a file named model_index.json.")
+    assert "HF_HUB_OFFLINE is set" in str(_load_error("model", "/models/x", missing))
+
+
 def test_a_corrupt_model_fails_cleanly_without_leftovers(tiny_sd15, tmp_path):
     import shutil
 

@@ -91,8 +91,10 @@ def _load_error(what: str, name: str, exc: Exception) -> ModelLoadError:
     text = f"{type(exc).__name__}: {exc}".strip()
     lowered = text.lower()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if any(k in lowered for k in ("offline", "connection", "resolve", "cannot find the requested files",
-                                  "couldn't connect", "max retries", "localentrynotfound")) or offline:
+    # HF_HUB_OFFLINE alone proves nothing: a model that loaded and then failed is not a missing one.
+    hub_words = ("offline", "connection", "resolve", "cannot find the requested files", "couldn't connect",
+                 "max retries", "localentrynotfound", "not fully cached", "outgoing traffic has been disabled") + (("does not appear to have a file",) if offline else ())
+    if any(k in lowered for k in hub_words):
         return ModelLoadError(
             f"Could not get {what} '{name}': it is not in the local cache and the Hugging Face hub is "
             f"unreachable{' (HF_HUB_OFFLINE is set)' if offline else ''}. Fix: run "

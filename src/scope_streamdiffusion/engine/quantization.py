@@ -1,6 +1,6 @@
 """fp8 for the UNet's linear layers (opt-in, ``SCOPE_STREAMDIFFUSION_FP8=1``, with ``compile``).
 
-Weights and activations in float8 (e4m3, one scale per row, activations scaled per call) through
+Weights and activations in float8 (e4m3, one scale per tensor, activations scaled per call) through
 torchao, on GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper). Convolutions and
 attention stay in fp16. An experiment for speed: the quality cost needs checking with real weights,
 and runtime LoRA adapters can't be used with it (their layers wrap the linear layers).
@@ -42,10 +42,11 @@ def _fp8_friendly(module: torch.nn.Module, _name: str) -> bool:
 
 def quantize_unet_fp8(unet: torch.nn.Module) -> int:
     """Swap the UNet's linear layers for fp8 ones in place; returns how many were swapped."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
 
     count = sum(_fp8_friendly(m, n) for n, m in unet.named_modules())
+    # One scale per tensor: torchao's per-row scaling takes bf16 weights only, ours are fp16.
     # set_inductor_config=False: torchao's global inductor settings include slow autotuning.
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), set_inductor_config=False),
               filter_fn=_fp8_friendly)
     return count
