@@ -6,9 +6,10 @@
 #   bash scripts/bench-h200.sh 3   # SDXL-Turbo 512² and 1024² with 2 frames per call
 #   bash scripts/bench-h200.sh 4   # compile variants on SD-Turbo img2img (default unfrozen, reduce-overhead)
 #   bash scripts/bench-h200.sh 5   # R3: host share of a call; combo kernels, PDL, GEMM autotuning
-#   bash scripts/bench-h200.sh 6   # R3: PDL; fp8 linear layers (torchao) on SD-Turbo, checked against eager
-#   bash scripts/bench-h200.sh 7   # R3: frozen weights + PDL on SD-Turbo img2img/txt2img and SD1.5 LCM
-#   bash scripts/bench-h200.sh 8   # R3: fp8 on SDXL-Turbo 1024², with the diffusers baseline
+#   bash scripts/bench-h200.sh 6   # R3: PDL (programmatic dependent launch)
+#   bash scripts/bench-h200.sh 7   # R3: fp8 linear layers (torchao) on SD-Turbo, checked against eager
+#   bash scripts/bench-h200.sh 8   # R3: frozen weights + PDL on SD-Turbo img2img/txt2img and SD1.5 LCM
+#   bash scripts/bench-h200.sh 9   # R3: fp8 on SDXL-Turbo 1024², with the diffusers baseline
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -69,21 +70,23 @@ case "$part" in
     bench r3-mag 190 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   ;;
 6)
-  # Round R3: programmatic dependent launch (PDL, Hopper), then fp8 linear layers (torchao wheel in .whl/).
+  # Round R3: programmatic dependent launch (PDL, Hopper).
   SCOPE_STREAMDIFFUSION_INDUCTOR=triton.enable_pdl=1 \
     bench r3-pdl 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  ;;
+7)
+  # Round R3: fp8 linear layers (torchao wheel in .whl/), checked against eager fp16.
   SCOPE_STREAMDIFFUSION_FP8=1 \
     bench r3-fp8 170 --workloads sd-turbo-img2img --modes none,compile --no-baseline --frames 150 --check --profile
   ;;
-7)
-  # Round R3: every opt-in that helps, together: frozen weights + PDL; then fp8 on top.
+8)
+  # Round R3: the opt-ins that help, together: frozen weights + PDL.
   export SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=1,conv_1x1_as_mm=1,triton.enable_pdl=1
   bench r3-frozen-pdl 210 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
   bench r3-frozen-pdl-lcm 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150
   ;;
-8)
-  export SCOPE_STREAMDIFFUSION_FP8=1
-  bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
+9)
+  SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
   ;;
 esac
 du -sh ~/.cache/scope-streamdiffusion/* 2>/dev/null
