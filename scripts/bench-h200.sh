@@ -9,7 +9,8 @@
 #   bash scripts/bench-h200.sh 6   # R3: PDL (programmatic dependent launch)
 #   bash scripts/bench-h200.sh 7   # R3: fp8 linear layers (torchao) on SD-Turbo, checked against eager
 #   bash scripts/bench-h200.sh 8   # R3: frozen weights + PDL on SD-Turbo img2img/txt2img and SD1.5 LCM
-#   bash scripts/bench-h200.sh 9   # R3: fp8 on SDXL-Turbo 1024², with the diffusers baseline
+#   bash scripts/bench-h200.sh 9   # R3: fp8 on SDXL-Turbo 1024², with the diffusers baseline (not run)
+#   bash scripts/bench-h200.sh 10  # R3: the default compile with two frames per call
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -84,6 +85,11 @@ case "$part" in
   export SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=1,conv_1x1_as_mm=1,triton.enable_pdl=1
   bench r3-frozen-pdl 210 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
   bench r3-frozen-pdl-lcm 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150
+  ;;
+10)
+  # Round R3: the default compile (unfrozen) with two frames per call.
+  bench r3-fbs2 190 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frame-buffer-size 2 --frames 100 --profile
+  bench r3-lcm-fbs2 130 --workloads sd15-lcm4-self --modes compile --no-baseline --frame-buffer-size 2 --frames 100
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
