@@ -11,6 +11,7 @@
 #   bash scripts/bench-h200.sh 8   # R3: frozen weights + PDL on SD-Turbo img2img/txt2img and SD1.5 LCM
 #   bash scripts/bench-h200.sh 9   # R3: fp8 on SDXL-Turbo 1024², with the diffusers baseline (not run)
 #   bash scripts/bench-h200.sh 10  # R3: the default compile with two frames per call
+#   bash scripts/bench-h200.sh 11  # R3: SDXL-Turbo 1024², two frames per call, against diffusers batched
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -90,6 +91,9 @@ case "$part" in
   # Round R3: the default compile (unfrozen) with two frames per call.
   bench r3-fbs2 190 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frame-buffer-size 2 --frames 100 --profile
   bench r3-lcm-fbs2 130 --workloads sd15-lcm4-self --modes compile --no-baseline --frame-buffer-size 2 --frames 100
+  ;;
+11)
+  bench r3-sdxl-fbs2 215 --workloads sdxl-turbo-1024 --modes compile --frame-buffer-size 2 --frames 40
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
