@@ -171,6 +171,11 @@ def test_engine_cache_key_follows_weights_and_profile(tiny_sd15, tmp_path):
     assert a != engine_path(after, Profile(max_size=768), "10.0", "GPU", root=tmp_path)
     assert a != engine_path(before, Profile(), "10.0", "GPU", root=tmp_path)
     assert Profile().accepts(torch.zeros(2, 4, 64, 96), 77) and not Profile().accepts(torch.zeros(2, 4, 160, 64), 77)
+    # The profile a pipeline asks for fits its stream: 1280x720 at 2 frames per call, 4 steps of full CFG.
+    stream = Profile.for_stream(1280, 720, 2)
+    assert stream.accepts(torch.zeros(16, 4, 90, 160), 77) and not Profile().accepts(torch.zeros(16, 4, 90, 160), 77)
+    assert stream.shapes(4, 1024, False)["sample"][1] == (2, 4, 90, 160)  # optimum: its own shape
+    assert Profile.for_stream(512, 512) == Profile()
 
 
 # ----- the bench command ---------------------------------------------------------------------------
@@ -182,6 +187,7 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     assert args.random_weights == "auto" and args.modes == bench.DEFAULT_MODES
     assert parser.parse_args(["--random-weights", "sdxl"]).random_weights == "sdxl"
     assert bench.main(["--model", str(tiny_sd15), "--modes", "bogus"]) == 2
+    assert bench.main(["--model", str(tiny_sd15), "--device", "gpu7"]) == 2  # the pipeline's device check
 
     out = tmp_path / "bench.json"
     code = bench.main([

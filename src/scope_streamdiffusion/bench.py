@@ -355,8 +355,14 @@ def run(args) -> int:
     if args.model is None and args.random_weights is None:
         print("pass --model MODEL_ID or --random-weights (no download)", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    from .pipeline import _pick_device, _pick_dtype
+
+    try:
+        device = _pick_device(args.device)  # the pipeline's choice and checks
+    except (RuntimeError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    dtype_name = str(_pick_dtype(args.dtype, device)).removeprefix("torch.")
     from .engine.inductor import cache_root
 
     cache = Path(args.cache_dir) if args.cache_dir else cache_root() / "random-weights"

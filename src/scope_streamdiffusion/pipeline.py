@@ -97,6 +97,7 @@ class StreamDiffusionPipeline(Pipeline):
             acceleration=p["acceleration"], loras=kwargs.get("loras"),
             # Scope's UI sends lora_merge_mode; the schema field is the fallback for other callers.
             lora_merge_mode=kwargs.get("lora_merge_mode") or p.get("lora_merge_strategy"),
+            stream_shape=(self.width, self.height, self.frame_buffer_size),
         )
         from .engine.lora import RuntimeLoraScales
 

@@ -333,11 +333,12 @@ class StepGraphs:
 
 
 # ----- wiring -------------------------------------------------------------------------------------
-def accelerate(models, requested: str):
+def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None = None):
     """Apply the acceleration mode to loaded :class:`~.models.StreamModels` (in place) and return them.
 
     Sets ``models.extras["acceleration"]`` (the mode that runs) and, for graph modes,
     ``models.extras["step_runner"]`` (a :class:`StepGraphs`) that the engine calls per frame.
+    ``stream_shape`` (width, height, frame_buffer_size) tunes a TensorRT engine's profile.
     """
     if (requested or "").lower() == "xformers":
         mode = models.extras.get("attention", "none")  # models._set_attention applied it or warned once
@@ -362,9 +363,9 @@ def accelerate(models, requested: str):
         compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
     elif mode == "tensorrt":
-        from .tensorrt_export import tensorrt_unet
+        from .tensorrt_export import Profile, tensorrt_unet
 
-        models.unet = tensorrt_unet(models)
+        models.unet = tensorrt_unet(models, Profile.for_stream(*stream_shape) if stream_shape else None)
     # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
     runner = StepGraphs(mode, compile_options=options,
                         use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")

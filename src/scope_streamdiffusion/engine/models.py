@@ -254,8 +254,10 @@ def load_models(
     acceleration: str = "none",
     loras: list | None = None,
     lora_merge_mode: str | None = None,
+    stream_shape: tuple[int, int, int] | None = None,
 ) -> StreamModels:
-    """``loras``/``lora_merge_mode``: user LoRAs in Scope's format (see ``lora.py``), fused or kept as adapters."""
+    """``loras``/``lora_merge_mode``: user LoRAs in Scope's format (see ``lora.py``), fused or kept as adapters.
+    ``stream_shape``: (width, height, frame_buffer_size) the models will run at (tunes TensorRT engines)."""
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     from .lora import apply_loras, parse_loras
@@ -317,7 +319,7 @@ def load_models(
             model_id=model_id,
             force_zeros_for_empty_prompt=force_zeros,
             extras={"attention": attention, "source": source, "loras": loaded_loras},
-        ), acceleration)
+        ), acceleration, stream_shape)
     except ModelLoadError:
         del pipe
         gc.collect()

@@ -5,8 +5,9 @@ the ONNX export (the part that decides correctness) is tested on CPU with onnxru
 PyTorch UNet, and the engine build/run code below is thin glue over TensorRT's Python API.
 
 * The ONNX graph has dynamic batch, height, width and token axes (timesteps are per row).
-* Engines are built for a dynamic profile (default 256-1024 px, tuned for 512x512; 1-8 UNet rows,
-  which covers up to 4 steps with full CFG at one frame per call; 77-231 tokens) and cached on disk under ``~/.cache/scope-streamdiffusion/tensorrt``
+* Engines are built for a dynamic profile (256-1024 px, or up to the stream's size when larger, tuned
+  for the stream's size; 1 to 8 UNet rows per frame per call, which covers up to 4 steps with full
+  CFG; 77-231 tokens) and cached on disk under ``~/.cache/scope-streamdiffusion/tensorrt``
   keyed by a fingerprint of the UNet weights (so model, fused LoRA and dtype are all in it), the
   profile, the TensorRT version and the GPU. A cached engine is reused; it is rebuilt only when
   missing.
@@ -60,6 +61,13 @@ class Profile:
     opt_batch: int = 1
     max_batch: int = 8
     max_tokens: int = 231  # compel encodes long prompts in 77-token chunks
+
+    @classmethod
+    def for_stream(cls, width: int, height: int, frame_buffer_size: int = 1) -> "Profile":
+        """Tuned for the stream being loaded: its size as the optimum, inside the range (which grows
+        past 1024 px for a larger stream), and room for 4 steps with full CFG at its frames per call."""
+        return cls(min_size=min(256, width, height), opt_width=width, opt_height=height,
+                   max_size=max(1024, width, height), opt_batch=frame_buffer_size, max_batch=8 * frame_buffer_size)
 
     def shapes(self, in_channels: int, hidden: int, sdxl: bool, time_ids: int = 6, pooled: int = 1280):
         """{input name: (min, opt, max) shape}."""
