@@ -402,5 +402,4 @@ def test_fp8_is_refused_with_a_reason_where_it_cannot_run(monkeypatch):
     assert not quantization._fp8_friendly(torch.nn.Linear(320, 1000), "odd")
     assert not quantization._fp8_friendly(torch.nn.Conv2d(320, 320, 1), "conv")
     runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
-        assert "LoRA" in quantization.fp8_unavailable(torch.device("cuda"), [runtime])
+    assert "LoRA" in quantization.fp8_unavailable(torch.device("cpu"), [runtime])

@@ -199,8 +199,20 @@ def test_offline_mode_does_not_turn_every_load_error_into_a_missing_model(monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = str(_load_error("model", "/models/sd-turbo", AssertionError("only works for bfloat16 weights")))
     assert "hub" not in err and "bfloat16" in err and "Fix" in err
-    missing = OSError("/models/x does not appear to have a file named model_index.json.")
-    assert "HF_HUB_OFFLINE is set" in str(_load_error("model", "/models/x", missing))
+    # What a model that is not cached raises offline: diffusers 0.36 / huggingface_hub 0.36 (Scope's
+    # pins), the latest releases, and a TAESD folder id; the hub's exception may be only the cause.
+    pinned = OSError("Cannot load model stabilityai/sd-turbo: model is not cached locally and an error occurred "
+                     "while trying to fetch metadata from the Hub. Please check out the root cause in the stacktrace above.")
+    latest = OSError("Cannot load model stabilityai/sd-turbo: the model is not fully cached locally (Cannot find an "
+                     "appropriate cached snapshot folder for the specified revision on the local disk and outgoing "
+                     "traffic has been disabled.)")
+    taesd = OSError("madebyollin/taesd does not appear to have a file named config.json.")
+    try:
+        raise RuntimeError("something generic") from ConnectionError("Max retries exceeded with url: /api/models")
+    except RuntimeError as exc:
+        chained = exc
+    for exc in (pinned, latest, taesd, chained):
+        assert "HF_HUB_OFFLINE is set" in str(_load_error("model", "stabilityai/sd-turbo", exc)), exc
 
 
 def test_a_corrupt_model_fails_cleanly_without_leftovers(tiny_sd15, tmp_path):

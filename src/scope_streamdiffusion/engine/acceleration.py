@@ -358,8 +358,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
                 try:
                     models.extras["fp8_linear_layers"] = quantize_unet_fp8(models.unet)
                 except Exception as exc:  # noqa: BLE001 - an experiment must not stop the load
-                    logger.warning("SCOPE_STREAMDIFFUSION_FP8: torchao could not quantize the UNet (%s: %s); "
-                                   "layers it did not reach stay in %s.", type(exc).__name__, exc, models.dtype)
+                    logger.warning("SCOPE_STREAMDIFFUSION_FP8: torchao could not quantize the UNet (%s: %s); it may "
+                                   "be partly fp8, the layers it did not reach stay in %s.", type(exc).__name__, exc,
+                                   models.dtype)
         compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
     elif mode == "tensorrt":

@@ -74,7 +74,8 @@ def inductor_options(allow_freezing: bool = True) -> dict:
 
     unknown = [key for key in options if not _has_option(inductor_config, key)]
     if unknown:  # a typo must not break every compilation (config.patch raises on unknown keys)
-        logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: ignoring unknown inductor option(s) %s.", ", ".join(unknown))
+        logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: ignoring unknown or non-boolean inductor option(s) %s.",
+                       ", ".join(unknown))
     if options.get("freezing") and not allow_freezing:
         logger.warning("SCOPE_STREAMDIFFUSION_INDUCTOR: freezing is off while runtime LoRA adapters are loaded "
                        "(their scales would not show).")

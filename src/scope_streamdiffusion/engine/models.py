@@ -91,10 +91,18 @@ def _load_error(what: str, name: str, exc: Exception) -> ModelLoadError:
     text = f"{type(exc).__name__}: {exc}".strip()
     lowered = text.lower()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    # The hub's own exception is often the cause behind diffusers' OSError: read the whole chain.
+    chain, cause = lowered, exc.__cause__ or exc.__context__
+    for _ in range(5):
+        if cause is None:
+            break
+        chain += f" | {type(cause).__name__}: {cause}".lower()
+        cause = cause.__cause__ or cause.__context__
     # HF_HUB_OFFLINE alone proves nothing: a model that loaded and then failed is not a missing one.
     hub_words = ("offline", "connection", "resolve", "cannot find the requested files", "couldn't connect",
-                 "max retries", "localentrynotfound", "not fully cached", "outgoing traffic has been disabled") + (("does not appear to have a file",) if offline else ())
-    if any(k in lowered for k in hub_words):
+                 "max retries", "localentrynotfound", "not cached locally", "not fully cached",
+                 "outgoing traffic has been disabled") + (("does not appear to have a file",) if offline else ())
+    if any(k in chain for k in hub_words):
         return ModelLoadError(
             f"Could not get {what} '{name}': it is not in the local cache and the Hugging Face hub is "
             f"unreachable{' (HF_HUB_OFFLINE is set)' if offline else ''}. Fix: run "

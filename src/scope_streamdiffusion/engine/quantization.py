@@ -22,12 +22,12 @@ def fp8_requested() -> bool:
 
 def fp8_unavailable(device: torch.device, loras=None) -> str | None:
     """Why fp8 can't run here, or None."""
+    if any(lora.is_runtime for lora in loras or []):
+        return "runtime LoRA adapters are loaded"
     if device.type != "cuda":
         return "it needs a CUDA GPU"
     if torch.cuda.get_device_capability(device) < (8, 9):
         return f"{torch.cuda.get_device_name(device)} has no fp8 matrix units (compute capability 8.9+ needed)"
-    if any(lora.is_runtime for lora in loras or []):
-        return "runtime LoRA adapters are loaded"
     try:
         import torchao.quantization  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - missing or built for another torch
@@ -41,7 +41,7 @@ def _fp8_friendly(module: torch.nn.Module, _name: str) -> bool:
 
 
 def quantize_unet_fp8(unet: torch.nn.Module) -> int:
-    """Swap the UNet's linear layers for fp8 ones in place; returns how many were swapped."""
+    """Swap the UNet's linear layers for fp8 ones in place; returns how many were to be swapped."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
 
     count = sum(_fp8_friendly(m, n) for n, m in unet.named_modules())

@@ -125,10 +125,11 @@ class StreamDiffusion:
 
         Captured CUDA graphs bake the old LoRA scales in; the last output (a similar-image skip would
         return it) was made with them; with ``text_encoders`` the prompt embeddings are stale too.
-        Called from Scope's update thread while a frame may be running: this only counts the change,
-        and the frame thread rebuilds at its next call, so it never sees half-cleared caches, and a
-        snapshot built while the change happened is rebuilt once more. The stream keeps running (no
-        restart on each tick of a LoRA slider).
+        Called from Scope's update thread while a frame may be running: this drops the captured graphs
+        (their runner keeps its own generation count) and counts the change; the frame thread rebuilds
+        the rest at its next call, so it never sees half-cleared caches, and a snapshot built while
+        the change happened is rebuilt once more. The stream keeps running (no restart on each tick
+        of a LoRA slider).
         """
         with self._lock:
             runner = self.models.extras.get("step_runner")
