@@ -112,6 +112,29 @@ def test_static_step_matches_eager_and_runtime_changes_reuse_it(sd15_models, set
     assert len(runner._steps) == 1  # one batch shape -> one graph, whatever the runtime parameters
 
 
+def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):
+    """Sweeping shapes for hours must not pile up graphs: at most MAX_GRAPHS stay, the ones in use."""
+    monkeypatch.setattr(acc, "MAX_GRAPHS", 2)
+    runner = acc.StepGraphs(use_graphs=False)
+    sd15_models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+        frame = make_frames(1)[0]
+
+        def run(cfg_type, add_noise=True):
+            engine.update(cfg_type=cfg_type, guidance_scale=1.5, do_add_noise=add_noise)
+            engine(frame)
+            return next(reversed(runner._steps))  # the key just used is the most recent
+
+        first = run(CfgType.NONE)
+        run(CfgType.FULL)
+        assert run(CfgType.NONE) == first  # used again: now the most recent
+        third = run(CfgType.NONE, add_noise=False)  # a third shape evicts the least recently used (FULL)
+        assert len(runner._steps) == 2 and set(runner._steps) == {first, third}
+    finally:
+        sd15_models.extras.pop("step_runner", None)
+
+
 def test_static_step_txt2img_and_new_shape_gets_its_own_graph(sd15_models):
     runner = acc.StepGraphs(use_graphs=False)
     sd15_models.extras["step_runner"] = runner

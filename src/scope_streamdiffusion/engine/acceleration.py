@@ -21,7 +21,7 @@ Runtime parameters never re-capture or re-compile: the prompt embeddings, guidan
 timesteps (strength / t_index_list of the same length), the per-step noise (seed) and the input
 mix live in static buffers that are refreshed before a replay. A change of the UNet batch shape
 (number of steps, CFG type, frame_buffer_size, prompt token count, txt2img vs img2img) captures
-one more graph once; graphs are cached per shape. A runtime LoRA scale change re-captures (the
+one more graph once; graphs are cached per shape (the 16 most recently used). A runtime LoRA scale change re-captures (the
 scales are baked into a graph). A requested mode that cannot run here falls
 back to ``"none"`` with ONE warning, never silently (``"tensorrt"`` without the ``tensorrt``
 package is a :class:`~.models.ModelLoadError` naming the install command instead).
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 import weakref
 
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "tensorrt")
 GRAPH_MODES = ("cudagraph", "compile", "tensorrt")
+MAX_GRAPHS = 16  # captured step graphs kept per pipeline (one per batch shape)
 
 
 def _fallback(requested: str, reason: str) -> str:
@@ -153,7 +155,8 @@ class StepGraphs:
         self.captures = 0
         self.capture_seconds = 0.0
         self.failed: str | None = None
-        self._steps: dict[tuple, _Static] = {}
+        self._steps: dict[tuple, _Static] = {}  # least recently used first
+        self._steps_lock = threading.Lock()  # invalidate() comes from another thread
         self._pool = None
 
     def invalidate(self) -> None:
@@ -161,8 +164,9 @@ class StepGraphs:
 
         May come from another thread (Scope's parameter updates) while a frame captures: the
         generation tells the capture that its graph holds the old weights and must not be kept."""
-        self._generation += 1
-        self._steps.clear()
+        with self._steps_lock:
+            self._generation += 1
+            self._steps.clear()
 
     def graphs(self) -> list:
         """The captured CUDA graphs (one per batch shape seen so far)."""
@@ -304,7 +308,10 @@ class StepGraphs:
         if self.failed:
             return self._eager(engine, p, images, frames)
         key = self._key(p, images, frames)
-        st = self._steps.get(key)
+        with self._steps_lock:
+            st = self._steps.pop(key, None)
+            if st is not None:
+                self._steps[key] = st  # most recently used last
         if st is None:
             generation = self._generation
             st = self._buffers(engine, p, images, frames)
@@ -318,8 +325,13 @@ class StepGraphs:
                     logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
                                    "graphs.", self.mode, self.failed[:300])
                     return self._eager(engine, p, images, frames)
-            if generation == self._generation:  # else weights changed meanwhile: this frame only
-                self._steps[key] = st
+            with self._steps_lock:
+                if generation == self._generation:  # else weights changed meanwhile: this frame only
+                    self._steps[key] = st
+                    # Bounded for streams that run for hours while steps, CFG type or prompt length
+                    # are swept: the least recently used graph goes (captured again if it comes back).
+                    while len(self._steps) > MAX_GRAPHS:
+                        self._steps.pop(next(iter(self._steps)))
         self._load(st, engine, p, images)
         if st.graph is not None:
             st.graph.replay()
