@@ -427,3 +427,32 @@ def test_a_webcam_stuck_in_a_read_is_not_closed_under_it():
     release.set()
     grabber._thread.join(5)
     assert closed == ["webcam"]  # closed once, by the reader, after its read returned
+
+
+def test_a_live_stream_keeps_bounded_bookkeeping(tmp_path, tiny_sd15, tiny_taesd, monkeypatch):
+    """A camera may stream for days: capture times are dropped once written, latencies are a window,
+    and the summary still counts every call. Live frames here: the test pattern with capture times."""
+    import argparse
+    from fractions import Fraction
+
+    from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
+    from scope_streamdiffusion.video_io import Source, open_writer, test_pattern
+
+    monkeypatch.setattr(cli, "LATENCY_WINDOW", 2)
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), tiny_vae_id=str(tiny_taesd), width=64, height=64,
+                                   num_inference_steps=2)  # a stream batch: outputs lag by one call
+    source = Source("camera", iter(()), Fraction(30), live=True)
+
+    def frames():
+        for i, frame in enumerate(test_pattern(6, 64, 64)):
+            source.timestamps.append(100.0 + i / 30)  # as the camera thread stamps them
+            yield frame
+
+    source.frames = frames()
+    dst = tmp_path / "live.mkv"
+    writer = open_writer(str(dst), width=64, height=64, fps=source.fps, variable_rate=True)
+    summary = cli._stream(argparse.Namespace(no_progress=True), pipe, source, writer, str(dst), 0.0)
+    assert summary["calls"] == 7 and summary["frames_out"] == 6  # six frames, one call flushes the lag
+    assert summary["latency_ms"]["p50"] > 0
+    assert len(source.timestamps) == 0  # every capture time was written and dropped
+    assert probe(dst)["frames"] == 6

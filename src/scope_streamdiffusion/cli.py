@@ -11,6 +11,7 @@ Errors a user can act on print one line on stderr and exit non-zero; ``--debug``
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import difflib
 import importlib
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+
+LATENCY_WINDOW = 100_000  # calls whose latencies the summary's percentiles cover (about an hour at 30 fps)
 
 PROG = "scope-streamdiffusion"
 EXIT_ERROR = 1
@@ -289,7 +292,10 @@ class _Runner:
         self.to_drop = self.lag_calls * self.group_size
         self.frames_in = 0
         self.frames_out = 0
-        self.latencies: list[float] = []
+        # Bounded: a webcam may stream for days. Percentiles cover the most recent calls.
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.calls = 0
+        self.busy_s = 0.0
 
     def _call(self, frames: list, **params) -> None:
         from .video_io import uint8_frame
@@ -297,12 +303,16 @@ class _Runner:
         start = time.perf_counter()
         out = self.pipe(video=None if self.text else frames, **params)["video"]
         outputs = uint8_frame(out)  # the whole call at once, to the CPU: also waits for the GPU
-        self.latencies.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.latencies.append(elapsed)
+        self.calls += 1
+        self.busy_s += elapsed
         for frame in outputs:
             if self.to_drop:
                 self.to_drop -= 1
             elif self.frames_out < self.frames_in:
-                stamp = self.source.timestamps[self.frames_out] if self.source.live else None
+                # Output k shows input frame k: its capture time is the oldest one not yet written.
+                stamp = self.source.timestamps.popleft() if self.source.live else None
                 self.writer.write(frame, stamp)
                 self.frames_out += 1
 
@@ -401,7 +411,7 @@ def _stream(args, pipe, source, writer, output: str, load_s: float) -> dict[str,
     for warning in getattr(writer, "warnings", []):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     lat = sorted(runner.latencies)
-    busy = sum(lat)
+    busy, calls = runner.busy_s, runner.calls
     return {
         "input": source.name,
         "output": str(output),
@@ -412,12 +422,12 @@ def _stream(args, pipe, source, writer, output: str, load_s: float) -> dict[str,
         "frames_out": runner.frames_out,
         "frames_skipped": int(getattr(pipe.engine, "frames_skipped", 0)),
         "lag_frames": runner.lag_calls * runner.group_size,
-        "calls": len(lat),
+        "calls": calls,
         "frames_per_call": runner.group_size,
-        "latency_ms": {"mean": 1000 * busy / len(lat) if lat else 0.0,
+        "latency_ms": {"mean": 1000 * busy / calls if calls else 0.0,
                        "p50": 1000 * _percentile(lat, 50), "p99": 1000 * _percentile(lat, 99)},
         "fps": runner.frames_in / wall if wall > 0 else 0.0,
-        "pipeline_fps": len(lat) * runner.group_size / busy if busy > 0 else 0.0,
+        "pipeline_fps": calls * runner.group_size / busy if busy > 0 else 0.0,
         "wall_s": wall,
         "load_s": load_s,
         "interrupted": interrupted,

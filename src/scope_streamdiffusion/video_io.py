@@ -7,6 +7,7 @@ unreadable video, no webcam, unsupported output) raises :class:`MediaError` with
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import sys
@@ -48,7 +49,8 @@ class Source:
     total: int | None = None  # frame count if known (for the progress bar)
     audio: AudioTrack | None = None
     live: bool = False  # a camera: frames carry wall-clock timestamps, never ends on its own
-    timestamps: list[float] = field(default_factory=list)  # live only: capture time of each frame read
+    # Live only: capture time of each frame read and not yet written (the writer pops them in order).
+    timestamps: collections.deque = field(default_factory=collections.deque)
     text: bool = False  # no input frames (text-to-image): ``frames`` yields None
     _close: object = None
 
