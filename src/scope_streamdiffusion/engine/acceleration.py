@@ -253,6 +253,10 @@ class StepGraphs:
     def _capture(self, st: _Static, engine, p, images, frames) -> None:
         saved = engine.state
         start = time.perf_counter()
+        if self.mode == "compile":  # so that a first start of minutes does not look like a hang
+            logger.info("acceleration='compile': compiling for %d step(s), %d frame(s) per call (1-2 minutes "
+                        "the first time per model and shape; inductor's on-disk cache makes later starts faster)...",
+                        p.sched.num_steps, frames)
         try:
             self._load(st, engine, p, images)
             side = _capture_stream(engine.device)
@@ -272,6 +276,8 @@ class StepGraphs:
                 torch.cuda.synchronize()
             st.graph = graph
             self.captures += 1
+            if self.mode == "compile":
+                logger.info("acceleration='compile': ready in %.1f s.", time.perf_counter() - start)
         finally:
             engine.state = saved
             st.loaded = None  # warm-up advanced the static state: reload everything
