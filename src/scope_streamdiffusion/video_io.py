@@ -70,8 +70,9 @@ def is_webcam(spec: str) -> bool:
 def open_source(spec: str | None, *, width: int, height: int, frames: int | None = None,
                 fps: float | None = None) -> Source:
     """Open ``spec``: "testpattern" (or None), "text" (no input: text-to-image, frames are None),
-    "webcam[:N]", a /dev/video path, a video, an image or a folder of images. ``frames`` limits the length (and sets the test pattern's); ``fps`` overrides the
-    frame rate of images and the test pattern (videos and cameras keep their own)."""
+    "webcam[:N]", a /dev/video path, a video, an image or a folder of images. ``frames`` limits the
+    length (and sets the test pattern's); ``fps`` overrides the frame rate of images and the test
+    pattern (videos and cameras keep their own)."""
     rate = Fraction(fps).limit_denominator(1001) if fps else None
     if spec == "text":  # text-to-image: no input frames, the pipeline runs in text mode
         count = frames if frames is not None else 1

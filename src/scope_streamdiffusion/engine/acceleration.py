@@ -21,8 +21,8 @@ Runtime parameters never re-capture or re-compile: the prompt embeddings, guidan
 timesteps (strength / t_index_list of the same length), the per-step noise (seed) and the input
 mix live in static buffers that are refreshed before a replay. A change of the UNet batch shape
 (number of steps, CFG type, frame_buffer_size, prompt token count, txt2img vs img2img) captures
-one more graph once; graphs are cached per shape (the 16 most recently used). A runtime LoRA scale change re-captures (the
-scales are baked into a graph). A requested mode that cannot run here falls
+one more graph once; graphs are cached per shape (the 16 most recently used). A runtime LoRA scale
+change re-captures (the scales are baked into a graph). A requested mode that cannot run here falls
 back to ``"none"`` with ONE warning, never silently (``"tensorrt"`` without the ``tensorrt``
 package is a :class:`~.models.ModelLoadError` naming the install command instead).
 """
@@ -35,6 +35,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -49,7 +50,7 @@ from .inductor import (
     release_weights_with,
 )
 from .prompts import PromptEmbeds
-from .quantization import fp8_requested, fp8_unavailable, quantize_unet_fp8
+from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
 
@@ -155,7 +156,7 @@ class StepGraphs:
         self.captures = 0
         self.capture_seconds = 0.0
         self.failed: str | None = None
-        self._steps: dict[tuple, _Static] = {}  # least recently used first
+        self._steps: OrderedDict[tuple, _Static] = OrderedDict()  # least recently used first
         self._steps_lock = threading.Lock()  # invalidate() comes from another thread
         self._pool = None
 
@@ -315,9 +316,9 @@ class StepGraphs:
             return self._eager(engine, p, images, frames)
         key = self._key(p, images, frames)
         with self._steps_lock:
-            st = self._steps.pop(key, None)
+            st = self._steps.get(key)
             if st is not None:
-                self._steps[key] = st  # most recently used last
+                self._steps.move_to_end(key)
         if st is None:
             generation = self._generation
             st = self._buffers(engine, p, images, frames)
@@ -337,7 +338,7 @@ class StepGraphs:
                     # Bounded for streams that run for hours while steps, CFG type or prompt length
                     # are swept: the least recently used graph goes (captured again if it comes back).
                     while len(self._steps) > MAX_GRAPHS:
-                        self._steps.pop(next(iter(self._steps)))
+                        self._steps.popitem(last=False)
         self._load(st, engine, p, images)
         if st.graph is not None:
             st.graph.replay()
@@ -369,16 +370,7 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     options = {}
     if mode == "compile":
         if fp8_requested():
-            reason = fp8_unavailable(models.device, models.extras.get("loras"))
-            if reason:
-                logger.warning("SCOPE_STREAMDIFFUSION_FP8: staying in %s: %s.", models.dtype, reason)
-            else:
-                try:
-                    models.extras["fp8_linear_layers"] = quantize_unet_fp8(models.unet)
-                except Exception as exc:  # noqa: BLE001 - an experiment must not stop the load
-                    logger.warning("SCOPE_STREAMDIFFUSION_FP8: torchao could not quantize the UNet (%s: %s); it may "
-                                   "be partly fp8, the layers it did not reach stay in %s.", type(exc).__name__, exc,
-                                   models.dtype)
+            apply_fp8(models)
         compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
     elif mode == "tensorrt":

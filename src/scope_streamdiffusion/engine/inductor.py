@@ -106,12 +106,14 @@ def compiling(options: dict, generated: list | None = None):
     import torch._inductor.config as inductor_config
     from torch._inductor.codecache import PyCodeCache
 
-    known = {id(module) for module in PyCodeCache.modules}
+    # Only frozen code holds weights; the scan is skipped otherwise (this runs per frame without graphs).
+    track = generated is not None and options.get("freezing")
+    known = {id(module) for module in PyCodeCache.modules} if track else set()
     try:
         with inductor_config.patch(options):
             yield
     finally:
-        if generated is not None:
+        if track:
             generated.extend(m for m in PyCodeCache.modules if id(m) not in known and _holds_frozen(m))
 
 

@@ -40,6 +40,20 @@ def _fp8_friendly(module: torch.nn.Module, _name: str) -> bool:
     return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
+def apply_fp8(models) -> None:
+    """Quantize ``models.unet`` in place when fp8 can run here, else one warning saying why; sets
+    ``models.extras["fp8_linear_layers"]``. Never fails the load: it is an experiment."""
+    reason = fp8_unavailable(models.device, models.extras.get("loras"))
+    if reason:
+        logger.warning("SCOPE_STREAMDIFFUSION_FP8: staying in %s: %s.", models.dtype, reason)
+        return
+    try:
+        models.extras["fp8_linear_layers"] = quantize_unet_fp8(models.unet)
+    except Exception as exc:  # noqa: BLE001 - an experiment must not stop the load
+        logger.warning("SCOPE_STREAMDIFFUSION_FP8: torchao could not quantize the UNet (%s: %s); it may be partly "
+                       "fp8, the layers it did not reach stay in %s.", type(exc).__name__, exc, models.dtype)
+
+
 def quantize_unet_fp8(unet: torch.nn.Module) -> int:
     """Swap the UNet's linear layers for fp8 ones in place; returns how many were to be swapped."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,7 @@ class StreamDiffusion:
         self.output_lags = False  # whether the last call's outputs belong to an earlier call's frames
         self.frames_skipped = 0
         self._alphas_cumprod = models.alphas_cumprod.to(self.device)
-        self._schedules: dict = {}
+        self._schedules: OrderedDict = OrderedDict()
         if models.family.is_sdxl:
             # (original size, crop top-left, target size): no cropping, native size.
             self._time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
@@ -148,18 +149,19 @@ class StreamDiffusion:
     def _schedule(self, timesteps: tuple[int, ...]):
         # Cached: a modulated strength cycles through a few timestep sets, each a handful of
         # host-to-device copies to build. Schedules are never written to.
-        sched = self._schedules.pop(timesteps, None)
-        if sched is None:
-            sched = make_schedule(list(timesteps), self._alphas_cumprod, self.device, self.dtype)
-            while len(self._schedules) >= 64:
-                self._schedules.pop(next(iter(self._schedules)))
-        self._schedules[timesteps] = sched  # most recently used last
+        sched = self._schedules.get(timesteps)
+        if sched is not None:
+            self._schedules.move_to_end(timesteps)
+            return sched
+        sched = self._schedules[timesteps] = make_schedule(list(timesteps), self._alphas_cumprod, self.device, self.dtype)
+        while len(self._schedules) > 64:
+            self._schedules.popitem(last=False)
         return sched
 
-    def _prepare(self, settings: StreamSettings, img2img: bool) -> _Prepared:
+    def _prepare(self, settings: StreamSettings, img2img: bool, generations: tuple[int, int]) -> _Prepared:
+        """``generations``: (weights, text-encoder) counts of weights_changed(), read with ``settings``."""
         old = self._prepared
-        with self._lock:
-            weights_generation, text_generation = self._weights_generation, self._text_generation
+        weights_generation, text_generation = generations
         if old is not None and old.settings == settings and old.img2img == img2img \
                 and old.weights_generation == weights_generation:
             return old
@@ -243,13 +245,14 @@ class StreamDiffusion:
         """``images`` (F, 3, H, W) in [0, 1], or None for text-to-image -> (F, 3, H, W) in [0, 1]."""
         with self._lock:
             settings = self._settings
+            generations = (self._weights_generation, self._text_generation)
         img2img = images is not None
         frames = images.shape[0] if img2img else self.frame_buffer_size
         if img2img and settings.strength <= 0.0 and not settings.t_index_list:
             self.state = sampling.StreamState()  # nothing stale resurfaces when strength rises again
             self.output_lags = False
             return images.float().clamp(0, 1)
-        p = self._prepare(settings, img2img)
+        p = self._prepare(settings, img2img, generations)
         if img2img and settings.similar_image_filter:
             # Without a usable last output (first frame, new settings) the frame is still the reference.
             can_skip = self.last_output is not None and self.last_output.shape[0] == frames
