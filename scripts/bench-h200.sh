@@ -12,6 +12,9 @@
 #   bash scripts/bench-h200.sh 9   # R3: fp8 on SDXL-Turbo 1024², with the diffusers baseline (not run)
 #   bash scripts/bench-h200.sh 10  # R3: the default compile with two frames per call
 #   bash scripts/bench-h200.sh 11  # R3: SDXL-Turbo 1024², two frames per call, against diffusers batched
+#   bash scripts/bench-h200.sh 12  # R4: cuDNN engine search, fused attention projections, cuBLASLt
+#   bash scripts/bench-h200.sh 13  # R4: the new defaults (fused projections, frames converted in the graph)
+#   bash scripts/bench-h200.sh 14  # R4: SDXL-Turbo 1024² with them; frozen LCM; PDL
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -94,6 +97,45 @@ case "$part" in
   ;;
 11)
   bench r3-sdxl-fbs2 215 --workloads sdxl-turbo-1024 --modes compile --frame-buffer-size 2 --frames 40
+  ;;
+12)
+  # Round R4, first call: cuDNN timing every convolution engine (an experimental
+  # SCOPE_STREAMDIFFUSION_CUDNN_BENCHMARK_LIMIT=0, since removed: no gain), fused attention
+  # projections (off then: FUSE_QKV=0 reproduces that default), cuBLASLt; on one machine.
+  export SCOPE_STREAMDIFFUSION_FUSE_QKV=0
+  bench r4-default 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_CUDNN_BENCHMARK_LIMIT=0 \
+    bench r4-cudnn0 80 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_FUSE_QKV=1 \
+    bench r4-fuse 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_FUSE_QKV=1 SCOPE_STREAMDIFFUSION_CUDNN_BENCHMARK_LIMIT=0 \
+    bench r4-fuse-cudnn0 90 --workloads sd-turbo-img2img --modes none,compile --no-baseline --frames 150 --check --profile
+  SCOPE_STREAMDIFFUSION_FUSE_QKV=1 SCOPE_STREAMDIFFUSION_CUDNN_BENCHMARK_LIMIT=0 TORCH_BLAS_PREFER_CUBLASLT=1 \
+    bench r4-lt 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_FUSE_QKV=1 SCOPE_STREAMDIFFUSION_CUDNN_BENCHMARK_LIMIT=0 \
+    bench r4-txt 70 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  ;;
+13)
+  # Round R4, second call: the new defaults (fused projections, raw uint8 frames converted inside
+  # the step graph) against fused projections off, on one machine; txt2img, two frames per call,
+  # LCM; frozen weights (opt-in) on top.
+  bench r4-new 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_FUSE_QKV=0 \
+    bench r4-unfused 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  bench r4-new-txt 70 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  bench r4-new-fbs2 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frame-buffer-size 2 --frames 100 --profile
+  bench r4-new-lcm 130 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=1,conv_1x1_as_mm=1 \
+    bench r4-new-frozen 120 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  ;;
+14)
+  # Round R4, third call: SDXL-Turbo 1024² with the new defaults against diffusers; frozen weights
+  # (opt-in) on SD1.5 LCM; programmatic dependent launch on the new defaults.
+  bench r4-sdxl1024 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
+  SCOPE_STREAMDIFFUSION_INDUCTOR=freezing=1,conv_1x1_as_mm=1 \
+    bench r4-lcm-frozen 130 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_INDUCTOR=triton.enable_pdl=1 \
+    bench r4-pdl 130 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

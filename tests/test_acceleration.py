@@ -112,6 +112,39 @@ def test_static_step_matches_eager_and_runtime_changes_reuse_it(sd15_models, set
     assert len(runner._steps) == 1  # one batch shape -> one graph, whatever the runtime parameters
 
 
+def test_static_step_takes_raw_frames_and_converts_them_inside(sd15_models):
+    """Raw uint8 frames get their own static buffer and graph; the step converts them as the host
+    would have (the same frames out)."""
+    from scope_streamdiffusion.engine.frames import to_unit
+
+    raw = [(f.permute(0, 2, 3, 1) * 255).round().to(torch.uint8) for f in make_frames(4)]
+    expected = _run(sd15_models, None, [to_unit(r) for r in raw], num_inference_steps=2, guidance_scale=1.2,
+                    cfg_type=CfgType.SELF)
+    runner = acc.StepGraphs(use_graphs=False)
+    got = _run(sd15_models, runner, raw, num_inference_steps=2, guidance_scale=1.2, cfg_type=CfgType.SELF)
+    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
+    assert [key[0] for key in runner._steps] == [((1, 64, 64, 3), torch.uint8)]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_fused_attention_projections_compute_the_same_frames(tmp_path, family, request):
+    """Graph modes fuse each attention's q/k/v projections into one GEMM: the same function."""
+    folder = request.getfixturevalue(f"tiny_{family}")
+    models = load_models(str(folder), device=CPU, dtype=torch.float32, use_tiny_vae=False)
+    frames = make_frames(3)
+
+    def stream():
+        engine = StreamDiffusion(models, width=64, height=64, settings=StreamSettings(
+            num_inference_steps=2, cfg_type=CfgType.FULL, guidance_scale=1.5, prompts=(("a red fox", 1.0),)))
+        return [engine(f) for f in frames]
+
+    before = stream()
+    assert acc.fuse_projections(models.unet)
+    assert {type(p).__name__ for p in models.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    after = stream()
+    assert max((a - b).abs().max().item() for a, b in zip(before, after)) <= 1e-5
+
+
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):
     """Sweeping shapes for hours must not pile up graphs: at most MAX_GRAPHS stay, the ones in use."""
     monkeypatch.setattr(acc, "MAX_GRAPHS", 2)

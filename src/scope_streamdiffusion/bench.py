@@ -112,6 +112,9 @@ def _versions() -> dict:
         out["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         pass
+    # The opt-ins and library switches a figure was measured under.
+    out["settings"] = {k: v for k, v in sorted(os.environ.items())
+                       if k.startswith(("SCOPE_STREAMDIFFUSION_", "TORCH_BLAS", "TORCHINDUCTOR_"))}
     return out
 
 

@@ -190,7 +190,7 @@ class StreamDiffusionPipeline(Pipeline):
     def __call__(self, **kwargs: Any) -> dict:
         import torch
 
-        from .engine.frames import batch_to_frames, frames_to_batch
+        from .engine.frames import batch_to_frames, frames_to_batch, raw_batch
 
         if kwargs.get("init_cache"):
             self.engine.reset()
@@ -200,7 +200,9 @@ class StreamDiffusionPipeline(Pipeline):
             if video is None or isinstance(video, bool):
                 out = self.engine(None)
             else:
-                batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
+                batch = raw_batch(video, self.width, self.height, self.device)
+                if batch is None:
+                    batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
                 outs = [self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)]
                 out = outs[0] if len(outs) == 1 else torch.cat(outs)  # one group: no copy
         except torch.cuda.OutOfMemoryError as exc:

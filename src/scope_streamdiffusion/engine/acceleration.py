@@ -351,6 +351,21 @@ class StepGraphs:
         return out.clone()
 
 
+def fuse_projections(unet) -> bool:
+    """One GEMM for each self-attention's query, key and value (and each cross-attention's key and
+    value) instead of three (two): fewer, fuller kernels at one frame. Not with runtime LoRA adapters
+    (they sit on the separate projections). False where the model has no such attention."""
+    fuse = getattr(unet, "fuse_qkv_projections", None)
+    if fuse is None:
+        return False
+    try:
+        fuse()
+    except ValueError as exc:  # added KV projections (not in SD/SDXL UNets)
+        logger.info("fused attention projections not applied: %s", exc)
+        return False
+    return True
+
+
 # ----- wiring -------------------------------------------------------------------------------------
 def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None = None):
     """Apply the acceleration mode to loaded :class:`~.models.StreamModels` (in place) and return them.
@@ -367,6 +382,11 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode not in GRAPH_MODES:
         return models
     torch.backends.cudnn.benchmark = True
+    # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
+    # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own.
+    if mode != "tensorrt" and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0" \
+            and can_freeze(models.extras.get("loras")):  # no runtime LoRA adapters on the projections
+        models.extras["fused_projections"] = fuse_projections(models.unet)
     options = {}
     if mode == "compile":
         if fp8_requested():

@@ -2,6 +2,10 @@
 
 Resizing keeps the aspect ratio: the source is centre-cropped to the target aspect, then resized
 with antialiasing (a 16:9 webcam streamed at 512x512 keeps round faces round).
+
+Scope's usual frames (uint8 RGB at the stream's size) skip all of that: :func:`raw_batch` stacks
+them as they are and the model step converts them (:func:`to_unit`), inside its CUDA graph in the
+graph modes, so a call costs the host one copy instead of a conversion per frame.
 """
 
 from __future__ import annotations
@@ -86,6 +90,34 @@ def frames_to_batch(video, width: int, height: int, device: torch.device, dtype:
         raise ValueError("video is an empty list of frames")
     # Resized in float32, cast to the model's dtype once at the end.
     return torch.stack([fit(to_chw01(f, device).unsqueeze(0), width, height)[0] for f in video]).to(dtype)
+
+
+def raw_batch(video, width: int, height: int, device: torch.device) -> torch.Tensor | None:
+    """Frames that need no resizing or sanitising -- uint8, (1, H, W, 3) or (H, W, 3) at exactly
+    ``height`` x ``width``, one device -- as one uint8 (T, H, W, 3) batch on ``device``; else None
+    (the general path, :func:`frames_to_batch`)."""
+    shape = (height, width, 3)
+    if isinstance(video, torch.Tensor) and video.dim() == 4 and tuple(video.shape[1:]) == shape:
+        return video.to(device, non_blocking=True) if video.dtype == torch.uint8 else None
+    if not isinstance(video, (list, tuple)):
+        video = [video]
+    if not video or not all(isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and tuple(f.shape[-3:]) == shape
+                            and f.numel() == height * width * 3 for f in video):
+        return None
+    if len({f.device for f in video}) != 1:
+        return None
+    batch = video[0].reshape(1, *shape) if len(video) == 1 else torch.stack([f.reshape(shape) for f in video])
+    return batch.to(device, non_blocking=True)
+
+
+def to_unit(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A :func:`raw_batch` (uint8 (T, H, W, 3)) -> (T, 3, H, W) in [0, 1], computed as
+    :func:`frames_to_batch` computes it (the same values to the bit, left channels-last as the
+    convolutions want them); other batches pass through."""
+    if images.dtype != torch.uint8:
+        return images if dtype is None else images.to(dtype)
+    unit = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return unit if dtype is None else unit.to(dtype)
 
 
 def batch_to_frames(images: torch.Tensor) -> torch.Tensor:
