@@ -15,6 +15,7 @@
 #   bash scripts/bench-h200.sh 12  # R4: cuDNN engine search, fused attention projections, cuBLASLt
 #   bash scripts/bench-h200.sh 13  # R4: the new defaults (fused projections, frames converted in the graph)
 #   bash scripts/bench-h200.sh 14  # R4: SDXL-Turbo 1024² with them; frozen LCM; PDL
+#   bash scripts/bench-h200.sh 15  # R4: --check of the new defaults; two frames per call for txt2img, LCM
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -136,6 +137,12 @@ case "$part" in
     bench r4-lcm-frozen 130 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
   SCOPE_STREAMDIFFUSION_INDUCTOR=triton.enable_pdl=1 \
     bench r4-pdl 130 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  ;;
+15)
+  # Round R4, fourth call: correctness of the new defaults against eager (--check), and two frames
+  # per call for txt2img and LCM.
+  bench r4-check 150 --workloads sd-turbo-img2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 60 --check
+  bench r4-fbs2 200 --workloads sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frame-buffer-size 2 --frames 100 --profile
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

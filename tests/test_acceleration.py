@@ -138,11 +138,20 @@ def test_fused_attention_projections_compute_the_same_frames(tmp_path, family, r
             num_inference_steps=2, cfg_type=CfgType.FULL, guidance_scale=1.5, prompts=(("a red fox", 1.0),)))
         return [engine(f) for f in frames]
 
-    before = stream()
+    def storage_bytes():
+        return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in models.unet.parameters()}.values())
+
+    attn = next(m for m in models.unet.modules() if hasattr(m, "to_q") and not m.is_cross_attention)
+    x = torch.randn(2, 5, attn.to_q.in_features)
+    q, v = attn.to_q(x), attn.to_v(x)
+    before, memory = stream(), storage_bytes()
     assert acc.fuse_projections(models.unet)
     assert {type(p).__name__ for p in models.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
     after = stream()
     assert max((a - b).abs().max().item() for a, b in zip(before, after)) <= 1e-5
+    # The separate projections became views of the fused weights: no second copy, same values.
+    assert storage_bytes() == memory
+    assert torch.equal(attn.to_q(x), q) and torch.equal(attn.to_v(x), v)
 
 
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):

@@ -288,6 +288,14 @@ def _graph_replay_ms(pipe, device, replays: int = 50):
     return round(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), 3)
 
 
+def _unique_numel(module) -> int:
+    """Parameters counted once per storage: fused attention projections are views of one weight."""
+    seen = {}
+    for p in module.parameters():
+        seen.setdefault((p.untyped_storage().data_ptr(), p.device), p.untyped_storage().nbytes() // p.element_size())
+    return sum(seen.values())
+
+
 def _max_abs(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -416,8 +424,7 @@ def run(args) -> int:
                     pipe = bench.pipeline(name, wl, model_id, tiny_vae_id, mode, width, height)
                     call = (lambda group, p=pipe: p(video=group)) if wl.img2img else (lambda group, p=pipe: p())
                     models = pipe.engine.models
-                    extra = dict(acceleration=models.extras.get("acceleration"), unet_params=sum(
-                        p.numel() for p in models.unet.parameters()),
+                    extra = dict(acceleration=models.extras.get("acceleration"), unet_params=_unique_numel(models.unet),
                         fp8_linear_layers=models.extras.get("fp8_linear_layers"))
                     if arch:
                         from .testing.architectures import PARAM_COUNTS, resolve_kind
@@ -578,7 +585,7 @@ def _diffusers_baseline(bench: Runner, name: str, wl: Workload, model_id, tiny_v
             with torch.no_grad():
                 return pipe(num_inference_steps=steps, height=height, width=width,
                             generator=torch.Generator(device).manual_seed(0), **common).images
-    extra = dict(acceleration="diffusers " + type(pipe).__name__, unet_params=sum(p.numel() for p in models.unet.parameters()))
+    extra = dict(acceleration="diffusers " + type(pipe).__name__, unet_params=_unique_numel(models.unet))
     return call, pipe, extra
 
 

@@ -13,6 +13,7 @@ what it computes in ~5), so real time needs the host out of the loop:
   costs minutes the first time for each model and shape, and inductor's on-disk caches (under
   ``~/.cache/scope-streamdiffusion/inductor``) make later starts faster. Frozen weights are
   opt-in (:mod:`.inductor`).
+* In both, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`).
 * ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
   same whole-step CUDA graph.
 * ``"auto"`` (the default): ``"cudagraph"`` on CUDA, ``"none"`` elsewhere, silently.
@@ -363,6 +364,23 @@ def fuse_projections(unet) -> bool:
     except ValueError as exc:  # added KV projections (not in SD/SDXL UNets)
         logger.info("fused attention projections not applied: %s", exc)
         return False
+    # diffusers copies the weights into the fused layer and keeps the separate ones (+1.3 GB for
+    # SDXL in fp16): make the separate ones views of the fused weights instead, so the memory is
+    # not doubled and whatever still reads them (LoRA tooling, unfusing) sees the same values.
+    for module in unet.modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        if isinstance(getattr(module, "to_qkv", None), torch.nn.Linear):
+            fused, parts = module.to_qkv, [module.to_q, module.to_k, module.to_v]
+        else:
+            fused, parts = module.to_kv, [module.to_k, module.to_v]
+        for name in ("weight", "bias"):
+            whole = getattr(fused, name)
+            if whole is None:
+                continue
+            rows = whole.data.split([getattr(part, name).shape[0] for part in parts])
+            for part, view in zip(parts, rows):
+                setattr(part, name, torch.nn.Parameter(view, requires_grad=False))
     return True
 
 
@@ -383,8 +401,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         return models
     torch.backends.cudnn.benchmark = True
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
-    # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own.
-    if mode != "tensorrt" and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0" \
+    # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;
+    # fp8 (an experiment) was measured on the separate projections.
+    if mode != "tensorrt" and not fp8_requested() and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0" \
             and can_freeze(models.extras.get("loras")):  # no runtime LoRA adapters on the projections
         models.extras["fused_projections"] = fuse_projections(models.unet)
     options = {}
