@@ -154,6 +154,27 @@ def test_fused_attention_projections_compute_the_same_frames(tmp_path, family, r
     assert torch.equal(attn.to_q(x), q) and torch.equal(attn.to_v(x), v)
 
 
+def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd15, tiny_lcm_lora, monkeypatch):
+    """Runtime LoRA adapters sit on the separate q/k/v layers: fusing would silently drop them."""
+    from scope_streamdiffusion.testing.tiny_models import LORA_WEIGHT_NAME
+
+    monkeypatch.setattr(acc, "resolve_acceleration", lambda requested, device: "cudagraph")  # a graph mode on CPU
+
+    def fused(**kw):
+        models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False,
+                             acceleration="cudagraph", **kw)
+        names = {type(p).__name__ for p in models.unet.attn_processors.values()}
+        assert bool(models.extras.get("fused_projections")) == (names == {"FusedAttnProcessor2_0"})
+        return bool(models.extras.get("fused_projections"))
+
+    lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
+    assert fused()
+    assert fused(loras=lora, lora_merge_mode="permanent_merge")  # merged into the weights first
+    assert not fused(loras=lora, lora_merge_mode="runtime_peft")
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_FUSE_QKV", "0")
+    assert not fused()
+
+
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):
     """Sweeping shapes for hours must not pile up graphs: at most MAX_GRAPHS stay, the ones in use."""
     monkeypatch.setattr(acc, "MAX_GRAPHS", 2)

@@ -292,7 +292,11 @@ def _unique_numel(module) -> int:
     """Parameters counted once per storage: fused attention projections are views of one weight."""
     seen = {}
     for p in module.parameters():
-        seen.setdefault((p.untyped_storage().data_ptr(), p.device), p.untyped_storage().nbytes() // p.element_size())
+        try:
+            key, count = (p.untyped_storage().data_ptr(), p.device), p.untyped_storage().nbytes() // p.element_size()
+        except RuntimeError:  # tensor subclasses (fp8 weights) have no plain storage
+            key, count = id(p), p.numel()
+        seen.setdefault(key, count)
     return sum(seen.values())
 
 

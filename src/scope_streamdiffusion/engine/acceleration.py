@@ -356,24 +356,27 @@ def fuse_projections(unet) -> bool:
     """One GEMM for each self-attention's query, key and value (and each cross-attention's key and
     value) instead of three (two): fewer, fuller kernels at one frame. Not with runtime LoRA adapters
     (they sit on the separate projections). False where the model has no such attention."""
-    fuse = getattr(unet, "fuse_qkv_projections", None)
-    if fuse is None:
-        return False
     try:
-        fuse()
-    except ValueError as exc:  # added KV projections (not in SD/SDXL UNets)
-        logger.info("fused attention projections not applied: %s", exc)
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+    except ImportError:
         return False
-    # diffusers copies the weights into the fused layer and keeps the separate ones (+1.3 GB for
-    # SDXL in fp16): make the separate ones views of the fused weights instead, so the memory is
-    # not doubled and whatever still reads them (LoRA tooling, unfusing) sees the same values.
+    processors = getattr(unet, "attn_processors", {})
+    if not processors or any("Added" in type(p).__name__ for p in processors.values()):
+        return False  # added KV projections (not in SD/SDXL UNets): diffusers cannot fuse them
+    # What UNet2DConditionModel.fuse_qkv_projections() does, one attention at a time: diffusers
+    # copies the weights into the fused layer and keeps the separate ones (+1.3 GB for SDXL in fp16).
+    # Here the separate ones become views of the fused weights at once, so memory never holds both
+    # for more than one layer, and whatever still reads them (LoRA tooling, unfusing) sees the same values.
+    unet.original_attn_processors = processors
     for module in unet.modules():
-        if not getattr(module, "fused_projections", False):
+        if not isinstance(module, Attention):
             continue
-        if isinstance(getattr(module, "to_qkv", None), torch.nn.Linear):
-            fused, parts = module.to_qkv, [module.to_q, module.to_k, module.to_v]
-        else:
+        module.fuse_projections(fuse=True)
+        if module.is_cross_attention:
             fused, parts = module.to_kv, [module.to_k, module.to_v]
+        else:
+            fused, parts = module.to_qkv, [module.to_q, module.to_k, module.to_v]
+        fused.requires_grad_(False)
         for name in ("weight", "bias"):
             whole = getattr(fused, name)
             if whole is None:
@@ -381,6 +384,7 @@ def fuse_projections(unet) -> bool:
             rows = whole.data.split([getattr(part, name).shape[0] for part in parts])
             for part, view in zip(parts, rows):
                 setattr(part, name, torch.nn.Parameter(view, requires_grad=False))
+    unet.set_attn_processor(FusedAttnProcessor2_0())
     return True
 
 
@@ -403,12 +407,13 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
     # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;
     # fp8 (an experiment) was measured on the separate projections.
-    if mode != "tensorrt" and not fp8_requested() and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0" \
+    fp8 = mode == "compile" and fp8_requested()
+    if mode != "tensorrt" and not fp8 and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0" \
             and can_freeze(models.extras.get("loras")):  # no runtime LoRA adapters on the projections
         models.extras["fused_projections"] = fuse_projections(models.unet)
     options = {}
     if mode == "compile":
-        if fp8_requested():
+        if fp8:
             apply_fp8(models)
         compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))

@@ -98,7 +98,8 @@ def raw_batch(video, width: int, height: int, device: torch.device) -> torch.Ten
     (the general path, :func:`frames_to_batch`)."""
     shape = (height, width, 3)
     if isinstance(video, torch.Tensor) and video.dim() == 4 and tuple(video.shape[1:]) == shape:
-        return video.to(device, non_blocking=True) if video.dtype == torch.uint8 else None
+        ok = video.dtype == torch.uint8 and video.shape[0] > 0  # empty: the general path's clear error
+        return video.to(device, non_blocking=True) if ok else None
     if not isinstance(video, (list, tuple)):
         video = [video]
     if not video or not all(isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and tuple(f.shape[-3:]) == shape
@@ -113,9 +114,9 @@ def raw_batch(video, width: int, height: int, device: torch.device) -> torch.Ten
 def to_unit(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A :func:`raw_batch` (uint8 (T, H, W, 3)) -> (T, 3, H, W) in [0, 1], computed as
     :func:`frames_to_batch` computes it (the same values to the bit, left channels-last as the
-    convolutions want them); other batches pass through."""
+    convolutions want them) in ``dtype`` (float32 by default); other batches pass through unchanged."""
     if images.dtype != torch.uint8:
-        return images if dtype is None else images.to(dtype)
+        return images
     unit = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
     return unit if dtype is None else unit.to(dtype)
 
