@@ -16,6 +16,7 @@
 #   bash scripts/bench-h200.sh 13  # R4: the new defaults (fused projections, frames converted in the graph)
 #   bash scripts/bench-h200.sh 14  # R4: SDXL-Turbo 1024² with them; frozen LCM; PDL
 #   bash scripts/bench-h200.sh 15  # R4: --check of the new defaults; two frames per call for txt2img, LCM
+#   bash scripts/bench-h200.sh 16  # (not run yet) webcam-size frames: resized in the graph vs on the host
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -143,6 +144,16 @@ case "$part" in
   # per call for txt2img and LCM.
   bench r4-check 150 --workloads sd-turbo-img2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 60 --check
   bench r4-fbs2 200 --workloads sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frame-buffer-size 2 --frames 100 --profile
+  ;;
+16)
+  # Not run yet: frames at a webcam's size (resized inside the step graph) against host-side
+  # conversion, one frame and two frames per call.
+  bench src-graph 130 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
+    bench src-host 80 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
+  bench src-graph-fbs2 110 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frame-buffer-size 2 --frames 100 --profile
+  SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
+    bench src-host-fbs2 80 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frame-buffer-size 2 --frames 100 --profile
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

@@ -118,7 +118,7 @@ def test_static_step_takes_raw_frames_and_converts_them_inside(sd15_models):
     from scope_streamdiffusion.engine.frames import to_unit
 
     raw = [(f.permute(0, 2, 3, 1) * 255).round().to(torch.uint8) for f in make_frames(4)]
-    expected = _run(sd15_models, None, [to_unit(r) for r in raw], num_inference_steps=2, guidance_scale=1.2,
+    expected = _run(sd15_models, None, [to_unit(r, 64, 64) for r in raw], num_inference_steps=2, guidance_scale=1.2,
                     cfg_type=CfgType.SELF)
     runner = acc.StepGraphs(use_graphs=False)
     got = _run(sd15_models, runner, raw, num_inference_steps=2, guidance_scale=1.2, cfg_type=CfgType.SELF)
@@ -309,12 +309,13 @@ def test_bench_frame_buffer_size_feeds_groups_and_counts_frames(tiny_sd15, tiny_
         "--model", str(tiny_sd15), "--tiny-vae-id", str(tiny_taesd), "--workloads", "sd-turbo-img2img,sd-turbo-txt2img",
         "--modes", "none", "--frames", "3", "--warmup", "1", "--width", "64", "--height", "64",
         "--frame-buffer-size", "2", "--device", "cpu", "--check", "--profile", "--json", str(out),
+        "--source-size", "80x48",  # frames as a webcam sends them: resized on the way in
     ])
     assert code == 0
     report = json.loads(out.read_text())
     for row in report["results"]:  # the diffusers baseline too: two images per call
         assert "error" not in row, row.get("error")
-        assert row["frames_per_call"] == 2 and row["calls"] == 3
+        assert row["frames_per_call"] == 2 and row["calls"] == 3 and row["source_size"] == "80x48"
         assert row["fps_p50"] == pytest.approx(2e3 / row["p50_ms"], rel=0.01)
     none = [r for r in report["results"] if r["mode"] == "none"]
     assert all(r["profile"]["frames_per_call"] == 2 for r in none)

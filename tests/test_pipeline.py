@@ -33,44 +33,63 @@ def test_frames_in_any_layout_come_out_as_scope_wants(pipe):
     assert out.shape == (2, 64, 64, 3)
 
 
-def test_frames_at_the_stream_size_skip_the_host_conversion_and_give_the_same_frames(tiny_sd15, monkeypatch):
-    """Scope's usual frames (uint8 at the stream's size) go to the model step raw and are converted
-    there; the frames that come out are the general path's, also with the filter on (the same input
-    values, in channels-last layout: convolutions may round differently)."""
-    from scope_streamdiffusion.engine import frames as frames_mod
-
+@pytest.mark.parametrize("source", [(64, 64), (48, 80)], ids=["stream-size", "webcam-size"])
+def test_uint8_frames_skip_the_host_conversion_and_give_the_same_frames(tiny_sd15, monkeypatch, source):
+    """Scope's frames (uint8, the source's size) go to the model step raw and are converted and
+    resized there -- at the stream's size at once, from another size once the source is steady. The
+    frames that come out are the general path's, also with the filter on (the same input values, in
+    channels-last layout: convolutions may round differently)."""
     kw = dict(model_id=str(tiny_sd15), num_inference_steps=2, frame_buffer_size=2, similar_image_filter=True,
               similar_image_filter_threshold=0.9, **SIZE)
-    inputs = [[uint8_frame(64, 64, seed=s), uint8_frame(64, 64, seed=s)] for s in (0, 0, 1, 2)]
-    inputs.append([uint8_frame(64, 64, seed=3)])  # a short group, padded
+    h, w = source
+    inputs = [[uint8_frame(h, w, seed=s), uint8_frame(h, w, seed=s)] for s in (0, 0, 1, 2)]
+    inputs.append([uint8_frame(h, w, seed=3)])  # a short group, padded
     fast = StreamDiffusionPipeline(**kw)
     seen = []
     fast.engine.encode_images = lambda images, f=fast.engine.encode_images: seen.append(images.dtype) or f(images)
     got = [fast(video=v)["video"] for v in inputs]
-    assert seen and set(seen) == {torch.uint8}
-    monkeypatch.setattr(frames_mod, "raw_batch", lambda *a: None)  # the general path
+    learned = 0 if source == (64, 64) else 1  # from another size, the first call learns the source
+    assert torch.uint8 not in seen[:learned] and set(seen[learned:]) == {torch.uint8}
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_RAW_FRAMES", "0")  # the general path
     slow = StreamDiffusionPipeline(**kw)
+    seen.clear()
+    slow.engine.encode_images = lambda images, f=slow.engine.encode_images: seen.append(images.dtype) or f(images)
     want = [slow(video=v)["video"] for v in inputs]
+    assert torch.uint8 not in seen
     assert fast.engine.frames_skipped == slow.engine.frames_skipped
     assert max((a - b).abs().max().item() for a, b in zip(got, want)) <= 1e-5
-    frame = uint8_frame(64, 64)
-    assert torch.equal(fast(video=[frame], strength=0.0)["video"], slow(video=[frame], strength=0.0)["video"])
+    frame = uint8_frame(h, w)
+    assert torch.allclose(fast(video=[frame], strength=0.0)["video"], slow(video=[frame], strength=0.0)["video"],
+                          atol=1e-6)
 
 
-def test_raw_batch_takes_only_frames_that_need_nothing_else():
+def test_sizes_that_change_every_call_take_the_general_path(pipe):
+    """One graph per source size: a source whose size changes every call would capture one each time."""
+    seen = []
+    pipe.engine.encode_images = lambda images, f=pipe.engine.encode_images: seen.append(images.dtype) or f(images)
+    for h in (40, 48, 56, 40):
+        pipe(video=[uint8_frame(h, 80)])
+    assert torch.uint8 not in seen
+    pipe(video=[uint8_frame(40, 80)])  # the same size twice in a row: steady
+    assert seen[-1] == torch.uint8
+
+
+def test_raw_batch_takes_uint8_rgb_frames_of_one_size():
     from scope_streamdiffusion.engine.frames import frames_to_batch, raw_batch, to_unit
 
     cpu = torch.device("cpu")
     a, b = uint8_frame(64, 32, seed=1), uint8_frame(64, 32, seed=2)
     for video in ([a], [a, b], torch.cat([a, b]), [a[0], b[0]]):
-        raw = raw_batch(video, 32, 64, cpu)
+        raw = raw_batch(video)
         assert raw.dtype == torch.uint8 and raw.shape[1:] == (64, 32, 3)
-        assert torch.equal(to_unit(raw, torch.float16), frames_to_batch(video, 32, 64, cpu, torch.float16))
-    assert raw_batch([a], 64, 64, cpu) is None  # another size: resized by the general path
-    assert raw_batch([a.float() / 255], 32, 64, cpu) is None  # floats are sanitised there
-    assert raw_batch([a, uint8_frame(48, 32)], 32, 64, cpu) is None
-    assert raw_batch([a.permute(0, 3, 1, 2)], 32, 64, cpu) is None  # channels first
-    assert raw_batch([], 32, 64, cpu) is None
+        for width, height in ((32, 64), (48, 48), (16, 24)):  # as is, cropped and resized, downscaled
+            assert torch.equal(to_unit(raw, width, height, torch.float16),
+                               frames_to_batch(video, width, height, cpu, torch.float16))
+    assert raw_batch([a.float() / 255]) is None  # floats are sanitised by the general path
+    assert raw_batch([a, uint8_frame(48, 32)]) is None  # sizes differ within a call
+    assert raw_batch([a.permute(0, 3, 1, 2)]) is None  # channels first
+    assert raw_batch([torch.zeros(1, 8, 8, 4, dtype=torch.uint8)]) is None  # RGBA
+    assert raw_batch([]) is None and raw_batch(torch.zeros(0, 8, 8, 3, dtype=torch.uint8)) is None
 
 
 def test_text_to_image_without_video(pipe):

@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-tiny-vae", action="store_true", help="use the model's full VAE")
     parser.add_argument("--width", type=int, default=None, help="override the workload's size")
     parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--source-size", default=None, metavar="WxH",
+                        help="size of the input frames, e.g. 1280x720 as a webcam sends them to Scope (default: "
+                             "the stream's); the pipeline resizes them, the diffusers baseline gets them resized")
     parser.add_argument("--frame-buffer-size", type=int, default=1)
     parser.add_argument("--frames", type=int, default=100, help="timed frames per mode")
     parser.add_argument("--warmup", type=int, default=5, help="untimed frames first (compilation, capture)")
@@ -288,6 +291,19 @@ def _graph_replay_ms(pipe, device, replays: int = 50):
     return round(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), 3)
 
 
+def _source_size(text, width: int, height: int) -> tuple[int, int]:
+    """``--source-size`` "WxH" -> (w, h); the stream's size when not given."""
+    if not text:
+        return width, height
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--source-size {text!r}: expected WIDTHxHEIGHT, e.g. 1280x720") from None
+    if w < 1 or h < 1:
+        raise SystemExit(f"--source-size {text!r}: both sides must be at least 1")
+    return w, h
+
+
 def _unique_numel(module) -> int:
     """Parameters counted once per storage: fused attention projections are views of one weight."""
     seen = {}
@@ -409,12 +425,14 @@ def run(args) -> int:
             logger.info("%s: random-weight %s ready in %.1fs", name, arch, time.perf_counter() - t0)
         # 8 distinct frames; each call takes frame_buffer_size of them (Scope's groups), in rotation.
         fbs = args.frame_buffer_size
-        frames = make_frames(8, height, width, device)
+        source_w, source_h = _source_size(args.source_size, width, height)
+        frames = make_frames(8, source_h, source_w, device)
         inputs = [[frames[(i * fbs + j) % len(frames)] for j in range(fbs)] for i in range(len(frames))]
         results: dict[str, dict] = {}
         none_ref = None
         for mode in (["diffusers"] if not args.no_baseline else []) + modes:
             row = dict(workload=name, mode=mode, model=model_id, arch=arch, width=width, height=height,
+                       source_size=f"{source_w}x{source_h}",
                        img2img=wl.img2img, target_fps=wl.target_fps, note=wl.note, **wl.settings)
             env = {k: v for k, v in os.environ.items() if k.startswith("SCOPE_STREAMDIFFUSION_") and mode != "diffusers"}
             if env:
@@ -580,6 +598,8 @@ def _diffusers_baseline(bench: Runner, name: str, wl: Workload, model_id, tiny_v
 
         def call(group):
             image = torch.cat(group).permute(0, 3, 1, 2).to(dtype) / 255.0
+            if image.shape[-2:] != (height, width):  # frames from a source of another size
+                image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", antialias=True)
             with torch.no_grad():
                 return pipe(image=image, num_inference_steps=n_sched, strength=strength, **common).images
     else:

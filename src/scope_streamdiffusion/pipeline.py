@@ -9,6 +9,7 @@ stays in force until a later call changes it; unknown keys are ignored.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ._scope import Pipeline, Requirements
@@ -84,6 +85,10 @@ class StreamDiffusionPipeline(Pipeline):
         self.dtype = _pick_dtype(p["dtype"], self.device)
         self.width, self.height = snap_to_multiple(p["width"]), snap_to_multiple(p["height"])
         self.frame_buffer_size = p["frame_buffer_size"]
+        # uint8 frames go to the model step raw and are converted (and resized) inside its graph;
+        # SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 converts every frame on the host first, as before.
+        self._raw_frames = os.environ.get("SCOPE_STREAMDIFFUSION_RAW_FRAMES", "1") != "0"
+        self._source_size: tuple[int, int] | None = None
         self._settings_fields = set(StreamSettings.__dataclass_fields__)
         self._transition: PromptTransition | None = None
         self._interp_method = self._interpolation(kwargs, "linear")
@@ -200,7 +205,7 @@ class StreamDiffusionPipeline(Pipeline):
             if video is None or isinstance(video, bool):
                 out = self.engine(None)
             else:
-                batch = raw_batch(video, self.width, self.height, self.device)
+                batch = self._raw(raw_batch(video)) if self._raw_frames else None
                 if batch is None:
                     batch = frames_to_batch(video, self.width, self.height, self.device, self.dtype)
                 outs = [self._run_chunk(chunk) for chunk in batch.split(self.frame_buffer_size)]
@@ -216,6 +221,18 @@ class StreamDiffusionPipeline(Pipeline):
                 "Fix: lower the resolution, steps or frames per call, use the tiny VAE, or free GPU memory."
             ) from exc
         return {"video": batch_to_frames(out)}
+
+    def _raw(self, batch):
+        """The raw uint8 batch on the device, for frames at the stream's size or from a steady source
+        (the same size as the last call's: the graph modes capture one graph per source size, so
+        sizes that change every call take the general path instead)."""
+        if batch is None:
+            return None
+        size, previous = tuple(batch.shape[1:3]), self._source_size
+        self._source_size = size
+        if size != (self.height, self.width) and size != previous:
+            return None
+        return batch.to(self.device, non_blocking=True)
 
     def _run_chunk(self, chunk):
         import torch

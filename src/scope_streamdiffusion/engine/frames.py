@@ -3,9 +3,9 @@
 Resizing keeps the aspect ratio: the source is centre-cropped to the target aspect, then resized
 with antialiasing (a 16:9 webcam streamed at 512x512 keeps round faces round).
 
-Scope's usual frames (uint8 RGB at the stream's size) skip all of that: :func:`raw_batch` stacks
-them as they are and the model step converts them (:func:`to_unit`), inside its CUDA graph in the
-graph modes, so a call costs the host one copy instead of a conversion per frame.
+Scope's frames (uint8 RGB, the source's size) can skip the host side of that: :func:`raw_batch`
+stacks them as they are and the model step converts and resizes them (:func:`to_unit`), inside its
+CUDA graph in the graph modes, so a call costs the host one copy instead of a conversion per frame.
 """
 
 from __future__ import annotations
@@ -92,32 +92,30 @@ def frames_to_batch(video, width: int, height: int, device: torch.device, dtype:
     return torch.stack([fit(to_chw01(f, device).unsqueeze(0), width, height)[0] for f in video]).to(dtype)
 
 
-def raw_batch(video, width: int, height: int, device: torch.device) -> torch.Tensor | None:
-    """Frames that need no resizing or sanitising -- uint8, (1, H, W, 3) or (H, W, 3) at exactly
-    ``height`` x ``width``, one device -- as one uint8 (T, H, W, 3) batch on ``device``; else None
-    (the general path, :func:`frames_to_batch`)."""
-    shape = (height, width, 3)
-    if isinstance(video, torch.Tensor) and video.dim() == 4 and tuple(video.shape[1:]) == shape:
-        ok = video.dtype == torch.uint8 and video.shape[0] > 0  # empty: the general path's clear error
-        return video.to(device, non_blocking=True) if ok else None
+def raw_batch(video) -> torch.Tensor | None:
+    """uint8 RGB frames of one size -- (1, H, W, 3) or (H, W, 3) each, or one (T, H, W, 3) tensor, on
+    one device -- as one uint8 (T, H, W, 3) batch, untouched, where they are; else None (the general
+    path, :func:`frames_to_batch`). :func:`to_unit` converts and resizes it later."""
+    if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[-1] == 3 and video.shape[0] > 1:
+        return video if video.dtype == torch.uint8 else None
     if not isinstance(video, (list, tuple)):
         video = [video]
-    if not video or not all(isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and tuple(f.shape[-3:]) == shape
-                            and f.numel() == height * width * 3 for f in video):
+    if not video or not all(isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and f.dim() in (3, 4)
+                            and f.shape[-1] == 3 and f.numel() == 3 * f.shape[-3] * f.shape[-2] > 0 for f in video):
         return None
-    if len({f.device for f in video}) != 1:
+    shape = tuple(video[0].shape[-3:])
+    if any(tuple(f.shape[-3:]) != shape for f in video) or len({f.device for f in video}) != 1:
         return None
-    batch = video[0].reshape(1, *shape) if len(video) == 1 else torch.stack([f.reshape(shape) for f in video])
-    return batch.to(device, non_blocking=True)
+    return video[0].reshape(1, *shape) if len(video) == 1 else torch.stack([f.reshape(shape) for f in video])
 
 
-def to_unit(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A :func:`raw_batch` (uint8 (T, H, W, 3)) -> (T, 3, H, W) in [0, 1], computed as
-    :func:`frames_to_batch` computes it (the same values to the bit, left channels-last as the
-    convolutions want them) in ``dtype`` (float32 by default); other batches pass through unchanged."""
+def to_unit(images: torch.Tensor, width: int, height: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A :func:`raw_batch` (uint8 (T, h, w, 3)) -> (T, 3, height, width) in [0, 1], computed as
+    :func:`frames_to_batch` computes it (the same values, left channels-last as the convolutions
+    want them) in ``dtype`` (float32 by default); other batches pass through unchanged."""
     if images.dtype != torch.uint8:
         return images
-    unit = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    unit = fit(images.permute(0, 3, 1, 2).to(torch.float32) / 255.0, width, height)
     return unit if dtype is None else unit.to(dtype)
 
 

@@ -1,8 +1,8 @@
 """The StreamDiffusion engine: loaded models + settings + stream state -> frames.
 
 ``StreamDiffusion(models, width=..., height=...)`` then ``engine(images)`` with ``images`` a
-``(F, 3, H, W)`` batch in [0, 1] or a uint8 ``(F, H, W, 3)`` one from :func:`.frames.raw_batch`
-(img2img), or ``None`` (txt2img). Settings change with
+``(F, 3, H, W)`` batch in [0, 1] or a uint8 ``(F, h, w, 3)`` one of any size from
+:func:`.frames.raw_batch` (img2img), or ``None`` (txt2img). Settings change with
 ``engine.update(**changes)`` from any thread: a call works on one immutable snapshot of them, so
 it never sees a half-applied update. Nothing here reloads a model.
 """
@@ -208,8 +208,8 @@ class StreamDiffusion:
     # ----- models -----------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.models.vae
-        # Raw uint8 frames are converted here: inside the captured step in the graph modes.
-        x = (to_unit(images, self.dtype) * 2 - 1).to(self.models.vae_dtype)
+        # Raw uint8 frames are converted and resized here: inside the captured step in the graph modes.
+        x = (to_unit(images, self.width, self.height, self.dtype) * 2 - 1).to(self.models.vae_dtype)
         if self.models.is_tiny_vae:
             z = vae.encode(x).latents
         else:
@@ -245,7 +245,7 @@ class StreamDiffusion:
     # ----- one call -----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, images: torch.Tensor | None = None) -> torch.Tensor:
-        """``images`` (F, 3, H, W) in [0, 1] or raw uint8 (F, H, W, 3), or None for text-to-image
+        """``images`` (F, 3, H, W) in [0, 1] or raw uint8 (F, h, w, 3), or None for text-to-image
         -> (F, 3, H, W) in [0, 1]."""
         with self._lock:
             settings = self._settings
@@ -255,12 +255,12 @@ class StreamDiffusion:
         if img2img and settings.strength <= 0.0 and not settings.t_index_list:
             self.state = sampling.StreamState()  # nothing stale resurfaces when strength rises again
             self.output_lags = False
-            return to_unit(images).float().clamp(0, 1)
+            return to_unit(images, self.width, self.height).float().clamp(0, 1)
         p = self._prepare(settings, img2img, generations)
         if img2img and settings.similar_image_filter:
             # Without a usable last output (first frame, new settings) the frame is still the reference.
             can_skip = self.last_output is not None and self.last_output.shape[0] == frames
-            if self.filter.should_skip(to_unit(images), can_skip=can_skip):
+            if self.filter.should_skip(to_unit(images, self.width, self.height), can_skip=can_skip):
                 self.frames_skipped += frames
                 return self.last_output
         n = p.sched.num_steps
