@@ -117,13 +117,14 @@ def test_static_step_takes_raw_frames_and_converts_them_inside(sd15_models):
     would have (the same frames out)."""
     from scope_streamdiffusion.engine.frames import to_unit
 
-    raw = [(f.permute(0, 2, 3, 1) * 255).round().to(torch.uint8) for f in make_frames(4)]
+    raw = [(f.permute(0, 2, 3, 1) * 255).round().to(torch.uint8) for f in make_frames(4, size=96)]
+    raw = [r[:, :, 8:88] for r in raw]  # 96x80, not contiguous: cropped to square and downscaled in the step
     expected = _run(sd15_models, None, [to_unit(r, 64, 64) for r in raw], num_inference_steps=2, guidance_scale=1.2,
                     cfg_type=CfgType.SELF)
     runner = acc.StepGraphs(use_graphs=False)
     got = _run(sd15_models, runner, raw, num_inference_steps=2, guidance_scale=1.2, cfg_type=CfgType.SELF)
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
-    assert [key[0] for key in runner._steps] == [((1, 64, 64, 3), torch.uint8)]
+    assert [key[0] for key in runner._steps] == [((1, 96, 80, 3), torch.uint8)]
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -33,7 +33,7 @@ def test_frames_in_any_layout_come_out_as_scope_wants(pipe):
     assert out.shape == (2, 64, 64, 3)
 
 
-@pytest.mark.parametrize("source", [(64, 64), (48, 80)], ids=["stream-size", "webcam-size"])
+@pytest.mark.parametrize("source", [(64, 64), (48, 80), (96, 128)], ids=["stream-size", "upscaled", "downscaled"])
 def test_uint8_frames_skip_the_host_conversion_and_give_the_same_frames(tiny_sd15, monkeypatch, source):
     """Scope's frames (uint8, the source's size) go to the model step raw and are converted and
     resized there -- at the stream's size at once, from another size once the source is steady. The
@@ -42,13 +42,15 @@ def test_uint8_frames_skip_the_host_conversion_and_give_the_same_frames(tiny_sd1
     kw = dict(model_id=str(tiny_sd15), num_inference_steps=2, frame_buffer_size=2, similar_image_filter=True,
               similar_image_filter_threshold=0.9, **SIZE)
     h, w = source
-    inputs = [[uint8_frame(h, w, seed=s), uint8_frame(h, w, seed=s)] for s in (0, 0, 1, 2)]
+    inputs = [[uint8_frame(h, w, seed=s), uint8_frame(h, w, seed=s)] for s in (0, 1, 2, 2, 4)]
     inputs.append([uint8_frame(h, w, seed=3)])  # a short group, padded
     fast = StreamDiffusionPipeline(**kw)
     seen = []
     fast.engine.encode_images = lambda images, f=fast.engine.encode_images: seen.append(images.dtype) or f(images)
     got = [fast(video=v)["video"] for v in inputs]
-    learned = 0 if source == (64, 64) else 1  # from another size, the first call learns the source
+    from scope_streamdiffusion.pipeline import STEADY_CALLS
+
+    learned = 0 if source == (64, 64) else STEADY_CALLS - 1  # another size: raw once the source is steady
     assert torch.uint8 not in seen[:learned] and set(seen[learned:]) == {torch.uint8}
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_RAW_FRAMES", "0")  # the general path
     slow = StreamDiffusionPipeline(**kw)
@@ -56,7 +58,7 @@ def test_uint8_frames_skip_the_host_conversion_and_give_the_same_frames(tiny_sd1
     slow.engine.encode_images = lambda images, f=slow.engine.encode_images: seen.append(images.dtype) or f(images)
     want = [slow(video=v)["video"] for v in inputs]
     assert torch.uint8 not in seen
-    assert fast.engine.frames_skipped == slow.engine.frames_skipped
+    assert fast.engine.frames_skipped == slow.engine.frames_skipped > 0  # the repeated group
     assert max((a - b).abs().max().item() for a, b in zip(got, want)) <= 1e-5
     frame = uint8_frame(h, w)
     assert torch.allclose(fast(video=[frame], strength=0.0)["video"], slow(video=[frame], strength=0.0)["video"],
@@ -67,10 +69,13 @@ def test_sizes_that_change_every_call_take_the_general_path(pipe):
     """One graph per source size: a source whose size changes every call would capture one each time."""
     seen = []
     pipe.engine.encode_images = lambda images, f=pipe.engine.encode_images: seen.append(images.dtype) or f(images)
-    for h in (40, 48, 56, 40):
-        pipe(video=[uint8_frame(h, 80)])
+    from scope_streamdiffusion.pipeline import STEADY_CALLS
+
+    for h in (40, 48, 48, 56, 40, 40):
+        pipe(video=[uint8_frame(h, 80, seed=h)])
     assert torch.uint8 not in seen
-    pipe(video=[uint8_frame(40, 80)])  # the same size twice in a row: steady
+    for _ in range(STEADY_CALLS - 2):  # 40 px, STEADY_CALLS times in a row: steady
+        pipe(video=[uint8_frame(40, 80, seed=1)])
     assert seen[-1] == torch.uint8
 
 
@@ -90,6 +95,15 @@ def test_raw_batch_takes_uint8_rgb_frames_of_one_size():
     assert raw_batch([a.permute(0, 3, 1, 2)]) is None  # channels first
     assert raw_batch([torch.zeros(1, 8, 8, 4, dtype=torch.uint8)]) is None  # RGBA
     assert raw_batch([]) is None and raw_batch(torch.zeros(0, 8, 8, 3, dtype=torch.uint8)) is None
+    assert raw_batch(torch.zeros(2, 0, 8, 3, dtype=torch.uint8)) is None
+
+
+def test_empty_frames_sent_again_and_again_stay_one_clear_error(pipe):
+    empty = torch.zeros(2, 0, 8, 3, dtype=torch.uint8)
+    for _ in range(4):
+        with pytest.raises(ValueError, match="empty frame"):
+            pipe(video=empty)
+    assert pipe(video=[uint8_frame()])["video"].shape == (1, 64, 64, 3)
 
 
 def test_text_to_image_without_video(pipe):

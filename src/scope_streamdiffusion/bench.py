@@ -548,6 +548,7 @@ def _diffusers_baseline(bench: Runner, name: str, wl: Workload, model_id, tiny_v
         StableDiffusionXLPipeline,
     )
 
+    from .engine.frames import fit
     from .engine.models import load_models
 
     device = bench.device
@@ -599,7 +600,7 @@ def _diffusers_baseline(bench: Runner, name: str, wl: Workload, model_id, tiny_v
         def call(group):
             image = torch.cat(group).permute(0, 3, 1, 2).to(dtype) / 255.0
             if image.shape[-2:] != (height, width):  # frames from a source of another size
-                image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", antialias=True)
+                image = fit(image, width, height)
             with torch.no_grad():
                 return pipe(image=image, num_inference_steps=n_sched, strength=strength, **common).images
     else:

@@ -68,6 +68,9 @@ class PromptTransition:
         return mix, False
 
 
+STEADY_CALLS = 3  # calls at one source size before its frames are resized inside the step graph
+
+
 class StreamDiffusionPipeline(Pipeline):
     @classmethod
     def get_config_class(cls):
@@ -89,6 +92,7 @@ class StreamDiffusionPipeline(Pipeline):
         # SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 converts every frame on the host first, as before.
         self._raw_frames = os.environ.get("SCOPE_STREAMDIFFUSION_RAW_FRAMES", "1") != "0"
         self._source_size: tuple[int, int] | None = None
+        self._source_calls = 0  # consecutive calls at that size
         self._settings_fields = set(StreamSettings.__dataclass_fields__)
         self._transition: PromptTransition | None = None
         self._interp_method = self._interpolation(kwargs, "linear")
@@ -224,13 +228,14 @@ class StreamDiffusionPipeline(Pipeline):
 
     def _raw(self, batch):
         """The raw uint8 batch on the device, for frames at the stream's size or from a steady source
-        (the same size as the last call's: the graph modes capture one graph per source size, so
-        sizes that change every call take the general path instead)."""
+        (the same size for STEADY_CALLS calls in a row: the graph modes capture one graph per source
+        size, so sizes that keep changing take the general path instead)."""
         if batch is None:
             return None
-        size, previous = tuple(batch.shape[1:3]), self._source_size
+        size = tuple(batch.shape[1:3])
+        self._source_calls = self._source_calls + 1 if size == self._source_size else 1
         self._source_size = size
-        if size != (self.height, self.width) and size != previous:
+        if size != (self.height, self.width) and self._source_calls < STEADY_CALLS:
             return None
         return batch.to(self.device, non_blocking=True)
 

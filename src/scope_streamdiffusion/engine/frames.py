@@ -97,7 +97,7 @@ def raw_batch(video) -> torch.Tensor | None:
     one device -- as one uint8 (T, H, W, 3) batch, untouched, where they are; else None (the general
     path, :func:`frames_to_batch`). :func:`to_unit` converts and resizes it later."""
     if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[-1] == 3 and video.shape[0] > 1:
-        return video if video.dtype == torch.uint8 else None
+        return video if video.dtype == torch.uint8 and video.numel() > 0 else None
     if not isinstance(video, (list, tuple)):
         video = [video]
     if not video or not all(isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and f.dim() in (3, 4)
