@@ -115,9 +115,6 @@ def _versions() -> dict:
         out["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         pass
-    # The opt-ins and library switches a figure was measured under.
-    out["settings"] = {k: v for k, v in sorted(os.environ.items())
-                       if k.startswith(("SCOPE_STREAMDIFFUSION_", "TORCH_BLAS", "TORCHINDUCTOR_"))}
     return out
 
 
@@ -434,7 +431,9 @@ def run(args) -> int:
             row = dict(workload=name, mode=mode, model=model_id, arch=arch, width=width, height=height,
                        source_size=f"{source_w}x{source_h}",
                        img2img=wl.img2img, target_fps=wl.target_fps, note=wl.note, **wl.settings)
-            env = {k: v for k, v in os.environ.items() if k.startswith("SCOPE_STREAMDIFFUSION_") and mode != "diffusers"}
+            # The opt-ins and library switches a figure was measured under.
+            env = {k: v for k, v in sorted(os.environ.items()) if mode != "diffusers"
+                   and k.startswith(("SCOPE_STREAMDIFFUSION_", "TORCH_BLAS", "TORCHINDUCTOR_"))}
             if env:
                 row["env"] = env
             _free(device)

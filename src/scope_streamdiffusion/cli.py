@@ -215,15 +215,16 @@ def _check_device(name: str | None) -> None:
         raise CliError(str(exc)) from exc
 
 
-def _within_range(params: dict[str, Any], name: str) -> int:
-    """A load parameter clamped as the pipeline will (warned once here; it then sees the clean value)."""
+def _within_range(params: dict[str, Any], *names: str) -> list:
+    """Load parameters clamped as the pipeline will (warned once here; it then sees the clean values)."""
     from .parameters import ParameterCoercer
     from .schema import StreamDiffusionConfig
 
     coercer = ParameterCoercer(StreamDiffusionConfig)
-    default = coercer.defaults()[name]
-    params[name] = coercer.coerce(name, params.get(name, default), default)
-    return params[name]
+    defaults = coercer.defaults()
+    for name in names:
+        params[name] = coercer.coerce(name, params.get(name, defaults[name]), defaults[name])
+    return [params[name] for name in names]
 
 
 def _default_output(input_spec: str | None, kind_hint: str) -> str:
@@ -360,8 +361,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_device(params.get("device"))
     input_spec = opts.get("input")
     # The test pattern is made at the size the pipeline will run at.
-    width = snap_to_multiple(_within_range(params, "width"))
-    height = snap_to_multiple(_within_range(params, "height"))
+    width, height = (snap_to_multiple(v) for v in _within_range(params, "width", "height"))
     source = open_source(input_spec, width=width, height=height, frames=opts.get("frames"), fps=opts.get("fps"))
     try:
         output = opts.get("output") or _default_output(input_spec, "folder" if input_spec and Path(input_spec).is_dir()

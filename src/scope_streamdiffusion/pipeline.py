@@ -108,12 +108,12 @@ class StreamDiffusionPipeline(Pipeline):
             lora_merge_mode=kwargs.get("lora_merge_mode") or p.get("lora_merge_strategy"),
             stream_shape=(self.width, self.height, self.frame_buffer_size),
         )
-        from .engine.lora import RuntimeLoraScales
+        from .engine.lora import RuntimeLoraScales, has_runtime_adapters
 
         self._lora_scales = RuntimeLoraScales(list(models.extras.get("loras") or []))
         # Scope's status report; its UI sends lora_scales only for these exact path strings.
         self.loaded_lora_adapters: list[dict] = self._lora_scales.report
-        if any(lora.is_runtime for lora in self._lora_scales.loras) and models.extras.get("acceleration") == "tensorrt":
+        if has_runtime_adapters(self._lora_scales.loras) and models.extras.get("acceleration") == "tensorrt":
             logger.warning("acceleration='tensorrt' builds the UNet with the LoRA scales of load time: runtime "
                            "lora_scales changes will not show. Use acceleration='cudagraph' to change them live.")
         settings = StreamSettings(**self._settings_changes(p), prompts=self.prompts,

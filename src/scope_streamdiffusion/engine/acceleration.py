@@ -50,6 +50,7 @@ from .inductor import (
     release_constants,
     release_weights_with,
 )
+from .lora import has_runtime_adapters
 from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
@@ -408,8 +409,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;
     # fp8 (an experiment) was measured on the separate projections.
     fp8 = mode == "compile" and fp8_requested()
-    if mode != "tensorrt" and not fp8 and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0" \
-            and can_freeze(models.extras.get("loras")):  # no runtime LoRA adapters on the projections
+    runtime_loras = has_runtime_adapters(models.extras.get("loras"))  # they sit on the separate projections
+    if mode != "tensorrt" and not fp8 and not runtime_loras \
+            and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
         models.extras["fused_projections"] = fuse_projections(models.unet)
     options = {}
     if mode == "compile":

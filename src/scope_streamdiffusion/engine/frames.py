@@ -80,12 +80,16 @@ def fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
 
 
+def _frame_list(video) -> list | tuple:
+    """``video`` as a list of frames: a (T, H, W, C) tensor with T > 1 splits, one frame is wrapped."""
+    if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[0] > 1:
+        return list(video)
+    return video if isinstance(video, (list, tuple)) else [video]
+
+
 def frames_to_batch(video, width: int, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A list of frames (or one (T, H, W, C) tensor) -> (T, 3, height, width) in [0, 1]."""
-    if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[0] > 1:
-        video = list(video)
-    if not isinstance(video, (list, tuple)):
-        video = [video]
+    video = _frame_list(video)
     if len(video) == 0:
         raise ValueError("video is an empty list of frames")
     # Resized in float32, cast to the model's dtype once at the end.
@@ -97,9 +101,8 @@ def raw_batch(video) -> torch.Tensor | None:
     one device -- as one uint8 (T, H, W, 3) batch, untouched, where they are; else None (the general
     path, :func:`frames_to_batch`). :func:`to_unit` converts and resizes it later."""
     if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[-1] == 3 and video.shape[0] > 1:
-        return video if video.dtype == torch.uint8 and video.numel() > 0 else None
-    if not isinstance(video, (list, tuple)):
-        video = [video]
+        return video if video.dtype == torch.uint8 and video.numel() > 0 else None  # as it is, no split
+    video = _frame_list(video)
     if not video or not all(isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and f.dim() in (3, 4)
                             and f.shape[-1] == 3 and f.numel() == 3 * f.shape[-3] * f.shape[-2] > 0 for f in video):
         return None

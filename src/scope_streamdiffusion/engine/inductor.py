@@ -60,7 +60,9 @@ FROZEN_OPTIONS = {"freezing": True, "conv_1x1_as_mm": True}
 def can_freeze(loras) -> bool:
     """No frozen weights with runtime LoRA adapters (their scales change after compilation; fused
     LoRAs are part of the weights before it)."""
-    return not any(lora.is_runtime for lora in loras or [])
+    from .lora import has_runtime_adapters
+
+    return not has_runtime_adapters(loras)
 
 
 def inductor_options(allow_freezing: bool = True) -> dict:

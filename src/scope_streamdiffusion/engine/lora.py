@@ -50,6 +50,12 @@ class LoadedLora:
         return self.merge_mode == "runtime_peft"
 
 
+def has_runtime_adapters(loras) -> bool:
+    """Whether any LoRA is kept as a live adapter (its scale changes after load): frozen weights,
+    fp8 and fused projections can't be used with those."""
+    return any(lora.is_runtime for lora in loras or [])
+
+
 def clamp_scale(value, default: float = 1.0) -> float:
     try:
         scale = float(value)

@@ -22,7 +22,9 @@ def fp8_requested() -> bool:
 
 def fp8_unavailable(device: torch.device, loras=None) -> str | None:
     """Why fp8 can't run here, or None."""
-    if any(lora.is_runtime for lora in loras or []):
+    from .lora import has_runtime_adapters
+
+    if has_runtime_adapters(loras):
         return "runtime LoRA adapters are loaded"
     if device.type != "cuda":
         return "it needs a CUDA GPU"
