@@ -19,7 +19,6 @@
 #   bash scripts/bench-h200.sh 16  # webcam-size frames: resized in the graph vs on the host
 #   bash scripts/bench-h200.sh 17  # R5: the decode overlapped with the next call's UNet, against not
 #   bash scripts/bench-h200.sh 18  # R5: --check with it; two frames per call; webcam-size frames
-#   bash scripts/bench-h200.sh 19  # R5: the overlap forked after the encoder; webcam-size frames
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -179,17 +178,6 @@ case "$part" in
   bench r5-src-graph 70 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
   SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
     bench r5-src-host 60 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
-  ;;
-19)
-  # Round R5, second call: the side branch forked after the encoder (run 17 forked it at the start
-  # of the step, beside the encoder too), against no overlap; webcam-size frames (part 16).
-  bench r5b-overlap 170 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
-  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
-    bench r5b-plain 90 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
-  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
-    bench r5b-src-graph 80 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
-  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
-    bench r5b-src-host 70 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

@@ -295,26 +295,24 @@ class StreamDiffusion:
         (one frame leaves small kernels that do not fill a big GPU; the decoder's fill the gaps) and
         this call's x0 waits for the next call: the same frames, one call later. Without a pending x0
         (first call, new shape, reset) the call decodes its own."""
-        z = None if images is None else self.encode_images(images)
         if not self.decode_pending(frames):
-            x0 = self._latents(p, z, frames)
+            x0 = self._latents(p, images, frames)
             out = self.decode_latents(x0)
         else:
-            # Forked after the encoder: its large convolutions fill the GPU on their own.
             with side_branch(self.device) as join:
                 out = self.decode_latents(self.state.to_decode)
-            x0 = self._latents(p, z, frames)
+            x0 = self._latents(p, images, frames)
             join()
         if self.decode_overlap:
             self.state = dataclasses.replace(self.state, to_decode=x0)
         return out
 
-    def _latents(self, p: _Prepared, z: torch.Tensor | None, frames: int) -> torch.Tensor:
-        """Encoded new frames (None: text-to-image) -> x0 of the frames leaving the stream; advances
-        ``self.state`` (not ``to_decode``)."""
+    def _latents(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
+        """New frames -> x0 of the frames leaving the stream; advances ``self.state`` (not ``to_decode``)."""
         sched = p.sched
         noise0 = p.noise[0:1].expand(frames, -1, -1, -1)
-        if z is not None:
+        if images is not None:
+            z = self.encode_images(images)
             x_new = sampling.noise_input(z, noise0, p.input_a, p.input_b)
         else:
             z = torch.zeros_like(noise0)
