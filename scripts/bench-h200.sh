@@ -16,9 +16,7 @@
 #   bash scripts/bench-h200.sh 13  # R4: the new defaults (fused projections, frames converted in the graph)
 #   bash scripts/bench-h200.sh 14  # R4: SDXL-Turbo 1024² with them; frozen LCM; PDL
 #   bash scripts/bench-h200.sh 15  # R4: --check of the new defaults; two frames per call for txt2img, LCM
-#   bash scripts/bench-h200.sh 16  # webcam-size frames: resized in the graph vs on the host
-#   bash scripts/bench-h200.sh 17  # R5: the decode overlapped with the next call's UNet, against not
-#   bash scripts/bench-h200.sh 18  # R5: --check with it; two frames per call; webcam-size frames
+#   bash scripts/bench-h200.sh 16  # (not run yet) webcam-size frames: resized in the graph vs on the host
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -156,28 +154,6 @@ case "$part" in
   bench src-graph-fbs2 110 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frame-buffer-size 2 --frames 100 --profile
   SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
     bench src-host-fbs2 80 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frame-buffer-size 2 --frames 100 --profile
-  ;;
-17)
-  # Round R5, first call: each call's frames decoded during the next call, on a side branch of the
-  # step graph beside the UNet (SCOPE_STREAMDIFFUSION_OVERLAP_DECODE, on by default), against
-  # decoding them in their own call; cudagraph (Scope's default) and compile.
-  bench r5-overlap 170 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
-  if grep -q '"graph_failed": "' "$OUT/r5-overlap.json"; then grep -m3 "graph_failed\|WARNING" "$OUT/r5-overlap.log"; exit 1; fi
-  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
-    bench r5-plain 90 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
-  bench r5-txt 70 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
-  bench r5-lcm 140 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
-    bench r5-lcm-plain 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  ;;
-18)
-  # Round R5, second call: correctness with the decode overlapped (--check aligns the one-call lag),
-  # two frames per call, webcam-size frames resized in the graph against on the host.
-  bench r5-check 170 --workloads sd-turbo-img2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 60 --check
-  bench r5-fbs2 90 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frame-buffer-size 2 --frames 100 --profile
-  bench r5-src-graph 70 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
-  SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
-    bench r5-src-host 60 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

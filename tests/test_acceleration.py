@@ -112,26 +112,6 @@ def test_static_step_matches_eager_and_runtime_changes_reuse_it(sd15_models, set
     assert len(runner._steps) == 1  # one batch shape -> one graph, whatever the runtime parameters
 
 
-@pytest.mark.parametrize("settings", [
-    dict(num_inference_steps=1, cfg_type=CfgType.SELF),
-    dict(num_inference_steps=3, cfg_type=CfgType.SELF, guidance_scale=1.3),
-], ids=["1-step", "3-step-batch"])
-def test_static_step_with_the_decode_overlapped_matches_eager(sd15_models, settings):
-    """The pending x0 lives in a static buffer too: the replayed step gives the eager overlapped
-    step's frames, through runtime changes and a seed change (which restarts the stream)."""
-    frames = make_frames(5)
-    sd15_models.extras["overlap_decode"] = True
-    try:
-        expected = _run(sd15_models, None, frames, **settings)
-        runner = acc.StepGraphs(use_graphs=False)
-        got = _run(sd15_models, runner, frames, **settings)
-    finally:
-        sd15_models.extras.pop("overlap_decode")
-    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
-    key = next(iter(runner._steps))
-    assert runner._steps[key].state.to_decode.shape == (1, 4, 8, 8)
-
-
 def test_static_step_takes_raw_frames_and_converts_them_inside(sd15_models):
     """Raw uint8 frames get their own static buffer and graph; the step converts them as the host
     would have (the same frames out)."""

@@ -290,14 +290,13 @@ class LaggingPipe:
     """Mimics the engine: the first call returns its own frames, then each call returns the frames
     given ``lag`` calls earlier (the first ``lag`` of those are call 0's frames)."""
 
-    def __init__(self, steps: int, group: int, overlap: bool = False):
+    def __init__(self, steps: int, group: int):
         self.frame_buffer_size = group
         self.calls: list = []
         self.engine = SimpleNamespace(
             settings=SimpleNamespace(use_denoising_batch=True, strength=0.5, t_index_list=None,
-                                     timesteps=lambda img2img: list(range(steps))),
-            decode_overlap=overlap)
-        self.lag = steps - 1 + overlap
+                                     timesteps=lambda img2img: list(range(steps))))
+        self.lag = steps - 1
 
     def __call__(self, video, **params):
         self.calls.append(torch.stack(video))
@@ -306,39 +305,16 @@ class LaggingPipe:
         return {"video": source.float() / 255}
 
 
-@pytest.mark.parametrize("steps,group,count,overlap", [(1, 1, 5, False), (3, 1, 5, False), (3, 2, 5, False),
-                                                        (2, 4, 3, False), (1, 1, 5, True), (3, 2, 5, True)])
-def test_runner_flushes_the_lag_and_keeps_frames_aligned(steps, group, count, overlap):
+@pytest.mark.parametrize("steps,group,count", [(1, 1, 5), (3, 1, 5), (3, 2, 5), (2, 4, 3)])
+def test_runner_flushes_the_lag_and_keeps_frames_aligned(steps, group, count):
     inputs = [torch.full((4, 4, 3), 10 * (i + 1), dtype=torch.uint8) for i in range(count)]
     written = []
     writer = SimpleNamespace(write=lambda frame, stamp=None: written.append(int(frame[0, 0, 0])))
     source = SimpleNamespace(frames=iter(inputs), live=False, name="t", text=False)
-    runner = cli._Runner(LaggingPipe(steps, group, overlap), writer, source, SimpleNamespace(update=lambda n: None,
+    runner = cli._Runner(LaggingPipe(steps, group), writer, source, SimpleNamespace(update=lambda n: None,
                                                                                    set_postfix_str=lambda *a, **k: None))
     runner.run()
     assert written == [10 * (i + 1) for i in range(count)]
-
-
-def test_run_with_the_decode_overlapped_writes_the_same_frames(tmp_path, capsys, model_args, monkeypatch):
-    """The graph modes decode each call's frames during the next call: the CLI flushes that lag too."""
-    from PIL import Image
-
-    from scope_streamdiffusion.engine import StreamDiffusion
-
-    src = make_video(tmp_path / "clip.mp4", frames=5, fps=12)
-
-    def frames_of(dst):
-        code, out, err = run_cli(capsys, "run", "-i", src, "-o", dst, *model_args, "--num-inference-steps", "2",
-                                 "--prompt", "a test", "--json")
-        assert code == 0, err
-        return json.loads(out), [np.asarray(Image.open(p)) for p in sorted(dst.glob("*.png"))]
-
-    plain_summary, plain = frames_of(tmp_path / "plain")
-    monkeypatch.setattr(StreamDiffusion, "decode_overlap", property(lambda self: True))
-    summary, overlapped = frames_of(tmp_path / "overlapped")
-    assert summary["lag_frames"] == plain_summary["lag_frames"] + 1 == 2
-    assert len(overlapped) == len(plain) == 5
-    assert all(np.array_equal(a, b) for a, b in zip(plain, overlapped))
 
 
 def test_single_image_to_image_with_default_name(tmp_path, capsys, model_args, monkeypatch):

@@ -95,32 +95,6 @@ def test_frame_buffer_size_matches_single_frames(sd15_models, steps):
     assert len(singles) == 6
 
 
-@pytest.mark.parametrize("steps,batch,img2img", [(1, True, True), (3, True, True), (2, False, True), (1, True, False)],
-                         ids=["1-step", "3-step-batch", "2-step-sequential", "txt2img"])
-def test_overlapped_decode_gives_the_same_frames_one_call_later(sd15_models, steps, batch, img2img):
-    """Decoding each call's x0 during the next call changes when a frame comes out, not what it is."""
-    frames = make_frames(5) if img2img else [None] * 5
-    plain = engine_for(sd15_models, num_inference_steps=steps, use_denoising_batch=batch, cfg_type=CfgType.SELF)
-    expected = [plain(f) for f in frames]
-    sd15_models.extras["overlap_decode"] = True
-    try:
-        engine = engine_for(sd15_models, num_inference_steps=steps, use_denoising_batch=batch, cfg_type=CfgType.SELF)
-        assert engine.decode_overlap
-        got, lags = [], []
-        for f in frames:
-            got.append(engine(f))
-            lags.append(engine.output_lags)
-        engine.reset()
-        after_reset = engine(frames[0])
-        lag_after_reset = engine.output_lags
-    finally:
-        sd15_models.extras.pop("overlap_decode")
-    assert torch.equal(got[0], expected[0]) and not lags[0]  # nothing pending: the first call decodes its own
-    for j in range(1, 5):
-        assert torch.equal(got[j], expected[j - 1]) and lags[j], j
-    assert torch.equal(after_reset, expected[0]) and not lag_after_reset
-
-
 def test_same_seed_same_frames_different_seed_differs(sd15_models):
     frames = make_frames(3)
     a = [engine_for(sd15_models, seed=1)(f) for f in frames]

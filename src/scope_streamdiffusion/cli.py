@@ -245,13 +245,13 @@ def _default_output(input_spec: str | None, kind_hint: str) -> str:
 
 
 def stream_lag_calls(pipe, img2img: bool = True) -> int:
-    """How many calls an output lags its input: n-1 in stream-batch mode with n steps, plus one with
-    the decode overlapped (graph modes), else 0."""
+    """How many calls an output lags its input: n-1 in stream-batch mode with n steps, else 0."""
     settings = pipe.engine.settings
+    if not settings.use_denoising_batch:
+        return 0
     if img2img and settings.strength <= 0.0 and not settings.t_index_list:  # strength 0 returns the input as is
         return 0
-    batch_lag = max(len(settings.timesteps(img2img)) - 1, 0) if settings.use_denoising_batch else 0
-    return batch_lag + int(pipe.engine.decode_overlap)
+    return max(len(settings.timesteps(img2img)) - 1, 0)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -279,10 +279,10 @@ def _sigint_ignored():
 class _Runner:
     """Feeds frames to the pipeline in groups of ``frame_buffer_size`` and writes aligned outputs.
 
-    Outputs lag their input by L calls (:func:`stream_lag_calls`: n-1 in a stream batch of n steps,
-    one more with the decode overlapped); the first L+1 calls return frame 0. The runner drops the
-    first L outputs and, once the input ends, feeds the last frame L more times, so output frame k
-    always belongs to input frame k and the output has exactly as many frames as the input.
+    Stream batch with n steps returns, for each call, the frames given n-1 calls earlier (the first
+    n-1 calls return frame 0). The runner drops those first outputs and, once the input ends, feeds the
+    last frame n-1 more times, so output frame k always belongs to input frame k and the output has
+    exactly as many frames as the input.
     """
 
     def __init__(self, pipe, writer, source, progress):

@@ -55,7 +55,6 @@ from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
-from .streams import dedicated_stream
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +119,19 @@ class _Static:
     loaded: object = None
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
 def _capture_stream(device) -> "torch.cuda.Stream":
-    return dedicated_stream(device, "capture")
+    """One side stream per device for every warm-up and capture, for the life of the process: each
+    new stream gets its own cuBLAS workspace (32 MiB on Hopper), kept until the process ends. (With a
+    new stream per capture, an H200 kept 33 MiB more after each reload of a compiled pipeline.)"""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+    return stream
 
 
 def _clone(t):
@@ -201,9 +211,6 @@ class StepGraphs:
             residual = (torch.zeros(shape, device=engine.device, dtype=engine.dtype)
                         if p.guidance.cfg_type.uses_residual_noise else None)
             state = sampling.StreamState(latents, residual)
-        if engine.decode_overlap:
-            to_decode = torch.zeros((frames, *engine.latent_shape), device=engine.device, dtype=engine.dtype)
-            state = dataclasses.replace(state, to_decode=to_decode)
         static_images = None if images is None else torch.empty_like(images, memory_format=torch.contiguous_format)
         return _Static(static_p, static_images, sched, noise, scalars, embeds, state, use_batch)
 
@@ -233,20 +240,17 @@ class StepGraphs:
             st.state.latents.copy_(state.latents)
             if st.state.residual_noise is not None:
                 st.state.residual_noise.copy_(state.residual_noise)
-        if st.state.to_decode is not None and state.to_decode is not st.state.to_decode:
-            st.state.to_decode.copy_(state.to_decode)
 
     def _step(self, st: _Static, engine, frames: int) -> torch.Tensor:
         """The step over the static buffers; the new stream state is written back into them."""
-        engine.state = dataclasses.replace(st.state)  # the step replaces it: st.state stays the buffers
+        engine.state = sampling.StreamState(st.state.latents, st.state.residual_noise) if st.use_batch \
+            else sampling.StreamState()
         out = engine._denoise_eager(st.prepared, st.images, frames)
-        new = engine.state
         if st.use_batch:
+            new = engine.state
             st.state.latents.copy_(new.latents)
             if st.state.residual_noise is not None:
                 st.state.residual_noise.copy_(new.residual_noise)
-        if st.state.to_decode is not None:
-            st.state.to_decode.copy_(new.to_decode)  # after the side branch read it: joined in the step
         return out
 
     def _capture(self, st: _Static, engine, p, images, frames) -> None:
@@ -305,11 +309,9 @@ class StepGraphs:
         n = p.sched.num_steps
         use_batch = bool(p.settings.use_denoising_batch)
         state = engine.state
-        if (use_batch and n > 1 and not state.holds((n - 1) * frames)) \
-                or (engine.decode_overlap and not engine.decode_pending(frames)):
-            # Priming runs the steps one after another (other UNet shapes) and, with the decode
-            # overlapped, decodes its own frames: once, eagerly. (One step without the overlap needs no
-            # priming: its stream state is empty.)
+        if use_batch and n > 1 and not state.holds((n - 1) * frames):
+            # Priming runs the steps one after another (other UNet shapes): once, eagerly. (One step
+            # needs no priming: its stream state is empty.)
             with eager_stance():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
@@ -346,7 +348,7 @@ class StepGraphs:
         else:
             with compiling(self.compile_options, self._generated):
                 out = self._step(st, engine, frames)
-        engine.state = st.state  # (without the stream batch, latents stay None: nothing in flight)
+        engine.state = st.state if use_batch else sampling.StreamState()
         # The static output is overwritten by the next replay: hand out a copy.
         return out.clone()
 
@@ -411,9 +413,6 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode != "tensorrt" and not fp8 and not runtime_loras \
             and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
         models.extras["fused_projections"] = fuse_projections(models.unet)
-    # Each call's frames decoded during the next call, beside its UNet: one call more of latency.
-    # SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 decodes them in their own call.
-    models.extras["overlap_decode"] = os.environ.get("SCOPE_STREAMDIFFUSION_OVERLAP_DECODE", "1") != "0"
     options = {}
     if mode == "compile":
         if fp8:

@@ -26,12 +26,10 @@ NoisePredictor = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 @dataclass
 class StreamState:
-    """Frames in flight between calls: slots 1..n-1 of the stream batch (empty before priming), and,
-    with the decode overlapped (see ``StreamDiffusion``), the last call's x0, decoded at the next call."""
+    """Frames in flight between calls: slots 1..n-1 of the stream batch (empty before priming)."""
 
     latents: torch.Tensor | None = None
     residual_noise: torch.Tensor | None = None
-    to_decode: torch.Tensor | None = None
 
     @property
     def primed(self) -> bool:

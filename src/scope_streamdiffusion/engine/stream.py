@@ -23,7 +23,6 @@ from .prompts import PromptEmbeds, PromptEncoder
 from .residual_cfg import CfgType, Guidance, effective_cfg_type, virtual_residual_noise
 from .schedule import input_mix, make_schedule, timesteps_from_strength, timesteps_from_t_index_list
 from .similar_image_filter import SimilarImageFilter
-from .streams import side_branch
 
 
 @dataclass(frozen=True)
@@ -266,8 +265,7 @@ class StreamDiffusion:
                 return self.last_output
         n = p.sched.num_steps
         # A primed stream batch returns the frames given n-1 calls earlier; priming returns its own.
-        self.output_lags = bool(p.settings.use_denoising_batch and n > 1 and self.state.holds((n - 1) * frames)) \
-            or self.decode_pending(frames)
+        self.output_lags = bool(p.settings.use_denoising_batch and n > 1 and self.state.holds((n - 1) * frames))
         output = self._denoise(p, images, frames)
         self.last_output = output
         return output
@@ -279,36 +277,7 @@ class StreamDiffusion:
             return runner.denoise(self, p, images, frames)
         return self._denoise_eager(p, images, frames)
 
-    @property
-    def decode_overlap(self) -> bool:
-        """Decode each call's frames during the next call, beside its UNet (see :func:`_denoise_eager`)."""
-        return bool(self.models.extras.get("overlap_decode"))
-
-    def decode_pending(self, frames: int) -> bool:
-        """Whether this call decodes the previous call's frames (so its outputs lag by one call)."""
-        pending = self.state.to_decode
-        return self.decode_overlap and pending is not None and pending.shape[0] == frames
-
     def _denoise_eager(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
-        """The step: new frames -> x0 -> decoded frames. With the decode overlapped, the previous call's
-        x0 is decoded on a side stream while this call's frames go through the encoder and the UNet
-        (one frame leaves small kernels that do not fill a big GPU; the decoder's fill the gaps) and
-        this call's x0 waits for the next call: the same frames, one call later. Without a pending x0
-        (first call, new shape, reset) the call decodes its own."""
-        if not self.decode_pending(frames):
-            x0 = self._latents(p, images, frames)
-            out = self.decode_latents(x0)
-        else:
-            with side_branch(self.device) as join:
-                out = self.decode_latents(self.state.to_decode)
-            x0 = self._latents(p, images, frames)
-            join()
-        if self.decode_overlap:
-            self.state = dataclasses.replace(self.state, to_decode=x0)
-        return out
-
-    def _latents(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
-        """New frames -> x0 of the frames leaving the stream; advances ``self.state`` (not ``to_decode``)."""
         sched = p.sched
         noise0 = p.noise[0:1].expand(frames, -1, -1, -1)
         if images is not None:
@@ -330,4 +299,4 @@ class StreamDiffusion:
             x0, state = sampling.sequential(x_new, residual, sched, p.noise, p.guidance, predict, add_noise)
             # Priming with the first frame's own intermediate latents: no warm-up frames, ever.
             self.state = state if use_batch else sampling.StreamState()
-        return x0
+        return self.decode_latents(x0)
