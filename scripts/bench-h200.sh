@@ -16,7 +16,11 @@
 #   bash scripts/bench-h200.sh 13  # R4: the new defaults (fused projections, frames converted in the graph)
 #   bash scripts/bench-h200.sh 14  # R4: SDXL-Turbo 1024² with them; frozen LCM; PDL
 #   bash scripts/bench-h200.sh 15  # R4: --check of the new defaults; two frames per call for txt2img, LCM
-#   bash scripts/bench-h200.sh 16  # (not run yet) webcam-size frames: resized in the graph vs on the host
+#   bash scripts/bench-h200.sh 16  # webcam-size frames: resized in the graph vs on the host (run as part 19)
+#   bash scripts/bench-h200.sh 17  # R5: the decode overlapped with the next call's UNet (code since removed)
+#   bash scripts/bench-h200.sh 19  # R5: the same forked after the encoder (removed); webcam-size frames
+#   bash scripts/bench-h200.sh 20  # R5: a stream's first source size raw at once (one capture); --check
+#   bash scripts/bench-h200.sh 21  # R5: SDXL-Turbo 1024² against diffusers, with the current defaults
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -154,6 +158,42 @@ case "$part" in
   bench src-graph-fbs2 110 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frame-buffer-size 2 --frames 100 --profile
   SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
     bench src-host-fbs2 80 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frame-buffer-size 2 --frames 100 --profile
+  ;;
+17)
+  # Round R5, first call: each call's frames decoded during the next call on a side branch of the
+  # step graph, beside the encoder and UNet (SCOPE_STREAMDIFFUSION_OVERLAP_DECODE, default on in that
+  # experiment; the code was removed after runs 17 and 19: +1% in compile, -1% to +3% in cudagraph).
+  bench r5-overlap 170 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
+    bench r5-plain 90 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
+  bench r5-txt 70 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  bench r5-lcm 140 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
+    bench r5-lcm-plain 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  ;;
+19)
+  # Round R5, second call: the side branch forked after the encoder (removed code, see part 17),
+  # against none; webcam-size frames resized in the graph against on the host (part 16).
+  bench r5b-overlap 170 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
+    bench r5b-plain 90 --workloads sd-turbo-img2img --modes cudagraph,compile --no-baseline --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 \
+    bench r5b-src-graph 80 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
+  SCOPE_STREAMDIFFUSION_OVERLAP_DECODE=0 SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
+    bench r5b-src-host 70 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
+  ;;
+20)
+  # Round R5, third call: a stream's first source size goes raw at once (one capture instead of two;
+  # the host-side path first so both find inductor's cache warm), and --check of the current defaults.
+  SCOPE_STREAMDIFFUSION_RAW_FRAMES=0 \
+    bench r5c-src-host 160 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
+  bench r5c-src-graph 70 --workloads sd-turbo-img2img --modes compile --no-baseline --source-size 1280x720 --frames 150 --profile
+  bench r5c-check 220 --workloads sd-turbo-img2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 60 --check
+  ;;
+21)
+  # Round R5, fourth call: SDXL-Turbo 1024² against diffusers with the current defaults (the fused
+  # projections as views: R4's VRAM still had the copies).
+  bench r5-sdxl1024 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

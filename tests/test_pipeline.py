@@ -48,10 +48,7 @@ def test_uint8_frames_skip_the_host_conversion_and_give_the_same_frames(tiny_sd1
     seen = []
     fast.engine.encode_images = lambda images, f=fast.engine.encode_images: seen.append(images.dtype) or f(images)
     got = [fast(video=v)["video"] for v in inputs]
-    from scope_streamdiffusion.pipeline import STEADY_CALLS
-
-    learned = 0 if source == (64, 64) else STEADY_CALLS - 1  # another size: raw once the source is steady
-    assert torch.uint8 not in seen[:learned] and set(seen[learned:]) == {torch.uint8}
+    assert set(seen) == {torch.uint8}  # the stream's size or the size it starts with: raw at once
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_RAW_FRAMES", "0")  # the general path
     slow = StreamDiffusionPipeline(**kw)
     seen.clear()
@@ -73,9 +70,12 @@ def test_sizes_that_change_every_call_take_the_general_path(pipe):
 
     for h in (40, 48, 48, 56, 40, 40):
         pipe(video=[uint8_frame(h, 80, seed=h)])
-    assert torch.uint8 not in seen
+    assert seen[0] == torch.uint8  # the size the stream starts with: raw at once
+    assert torch.uint8 not in seen[1:]  # then it changed: the general path until steady again
     for _ in range(STEADY_CALLS - 2):  # 40 px, STEADY_CALLS times in a row: steady
         pipe(video=[uint8_frame(40, 80, seed=1)])
+    assert seen[-1] == torch.uint8
+    pipe(video=[uint8_frame(48, 80, seed=2)], init_cache=True)  # a new stream starts with its own size
     assert seen[-1] == torch.uint8
 
 

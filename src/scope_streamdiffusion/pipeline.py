@@ -203,6 +203,7 @@ class StreamDiffusionPipeline(Pipeline):
 
         if kwargs.get("init_cache"):
             self.engine.reset()
+            self._source_size = None  # a new stream: its first size goes raw at once
         self.update(**kwargs)
         video = kwargs.get("video")
         try:
@@ -227,13 +228,19 @@ class StreamDiffusionPipeline(Pipeline):
         return {"video": batch_to_frames(out)}
 
     def _raw(self, batch):
-        """The raw uint8 batch on the device, for frames at the stream's size or from a steady source
-        (the same size for STEADY_CALLS calls in a row: the graph modes capture one graph per source
-        size, so sizes that keep changing take the general path instead)."""
+        """The raw uint8 batch on the device, for frames at the stream's size, at the size a stream
+        starts with, or from a source that changed size and is steady again (the same size for
+        STEADY_CALLS calls in a row): the graph modes capture one graph per source size, so sizes that
+        keep changing take the general path instead. A stream's first size goes raw at once: learning
+        it over a few calls would capture a graph for the general path first and another one a few
+        frames later (a second pause of seconds in compile mode, measured on an H200)."""
         if batch is None:
             return None
         size = tuple(batch.shape[1:3])
-        self._source_calls = self._source_calls + 1 if size == self._source_size else 1
+        if size == self._source_size:
+            self._source_calls += 1
+        else:
+            self._source_calls = STEADY_CALLS if self._source_size is None else 1
         self._source_size = size
         if size != (self.height, self.width) and self._source_calls < STEADY_CALLS:
             return None
