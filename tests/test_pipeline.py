@@ -36,7 +36,7 @@ def test_frames_in_any_layout_come_out_as_scope_wants(pipe):
 @pytest.mark.parametrize("source", [(64, 64), (48, 80), (96, 128)], ids=["stream-size", "upscaled", "downscaled"])
 def test_uint8_frames_skip_the_host_conversion_and_give_the_same_frames(tiny_sd15, monkeypatch, source):
     """Scope's frames (uint8, the source's size) go to the model step raw and are converted and
-    resized there -- at the stream's size at once, from another size once the source is steady. The
+    resized there -- at the stream's size and at the size the stream starts with, at once. The
     frames that come out are the general path's, also with the filter on (the same input values, in
     channels-last layout: convolutions may round differently)."""
     kw = dict(model_id=str(tiny_sd15), num_inference_steps=2, frame_buffer_size=2, similar_image_filter=True,

@@ -68,7 +68,7 @@ class PromptTransition:
         return mix, False
 
 
-STEADY_CALLS = 3  # calls at one source size before its frames are resized inside the step graph
+STEADY_CALLS = 3  # calls at a changed source size before its frames are resized inside the step graph
 
 
 class StreamDiffusionPipeline(Pipeline):
