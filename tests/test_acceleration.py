@@ -176,6 +176,39 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
     assert not fused()
 
 
+def test_auto_compiles_in_the_background_then_moves_to_the_compiled_step(tiny_sd15, sd15_models):
+    """auto: the stream runs (here without graphs, on the CPU) while a background thread compiles the
+    modules for the shapes the step used; the frame thread then switches to the compile runner, whose
+    first step finds the compiled code ready (no compilation on the frame thread), same frames."""
+    from torch._dynamo.utils import counters
+
+    from scope_streamdiffusion.engine import load_models
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompile
+
+    settings = StreamSettings(num_inference_steps=2, cfg_type=CfgType.SELF, guidance_scale=1.2)
+    frames = make_frames(6)
+    reference = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
+    expected = [reference(f) for f in frames]
+
+    models = load_models(str(tiny_sd15), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=False)
+    modules = {"unet": models.unet, "vae.encoder": models.vae.encoder, "vae.decoder": models.vae.decoder}
+    upgrade = BackgroundCompile(modules)
+    models.extras.update(step_runner=acc.StepGraphs("cudagraph", use_graphs=False), background_compile=upgrade,
+                         acceleration="cudagraph")
+    engine = StreamDiffusion(models, width=64, height=64, settings=settings)
+    got = [engine(f) for f in frames[:3]]  # priming, the first stream-batch step, then the start
+    assert upgrade.state == "compiling" and all(m._compiled_call_impl is None for m in modules.values())
+    upgrade.thread.join(timeout=900)
+    assert upgrade.ready, upgrade.error
+    graphs = counters["stats"]["unique_graphs"]
+    got += [engine(f) for f in frames[3:]]
+    assert models.extras["acceleration"] == "compile" and "background_compile" not in models.extras
+    assert models.extras["step_runner"].mode == "compile" and len(models.extras["step_runner"]._steps) == 1
+    assert counters["stats"]["unique_graphs"] == graphs  # the frame thread compiled nothing
+    assert all(m._compiled_call_impl is upgrade.compiled[name] for name, m in modules.items())
+    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-4
+
+
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):
     """Sweeping shapes for hours must not pile up graphs: at most MAX_GRAPHS stay, the ones in use."""
     monkeypatch.setattr(acc, "MAX_GRAPHS", 2)

@@ -30,6 +30,7 @@ package is a :class:`~.models.ModelLoadError` naming the install command instead
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -274,7 +275,8 @@ class StepGraphs:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                # thread_local: a background compilation's allocations and syncs (auto) do not break it.
+                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                     st.output = self._step(st, engine, frames)
                 torch.cuda.synchronize()
             st.graph = graph
@@ -311,8 +313,9 @@ class StepGraphs:
         state = engine.state
         if use_batch and n > 1 and not state.holds((n - 1) * frames):
             # Priming runs the steps one after another (other UNet shapes): once, eagerly. (One step
-            # needs no priming: its stream state is empty.)
-            with eager_stance():
+            # needs no priming: its stream state is empty.) The stance is process-wide: only where
+            # the modules are compiled (a background compilation may run meanwhile, see auto).
+            with eager_stance() if self.mode == "compile" else contextlib.nullcontext():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
             return self._eager(engine, p, images, frames)
@@ -389,6 +392,45 @@ def fuse_projections(unet) -> bool:
     return True
 
 
+def current_runner(models):
+    """The step runner for this frame (frame thread). With ``auto``'s background compilation
+    (:mod:`.background_compile`): starts it after the first step, and once it is ready moves the
+    stream from the ``"cudagraph"`` runner to a ``"compile"`` one (the stream state carries over)."""
+    runner = models.extras.get("step_runner")
+    upgrade = models.extras.get("background_compile")
+    if upgrade is None or runner is None:
+        return runner
+    if upgrade.state == "recording":
+        if runner.failed:
+            upgrade.cancel()  # graphs cannot run here: compiled graphs would not either
+        elif runner._steps:
+            upgrade.start()
+    elif upgrade.ready:
+        upgrade.install()
+        runner = StepGraphs("compile", compile_options=upgrade.options, use_graphs=runner.use_graphs)
+        models.extras["step_runner"] = runner
+        models.extras["acceleration"] = "compile"
+    if upgrade.state in ("installed", "failed"):
+        models.extras.pop("background_compile", None)
+    return runner
+
+
+def _background_compile(models):
+    """``auto`` on CUDA: the compilation that moves the stream to ``"compile"`` later, or None."""
+    if os.environ.get("SCOPE_STREAMDIFFUSION_AUTO_COMPILE", "1") == "0" or not has_triton():
+        return None
+    from .background_compile import BackgroundCompile
+
+    modules = {"unet": models.unet}
+    for name in ("encoder", "decoder"):
+        sub = getattr(models.vae, name, None)
+        if isinstance(sub, torch.nn.Module):
+            modules[f"vae.{name}"] = sub
+    # Frozen weights (an opt-in) need the models' release hooks of accelerate(): not in the background.
+    options = {k: v for k, v in inductor_options(allow_freezing=False).items() if k != "freezing"}
+    return BackgroundCompile(modules, options)
+
+
 # ----- wiring -------------------------------------------------------------------------------------
 def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None = None):
     """Apply the acceleration mode to loaded :class:`~.models.StreamModels` (in place) and return them.
@@ -404,6 +446,10 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     models.extras["acceleration"] = mode
     if mode not in GRAPH_MODES:
         return models
+    if (requested or "auto").lower() == "auto":
+        upgrade = _background_compile(models)
+        if upgrade is not None:
+            models.extras["background_compile"] = upgrade
     torch.backends.cudnn.benchmark = True
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
     # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;

@@ -155,6 +155,17 @@ def release_constants(generated: list) -> int:
     return dropped
 
 
+def prepare_compilation(mode: str | None = None) -> str | None:
+    """Caches and limits for this pipeline's compilations; returns torch.compile's mode
+    (``SCOPE_STREAMDIFFUSION_COMPILE_MODE``, experiments; None: the default)."""
+    configure_inductor_cache()
+    import torch._dynamo
+
+    # One specialisation per batch shape and resolution; keep room for many before falling back.
+    torch._dynamo.config.cache_size_limit = max(int(torch._dynamo.config.cache_size_limit), 64)
+    return mode or os.environ.get("SCOPE_STREAMDIFFUSION_COMPILE_MODE") or None
+
+
 def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | None = None) -> list[str]:
     """``torch.compile`` in place (``nn.Module.compile``): identity, config and weights stay shared.
     Static shapes (``dynamic=False``): one specialisation per shape. Compilation happens lazily, at
@@ -164,13 +175,7 @@ def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | Non
     numbers that dynamo guards on, may recompile once. ``SCOPE_STREAMDIFFUSION_COMPILE_MODE`` sets
     torch.compile's mode (experiments).
     """
-    configure_inductor_cache()
-    import torch._dynamo
-
-    # One specialisation per batch shape and resolution; keep room for many before falling back.
-    torch._dynamo.config.cache_size_limit = max(int(torch._dynamo.config.cache_size_limit), 64)
-    mode = mode or os.environ.get("SCOPE_STREAMDIFFUSION_COMPILE_MODE") or None
-    options = dict(dynamic=False, mode=mode)
+    options = dict(dynamic=False, mode=prepare_compilation(mode))
     compiled = []
     unet.compile(**options)
     compiled.append("unet")

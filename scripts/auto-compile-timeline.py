@@ -1,0 +1,92 @@
+"""GPU check behind BENCHMARKS.md's "auto" section: a stream with acceleration="auto" from the load on,
+per-call latency over time while the modules compile in the background, the switch to the compiled
+step, and the speed after it; then the frames against an eager ("none") pipeline of the same weights.
+
+    python3 scripts/auto-compile-timeline.py [workload] [seconds] [out.json]
+
+Random weights of the workload's true architecture (as ``bench --random-weights``); frames are uint8
+on the GPU, one call per frame, synchronised after each, as in ``bench``.
+"""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scope_streamdiffusion.bench import WORKLOADS, make_frames, random_weight_model
+from scope_streamdiffusion.engine.inductor import cache_root
+from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
+from scope_streamdiffusion.schema import DEFAULT_PROMPT
+
+name = sys.argv[1] if len(sys.argv) > 1 else "sd-turbo-img2img"
+seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 150.0
+out_path = sys.argv[3] if len(sys.argv) > 3 else None
+wl = WORKLOADS[name]
+device = torch.device("cuda")
+folder, taesd = random_weight_model(wl.arch, cache_root() / "random-weights", device)
+
+
+def pipeline(mode):
+    return StreamDiffusionPipeline(model_id=str(folder), tiny_vae_id=str(taesd), width=wl.size, height=wl.size,
+                                   acceleration=mode, seed=42, prompt=DEFAULT_PROMPT, **wl.settings)
+
+
+frames = make_frames(8, wl.size, wl.size, device)
+t0 = time.perf_counter()
+pipe = pipeline("auto")
+load_s = time.perf_counter() - t0
+models = pipe.engine.models
+calls = []  # (seconds since the load ended, latency ms, mode)
+start = time.perf_counter()
+i = 0
+while time.perf_counter() - start < seconds:
+    t = time.perf_counter()
+    pipe(video=[frames[i % len(frames)]] if wl.img2img else None)
+    torch.cuda.synchronize()
+    calls.append((t - start, (time.perf_counter() - t) * 1e3, models.extras["acceleration"]))
+    i += 1
+
+switch = next((k for k, c in enumerate(calls) if c[2] == "compile"), None)
+
+
+def summary(part):
+    lat = sorted(c[1] for c in part)
+    if not lat:
+        return None
+    p50 = statistics.median(lat)
+    return dict(calls=len(lat), fps_p50=round(1e3 / p50, 1), p50_ms=round(p50, 3),
+                p99_ms=round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3), max_ms=round(lat[-1], 1))
+
+
+windows = []
+for w in range(int(seconds // 10) + 1):
+    part = [c for c in calls if w * 10 <= c[0] < (w + 1) * 10]
+    if part:
+        windows.append(dict(window_s=f"{w * 10}-{w * 10 + 10}", modes=sorted({c[2] for c in part}), **summary(part)))
+report = dict(workload=name, load_s=round(load_s, 2), first_call_ms=round(calls[0][1], 1), windows=windows,
+              before_switch=summary(calls[1:switch] if switch else calls[1:]))
+if switch is not None:
+    report.update(switch_at_s=round(calls[switch][0], 1), switch_call_ms=round(calls[switch][1], 1),
+                  after_switch=summary(calls[switch + 1:]), after_switch_last_100=summary(calls[-100:]))
+upgrade = models.extras.get("background_compile")
+report["background"] = "done" if upgrade is None else f"{upgrade.state}: {upgrade.error}"
+
+# The same frames as eager PyTorch (same weights, same inputs, from a reset stream).
+outs = []
+for p in (pipe, pipeline("none")):
+    seq = []
+    for k in range(4):
+        kw = dict(init_cache=k == 0)
+        if wl.img2img:
+            kw["video"] = [frames[k]]
+        seq.append(p(**kw)["video"].float().cpu())
+    outs.append(seq)
+report["vs_none_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(*outs))
+report["mode_at_end"] = models.extras["acceleration"]
+text = json.dumps(report, indent=1)
+print(text)
+if out_path:
+    Path(out_path).write_text(text + "\n")

@@ -1,0 +1,137 @@
+"""``acceleration="auto"`` on CUDA: stream at once, compile in the background, then go faster.
+
+The stream starts with the CUDA-graph step (``"cudagraph"``, ready in about a second). Once the
+first step ran, the shapes its UNet, encoder and decoder were called with are known: a background
+thread compiles those modules for exactly those shapes (``torch.compile``, as ``"compile"`` does,
+which costs a minute or two the first time and blocks nothing here), and the frame thread then moves
+to the compiled step (``"compile"``), whose capture finds the compiled code ready. A failure in the
+background leaves the stream on ``"cudagraph"`` with one warning. ``SCOPE_STREAMDIFFUSION_AUTO_COMPILE=0``
+keeps ``auto`` on ``"cudagraph"``.
+
+The compiled callables are the ones ``nn.Module.compile()`` makes (``torch.compile`` of the module's
+``_call_impl``), kept aside until the switch: until then the frame thread's own calls of the modules
+stay eager and never compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _spec(value):
+    """What a call argument looks like, enough to make another one that dynamo's guards accept."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    if isinstance(value, dict):
+        return ("dict", {k: _spec(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_spec(v) for v in value])
+    return ("value", value)
+
+
+def _example(spec):
+    kind, *rest = spec
+    if kind == "tensor":
+        shape, stride, dtype, device = rest
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+    if kind == "dict":
+        return {k: _example(v) for k, v in rest[0].items()}
+    if kind in ("list", "tuple"):
+        items = [_example(v) for v in rest[0]]
+        return items if kind == "list" else tuple(items)
+    return rest[0]
+
+
+class BackgroundCompile:
+    """Records the modules' call shapes, compiles them on a background thread, installs the result.
+
+    Driven by the frame thread through :func:`~.acceleration.current_runner`: ``start()`` after the
+    first step, ``install()`` once ``ready``.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None, compile_mode: str | None = None):
+        self.modules = modules
+        self.options = dict(options or {})
+        self.compile_mode = compile_mode
+        self.specs: dict[str, tuple] = {}
+        self.compiled: dict[str, object] = {}
+        self.state = "recording"  # -> compiling -> ready -> installed, or failed
+        self.error: str | None = None
+        self.seconds = 0.0
+        self.thread: threading.Thread | None = None
+        self._hooks = [module.register_forward_pre_hook(self._recorder(name), with_kwargs=True)
+                       for name, module in modules.items()]
+
+    def _recorder(self, name):
+        def record(module, args, kwargs):
+            self.specs[name] = (_spec(args), _spec(kwargs))
+
+        return record
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def start(self) -> bool:
+        """Compile in the background what the step called (False when some module was not called)."""
+        if self.state != "recording" or set(self.specs) != set(self.modules):
+            return False
+        self._remove_hooks()  # hooks run inside _call_impl: dynamo must not trace them
+        self.state = "compiling"
+        logger.info("acceleration='auto': streaming with 'cudagraph' while 'compile' compiles in the background "
+                    "(1-2 minutes the first time per model and shape; faster with inductor's cache warm).")
+        self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile", daemon=True)
+        self.thread.start()
+        return True
+
+    def _run(self) -> None:
+        from .inductor import compiling, prepare_compilation
+
+        start = time.perf_counter()
+        try:
+            mode = prepare_compilation(self.compile_mode)
+            device = next(next(iter(self.modules.values())).parameters()).device
+            stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+            for name, module in self.modules.items():
+                fn = torch.compile(module._call_impl, dynamic=False, mode=mode)
+                args_spec, kwargs_spec = self.specs[name]
+                args, kwargs = _example(args_spec), _example(kwargs_spec)
+                with torch.no_grad(), compiling(self.options):
+                    if stream is not None:
+                        stream.wait_stream(torch.cuda.current_stream(device))
+                        with torch.cuda.stream(stream):
+                            fn(*args, **kwargs)
+                        stream.synchronize()
+                    else:
+                        fn(*args, **kwargs)
+                self.compiled[name] = fn
+            self.seconds = time.perf_counter() - start
+            self.state = "ready"
+        except Exception as exc:  # noqa: BLE001 - the stream goes on as it is, loudly
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            logger.warning("acceleration='auto': the background compilation failed (%s); staying with 'cudagraph'.",
+                           self.error[:300])
+
+    def install(self) -> None:
+        """On the frame thread: the modules call their compiled code from now on (as ``compile()`` does)."""
+        for name, fn in self.compiled.items():
+            self.modules[name]._compiled_call_impl = fn
+        self.state = "installed"
+        logger.info("acceleration='auto': compiled in the background in %.1f s; now running 'compile'.", self.seconds)
+
+    def cancel(self) -> None:
+        self._remove_hooks()
+        if self.state == "recording":
+            self.state = "failed"
