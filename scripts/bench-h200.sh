@@ -21,7 +21,7 @@
 #   bash scripts/bench-h200.sh 19  # R5: the same forked after the encoder (removed); webcam-size frames
 #   bash scripts/bench-h200.sh 20  # R5: a stream's first source size raw at once (one capture); --check
 #   bash scripts/bench-h200.sh 21  # R5: SDXL-Turbo 1024² against diffusers, with the current defaults
-#   bash scripts/bench-h200.sh 22  # R5: acceleration="auto": cudagraph at once, compile in the background
+#   bash scripts/bench-h200.sh 22  # R5: background compilation: cudagraph at once, then compile
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -197,11 +197,12 @@ case "$part" in
   bench r5-sdxl1024 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
   ;;
 22)
-  # Round R5, fifth call: "auto" streams with cudagraph from the load on while the modules compile
-  # in the background, then switches to compile: latency over time, the switch, frames vs "none".
+  # Round R5, fifth call: acceleration="background-compile" streams with cudagraph from the load on
+  # while the modules compile in the background, then switches to compile: latency over time, the
+  # switch, frames vs "none". (Run 21 ran it as "auto", which started it in that commit.)
   for wl in sd-turbo-img2img:150 sd15-lcm4-self:110; do
     echo "=== auto ${wl%%:*}"; start=$SECONDS
-    timeout 240 python3 scripts/auto-compile-timeline.py "${wl%%:*}" "${wl##*:}" "$OUT/auto-${wl%%:*}.json" \
+    timeout 240 python3 scripts/background-compile-timeline.py "${wl%%:*}" "${wl##*:}" "$OUT/auto-${wl%%:*}.json" \
       > "$OUT/auto-${wl%%:*}.log" 2>&1
     echo "exit $? after $((SECONDS - start)) s"; grep -vE "^ *(\{|\}|\]|\[)" "$OUT/auto-${wl%%:*}.log" | grep -E "switch|before|after|fps_p50|vs_none|mode_at|background|load_s|first|WARNING|Error" | cut -c1-200
   done

@@ -24,7 +24,7 @@ def _fallback_warnings(caplog):
     return [r for r in caplog.records if r.levelno >= logging.WARNING and "acceleration" in r.getMessage()]
 
 
-@pytest.mark.parametrize("mode", ["compile", "cudagraph", "xformers", "tensorrt"])
+@pytest.mark.parametrize("mode", ["compile", "cudagraph", "xformers", "tensorrt", "background-compile"])
 def test_modes_fall_back_to_none_on_cpu_with_one_warning(tiny_sd15, caplog, mode):
     caplog.set_level(logging.WARNING)
     models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration=mode)
@@ -176,8 +176,8 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
     assert not fused()
 
 
-def test_auto_compiles_in_the_background_then_moves_to_the_compiled_step(tiny_sd15, sd15_models):
-    """auto: the stream runs (here without graphs, on the CPU) while a background thread compiles the
+def test_background_compile_then_moves_to_the_compiled_step(tiny_sd15, sd15_models):
+    """background-compile: the stream runs (here without graphs, on the CPU) while a thread compiles the
     modules for the shapes the step used; the frame thread then switches to the compile runner, whose
     first step finds the compiled code ready (no compilation on the frame thread), same frames."""
     from torch._dynamo.utils import counters

@@ -13,7 +13,10 @@ what it computes in ~5), so real time needs the host out of the loop:
   costs minutes the first time for each model and shape, and inductor's on-disk caches (under
   ``~/.cache/scope-streamdiffusion/inductor``) make later starts faster. Frozen weights are
   opt-in (:mod:`.inductor`).
-* In both, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`).
+* ``"background-compile"``: ``"cudagraph"`` at once while a background thread compiles the modules
+  for the shapes the stream uses, then ``"compile"`` (:mod:`.background_compile`): compile's speed
+  without its blocking start.
+* In all of them, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`).
 * ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
   same whole-step CUDA graph.
 * ``"auto"`` (the default): ``"cudagraph"`` on CUDA, ``"none"`` elsewhere, silently.
@@ -59,7 +62,7 @@ from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
-ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "tensorrt")
+ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "background-compile", "tensorrt")
 GRAPH_MODES = ("cudagraph", "compile", "tensorrt")
 MAX_GRAPHS = 16  # captured step graphs kept per pipeline (one per batch shape)
 
@@ -93,7 +96,7 @@ def resolve_acceleration(requested: str, device: torch.device) -> str:
         return "none"
     if not cuda:
         return _fallback(requested, f"it needs a CUDA device, the pipeline runs on '{torch.device(device).type}'")
-    if requested == "compile" and not has_triton():
+    if requested in ("compile", "background-compile") and not has_triton():
         return _fallback(requested, "torch.compile needs Triton, which is not importable")
     if requested == "tensorrt":
         from .tensorrt_export import require_tensorrt
@@ -393,7 +396,7 @@ def fuse_projections(unet) -> bool:
 
 
 def current_runner(models):
-    """The step runner for this frame (frame thread). With ``auto``'s background compilation
+    """The step runner for this frame (frame thread). With ``"background-compile"``
     (:mod:`.background_compile`): starts it after the first step, and once it is ready moves the
     stream from the ``"cudagraph"`` runner to a ``"compile"`` one (the stream state carries over)."""
     runner = models.extras.get("step_runner")
@@ -416,9 +419,7 @@ def current_runner(models):
 
 
 def _background_compile(models):
-    """``auto`` on CUDA: the compilation that moves the stream to ``"compile"`` later, or None."""
-    if os.environ.get("SCOPE_STREAMDIFFUSION_AUTO_COMPILE", "1") == "0" or not has_triton():
-        return None
+    """``"background-compile"``: the compilation that moves the stream to ``"compile"`` later."""
     from .background_compile import BackgroundCompile
 
     modules = {"unet": models.unet}
@@ -426,8 +427,10 @@ def _background_compile(models):
         sub = getattr(models.vae, name, None)
         if isinstance(sub, torch.nn.Module):
             modules[f"vae.{name}"] = sub
-    # Frozen weights (an opt-in) need the models' release hooks of accelerate(): not in the background.
-    options = {k: v for k, v in inductor_options(allow_freezing=False).items() if k != "freezing"}
+    options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
+    if options.pop("freezing", False):  # frozen weights need accelerate()'s release hooks at load time
+        logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "
+                       "not applied; use acceleration='compile' for them.")
     return BackgroundCompile(modules, options)
 
 
@@ -443,13 +446,14 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         mode = models.extras.get("attention", "none")  # models._set_attention applied it or warned once
     else:
         mode = resolve_acceleration(requested, models.device)
+    background = mode == "background-compile"
+    if background:
+        mode = "cudagraph"  # until the background compilation is ready (current_runner)
     models.extras["acceleration"] = mode
     if mode not in GRAPH_MODES:
         return models
-    if (requested or "auto").lower() == "auto":
-        upgrade = _background_compile(models)
-        if upgrade is not None:
-            models.extras["background_compile"] = upgrade
+    if background:
+        models.extras["background_compile"] = _background_compile(models)
     torch.backends.cudnn.benchmark = True
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
     # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;

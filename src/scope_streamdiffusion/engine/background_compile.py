@@ -1,12 +1,14 @@
-"""``acceleration="auto"`` on CUDA: stream at once, compile in the background, then go faster.
+"""``acceleration="background-compile"``: stream at once, compile in the background, then go faster.
 
 The stream starts with the CUDA-graph step (``"cudagraph"``, ready in about a second). Once the
 first step ran, the shapes its UNet, encoder and decoder were called with are known: a background
 thread compiles those modules for exactly those shapes (``torch.compile``, as ``"compile"`` does,
 which costs a minute or two the first time and blocks nothing here), and the frame thread then moves
-to the compiled step (``"compile"``), whose capture finds the compiled code ready. A failure in the
-background leaves the stream on ``"cudagraph"`` with one warning. ``SCOPE_STREAMDIFFUSION_AUTO_COMPILE=0``
-keeps ``auto`` on ``"cudagraph"``.
+to the compiled step (``"compile"``), whose capture finds the compiled code ready. From then on it is
+``"compile"``: a new batch shape (steps, CFG type) compiles on the frame thread, as there. A failure in
+the background leaves the stream on ``"cudagraph"`` with one warning. While the background thread
+compiles, the stream runs slower than ``"cudagraph"`` alone (the compiler shares the CPU and the GIL;
+BENCHMARKS.md has the timeline).
 
 The compiled callables are the ones ``nn.Module.compile()`` makes (``torch.compile`` of the module's
 ``_call_impl``), kept aside until the switch: until then the frame thread's own calls of the modules
@@ -89,8 +91,9 @@ class BackgroundCompile:
             return False
         self._remove_hooks()  # hooks run inside _call_impl: dynamo must not trace them
         self.state = "compiling"
-        logger.info("acceleration='auto': streaming with 'cudagraph' while 'compile' compiles in the background "
-                    "(1-2 minutes the first time per model and shape; faster with inductor's cache warm).")
+        logger.info("acceleration='background-compile': streaming with 'cudagraph' while the modules compile "
+                    "in the background (1-2 minutes the first time per model and shape; faster with inductor's "
+                    "cache warm).")
         self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile", daemon=True)
         self.thread.start()
         return True
@@ -121,7 +124,7 @@ class BackgroundCompile:
         except Exception as exc:  # noqa: BLE001 - the stream goes on as it is, loudly
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
-            logger.warning("acceleration='auto': the background compilation failed (%s); staying with 'cudagraph'.",
+            logger.warning("acceleration='background-compile': the background compilation failed (%s); staying with 'cudagraph'.",
                            self.error[:300])
 
     def install(self) -> None:
@@ -129,7 +132,7 @@ class BackgroundCompile:
         for name, fn in self.compiled.items():
             self.modules[name]._compiled_call_impl = fn
         self.state = "installed"
-        logger.info("acceleration='auto': compiled in the background in %.1f s; now running 'compile'.", self.seconds)
+        logger.info("acceleration='background-compile': compiled in %.1f s; now running 'compile'.", self.seconds)
 
     def cancel(self) -> None:
         self._remove_hooks()

@@ -1,8 +1,9 @@
-"""GPU check behind BENCHMARKS.md's "auto" section: a stream with acceleration="auto" from the load on,
-per-call latency over time while the modules compile in the background, the switch to the compiled
-step, and the speed after it; then the frames against an eager ("none") pipeline of the same weights.
+"""GPU check behind BENCHMARKS.md's "background-compile" section: a stream with
+acceleration="background-compile" from the load on, per-call latency over time while the modules
+compile in the background, the switch to the compiled step, and the speed after it; then the frames
+against an eager ("none") pipeline of the same weights.
 
-    python3 scripts/auto-compile-timeline.py [workload] [seconds] [out.json]
+    python3 scripts/background-compile-timeline.py [workload] [seconds] [out.json]
 
 Random weights of the workload's true architecture (as ``bench --random-weights``); frames are uint8
 on the GPU, one call per frame, synchronised after each, as in ``bench``.
@@ -36,7 +37,7 @@ def pipeline(mode):
 
 frames = make_frames(8, wl.size, wl.size, device)
 t0 = time.perf_counter()
-pipe = pipeline("auto")
+pipe = pipeline("background-compile")
 load_s = time.perf_counter() - t0
 models = pipe.engine.models
 calls = []  # (seconds since the load ended, latency ms, mode)
