@@ -201,10 +201,10 @@ case "$part" in
   # while the modules compile in the background, then switches to compile: latency over time, the
   # switch, frames vs "none". (Run 21 ran it as "auto", which started it in that commit.)
   for wl in sd-turbo-img2img:150 sd15-lcm4-self:110; do
-    echo "=== auto ${wl%%:*}"; start=$SECONDS
-    timeout 240 python3 scripts/background-compile-timeline.py "${wl%%:*}" "${wl##*:}" "$OUT/auto-${wl%%:*}.json" \
-      > "$OUT/auto-${wl%%:*}.log" 2>&1
-    echo "exit $? after $((SECONDS - start)) s"; grep -vE "^ *(\{|\}|\]|\[)" "$OUT/auto-${wl%%:*}.log" | grep -E "switch|before|after|fps_p50|vs_none|mode_at|background|load_s|first|WARNING|Error" | cut -c1-200
+    echo "=== background-compile ${wl%%:*}"; start=$SECONDS
+    timeout 240 python3 scripts/background-compile-timeline.py "${wl%%:*}" "${wl##*:}" "$OUT/bg-${wl%%:*}.json" \
+      > "$OUT/bg-${wl%%:*}.log" 2>&1
+    echo "exit $? after $((SECONDS - start)) s"; grep -vE "^ *(\{|\}|\]|\[)" "$OUT/bg-${wl%%:*}.log" | grep -E "switch|before|after|fps_p50|vs_none|mode_at|background|load_s|first|WARNING|Error" | cut -c1-200
   done
   ;;
 9)

@@ -209,6 +209,42 @@ def test_background_compile_then_moves_to_the_compiled_step(tiny_sd15, sd15_mode
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-4
 
 
+def test_background_compile_bookkeeping_partial_modules_changes_and_cancel():
+    """Only the modules the step called are compiled (text-to-image never calls the encoder); a new
+    batch shape or new weights while compiling records and compiles again instead of switching; a
+    dropped pipeline's compilation stops."""
+    from types import SimpleNamespace
+
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompile
+
+    torch.manual_seed(0)
+    modules = {"unet": torch.nn.Linear(4, 4), "vae.encoder": torch.nn.Linear(4, 4), "vae.decoder": torch.nn.Linear(4, 4)}
+    upgrade = BackgroundCompile(modules)
+    runner = acc.StepGraphs("cudagraph", use_graphs=False)
+    models = SimpleNamespace(extras=dict(step_runner=runner, background_compile=upgrade, acceleration="cudagraph"))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        modules["unet"](x), modules["vae.decoder"](x)  # a text-to-image step: no encoder call
+    assert acc.current_runner(models) is runner and upgrade.state == "recording"  # no step recorded yet
+    runner._steps["shape"] = None
+    acc.current_runner(models)
+    assert upgrade.state == "compiling" and all(not m._forward_pre_hooks for m in modules.values())
+    upgrade.thread.join(timeout=600)
+    assert upgrade.ready and set(upgrade.compiled) == {"unet", "vae.decoder"}, upgrade.error
+    runner.invalidate()  # e.g. a LoRA scale changed while compiling
+    runner._steps["shape"] = None
+    acc.current_runner(models)
+    again = models.extras["background_compile"]
+    assert again is not upgrade and again.state == "recording" and models.extras["acceleration"] == "cudagraph"
+    assert all(m._compiled_call_impl is None for m in modules.values())
+    with torch.no_grad():
+        modules["unet"](x)
+    again.cancel_event.set()  # the pipeline was dropped
+    assert again.start(stamp=None)
+    again.thread.join(timeout=60)
+    assert again.state == "failed" and again.error == "cancelled" and not again.compiled
+
+
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):
     """Sweeping shapes for hours must not pile up graphs: at most MAX_GRAPHS stay, the ones in use."""
     monkeypatch.setattr(acc, "MAX_GRAPHS", 2)

@@ -96,8 +96,12 @@ def resolve_acceleration(requested: str, device: torch.device) -> str:
         return "none"
     if not cuda:
         return _fallback(requested, f"it needs a CUDA device, the pipeline runs on '{torch.device(device).type}'")
-    if requested in ("compile", "background-compile") and not has_triton():
+    if requested == "compile" and not has_triton():
         return _fallback(requested, "torch.compile needs Triton, which is not importable")
+    if requested == "background-compile" and not has_triton():
+        logger.warning("acceleration='background-compile' cannot compile here (torch.compile needs Triton, which "
+                       "is not importable); running 'cudagraph'.")
+        return "cudagraph"
     if requested == "tensorrt":
         from .tensorrt_export import require_tensorrt
 
@@ -126,15 +130,16 @@ class _Static:
 _CAPTURE_STREAMS: dict = {}
 
 
-def _capture_stream(device) -> "torch.cuda.Stream":
-    """One side stream per device for every warm-up and capture, for the life of the process: each
-    new stream gets its own cuBLAS workspace (32 MiB on Hopper), kept until the process ends. (With a
-    new stream per capture, an H200 kept 33 MiB more after each reload of a compiled pipeline.)"""
+def _capture_stream(device, role: str = "capture") -> "torch.cuda.Stream":
+    """One side stream per device and role (captures; background compilation) for the life of the
+    process: each new stream gets its own cuBLAS workspace (32 MiB on Hopper), kept until the process
+    ends. (With a new stream per capture, an H200 kept 33 MiB more after each reload of a compiled
+    pipeline.)"""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _CAPTURE_STREAMS.get(index)
+    stream = _CAPTURE_STREAMS.get((index, role))
     if stream is None:
-        stream = _CAPTURE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+        stream = _CAPTURE_STREAMS.setdefault((index, role), torch.cuda.Stream(device=index))
     return stream
 
 
@@ -407,7 +412,11 @@ def current_runner(models):
         if runner.failed:
             upgrade.cancel()  # graphs cannot run here: compiled graphs would not either
         elif runner._steps:
-            upgrade.start()
+            upgrade.start(stamp=(frozenset(runner._steps), runner._generation))
+    elif upgrade.ready and upgrade.stamp != (frozenset(runner._steps), runner._generation):
+        # A new batch shape or new weights (a LoRA scale) since the shapes were recorded: the code
+        # compiled for them would not be used as is; record and compile again (the frame thread never compiles).
+        models.extras["background_compile"] = upgrade.again()
     elif upgrade.ready:
         upgrade.install()
         runner = StepGraphs("compile", compile_options=upgrade.options, use_graphs=runner.use_graphs)
@@ -431,7 +440,11 @@ def _background_compile(models):
     if options.pop("freezing", False):  # frozen weights need accelerate()'s release hooks at load time
         logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "
                        "not applied; use acceleration='compile' for them.")
-    return BackgroundCompile(modules, options)
+    stream = _capture_stream(models.device, "background-compile") if models.device.type == "cuda" else None
+    upgrade = BackgroundCompile(modules, options, stream=stream)
+    # A dropped pipeline stops its compilation (after the module being compiled) and frees its models.
+    weakref.finalize(models, upgrade.cancel_event.set)
+    return upgrade
 
 
 # ----- wiring -------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ The stream starts with the CUDA-graph step (``"cudagraph"``, ready in about a se
 first step ran, the shapes its UNet, encoder and decoder were called with are known: a background
 thread compiles those modules for exactly those shapes (``torch.compile``, as ``"compile"`` does,
 which costs a minute or two the first time and blocks nothing here), and the frame thread then moves
-to the compiled step (``"compile"``), whose capture finds the compiled code ready. From then on it is
-``"compile"``: a new batch shape (steps, CFG type) compiles on the frame thread, as there. A failure in
-the background leaves the stream on ``"cudagraph"`` with one warning. While the background thread
+to the compiled step (``"compile"``), whose capture finds the compiled code ready. A new batch shape
+or new weights (a LoRA scale) while it compiles: recorded and compiled again. From the switch on it
+is ``"compile"``: a new batch shape (steps, CFG type) compiles on the frame thread, as there. Text to
+image never calls the encoder: it stays eager. A failure in the background leaves the stream on
+``"cudagraph"`` with one warning; a dropped pipeline stops its compilation after the current module. While the background thread
 compiles, the stream runs slower than ``"cudagraph"`` alone (the compiler shares the CPU and the GIL;
 BENCHMARKS.md has the timeline).
 
@@ -57,10 +59,14 @@ class BackgroundCompile:
     first step, ``install()`` once ``ready``.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None, compile_mode: str | None = None):
+    def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None,
+                 compile_mode: str | None = None, stream=None, cancel_event: threading.Event | None = None):
         self.modules = modules
         self.options = dict(options or {})
         self.compile_mode = compile_mode
+        self.stream = stream  # the CUDA stream the examples run on (None off CUDA)
+        self.cancel_event = cancel_event or threading.Event()
+        self.stamp = None  # what the frame thread's step looked like when the shapes were taken
         self.specs: dict[str, tuple] = {}
         self.compiled: dict[str, object] = {}
         self.state = "recording"  # -> compiling -> ready -> installed, or failed
@@ -72,7 +78,7 @@ class BackgroundCompile:
 
     def _recorder(self, name):
         def record(module, args, kwargs):
-            self.specs[name] = (_spec(args), _spec(kwargs))
+            self.specs[name] = (_spec(args), _spec(kwargs), torch.is_inference_mode_enabled())
 
         return record
 
@@ -85,34 +91,55 @@ class BackgroundCompile:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def start(self) -> bool:
-        """Compile in the background what the step called (False when some module was not called)."""
-        if self.state != "recording" or set(self.specs) != set(self.modules):
+    def start(self, stamp=None) -> bool:
+        """Compile in the background the modules the step called, for the shapes it called them with
+        (text-to-image never calls the encoder: it stays eager). False when the UNet was not called yet."""
+        if self.state != "recording" or "unet" not in self.specs:
             return False
         self._remove_hooks()  # hooks run inside _call_impl: dynamo must not trace them
+        self.stamp = stamp
         self.state = "compiling"
         logger.info("acceleration='background-compile': streaming with 'cudagraph' while the modules compile "
                     "in the background (1-2 minutes the first time per model and shape; faster with inductor's "
                     "cache warm).")
-        self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile", daemon=True)
-        self.thread.start()
+        try:
+            self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile", daemon=True)
+            self.thread.start()
+        except Exception as exc:  # noqa: BLE001 - no thread: the stream goes on as it is
+            self._fail(exc)
+            return False
         return True
+
+    def again(self) -> "BackgroundCompile":
+        """A new recording for the same modules (the shapes or weights changed while compiling)."""
+        logger.info("acceleration='background-compile': the stream changed shape or weights while compiling; "
+                    "compiling again for the new ones.")
+        return BackgroundCompile(self.modules, self.options, self.compile_mode, self.stream, self.cancel_event)
+
+    def _fail(self, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        self.state = "failed"
+        logger.warning("acceleration='background-compile': the background compilation failed (%s); staying with "
+                       "'cudagraph'.", self.error[:300])
 
     def _run(self) -> None:
         from .inductor import compiling, prepare_compilation
 
         start = time.perf_counter()
+        stream = self.stream
         try:
             mode = prepare_compilation(self.compile_mode)
-            device = next(next(iter(self.modules.values())).parameters()).device
-            stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-            for name, module in self.modules.items():
-                fn = torch.compile(module._call_impl, dynamic=False, mode=mode)
-                args_spec, kwargs_spec = self.specs[name]
-                args, kwargs = _example(args_spec), _example(kwargs_spec)
-                with torch.no_grad(), compiling(self.options):
+            for name, (args_spec, kwargs_spec, inference) in list(self.specs.items()):
+                if self.cancel_event.is_set():  # the pipeline was dropped
+                    self.state = "failed"
+                    self.error = "cancelled"
+                    return
+                fn = torch.compile(self.modules[name]._call_impl, dynamic=False, mode=mode)
+                # The same autograd mode as the frame thread's calls: dynamo guards on it.
+                with torch.inference_mode() if inference else torch.no_grad(), compiling(self.options):
+                    args, kwargs = _example(args_spec), _example(kwargs_spec)
                     if stream is not None:
-                        stream.wait_stream(torch.cuda.current_stream(device))
+                        stream.wait_stream(torch.cuda.current_stream(stream.device))
                         with torch.cuda.stream(stream):
                             fn(*args, **kwargs)
                         stream.synchronize()
@@ -122,10 +149,7 @@ class BackgroundCompile:
             self.seconds = time.perf_counter() - start
             self.state = "ready"
         except Exception as exc:  # noqa: BLE001 - the stream goes on as it is, loudly
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.state = "failed"
-            logger.warning("acceleration='background-compile': the background compilation failed (%s); staying with 'cudagraph'.",
-                           self.error[:300])
+            self._fail(exc)
 
     def install(self) -> None:
         """On the frame thread: the modules call their compiled code from now on (as ``compile()`` does)."""
