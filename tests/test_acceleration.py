@@ -236,6 +236,7 @@ def test_background_compile_bookkeeping_partial_modules_changes_and_cancel():
     acc.current_runner(models)
     again = models.extras["background_compile"]
     assert again is not upgrade and again.state == "recording" and models.extras["acceleration"] == "cudagraph"
+    assert not runner._steps  # captured again at the next frame: replays call no module to record
     assert all(m._compiled_call_impl is None for m in modules.values())
     with torch.no_grad():
         modules["unet"](x)

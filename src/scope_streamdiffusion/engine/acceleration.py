@@ -415,8 +415,10 @@ def current_runner(models):
             upgrade.start(stamp=(frozenset(runner._steps), runner._generation))
     elif upgrade.ready and upgrade.stamp != (frozenset(runner._steps), runner._generation):
         # A new batch shape or new weights (a LoRA scale) since the shapes were recorded: the code
-        # compiled for them would not be used as is; record and compile again (the frame thread never compiles).
+        # compiled for them would not be used as is; record and compile again (the frame thread never
+        # compiles). Replays call no module: the step is captured once more, for the recording.
         models.extras["background_compile"] = upgrade.again()
+        runner.invalidate()
     elif upgrade.ready:
         upgrade.install()
         runner = StepGraphs("compile", compile_options=upgrade.options, use_graphs=runner.use_graphs)
