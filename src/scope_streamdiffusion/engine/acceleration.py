@@ -48,6 +48,7 @@ from . import sampling
 from .inductor import (
     can_freeze,
     compile_modules,
+    compiled_modules,
     compiling,
     eager_stance,
     inductor_options,
@@ -180,6 +181,11 @@ class StepGraphs:
             self._generation += 1
             self._steps.clear()
 
+    def stamp(self) -> tuple:
+        """(the batch shapes captured so far, the weights generation): what compiled code must match."""
+        with self._steps_lock:
+            return frozenset(self._steps), self._generation
+
     def graphs(self) -> list:
         """The captured CUDA graphs (one per batch shape seen so far)."""
         return [st.graph for st in list(self._steps.values()) if st.graph is not None]
@@ -283,7 +289,7 @@ class StepGraphs:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: a background compilation's allocations and syncs (auto) do not break it.
+                # thread_local: a background compilation's allocations and syncs do not break it.
                 with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                     st.output = self._step(st, engine, frames)
                 torch.cuda.synchronize()
@@ -322,7 +328,7 @@ class StepGraphs:
         if use_batch and n > 1 and not state.holds((n - 1) * frames):
             # Priming runs the steps one after another (other UNet shapes): once, eagerly. (One step
             # needs no priming: its stream state is empty.) The stance is process-wide: only where
-            # the modules are compiled (a background compilation may run meanwhile, see auto).
+            # the modules are compiled (a background compilation may run meanwhile).
             with eager_stance() if self.mode == "compile" else contextlib.nullcontext():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
@@ -411,9 +417,9 @@ def current_runner(models):
     if upgrade.state == "recording":
         if runner.failed:
             upgrade.cancel()  # graphs cannot run here: compiled graphs would not either
-        elif runner._steps:
-            upgrade.start(stamp=(frozenset(runner._steps), runner._generation))
-    elif upgrade.ready and upgrade.stamp != (frozenset(runner._steps), runner._generation):
+        elif runner.stamp()[0]:
+            upgrade.start(stamp=runner.stamp())
+    elif upgrade.ready and upgrade.stamp != runner.stamp():
         # A new batch shape or new weights (a LoRA scale) since the shapes were recorded: the code
         # compiled for them would not be used as is; record and compile again (the frame thread never
         # compiles). Replays call no module: the step is captured once more, for the recording.
@@ -433,11 +439,7 @@ def _background_compile(models):
     """``"background-compile"``: the compilation that moves the stream to ``"compile"`` later."""
     from .background_compile import BackgroundCompile
 
-    modules = {"unet": models.unet}
-    for name in ("encoder", "decoder"):
-        sub = getattr(models.vae, name, None)
-        if isinstance(sub, torch.nn.Module):
-            modules[f"vae.{name}"] = sub
+    modules = compiled_modules(models.unet, models.vae)
     options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
     if options.pop("freezing", False):  # frozen weights need accelerate()'s release hooks at load time
         logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "

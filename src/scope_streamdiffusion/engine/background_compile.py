@@ -8,9 +8,9 @@ to the compiled step (``"compile"``), whose capture finds the compiled code read
 or new weights (a LoRA scale) while it compiles: recorded and compiled again. From the switch on it
 is ``"compile"``: a new batch shape (steps, CFG type) compiles on the frame thread, as there. Text to
 image never calls the encoder: it stays eager. A failure in the background leaves the stream on
-``"cudagraph"`` with one warning; a dropped pipeline stops its compilation after the current module. While the background thread
-compiles, the stream runs slower than ``"cudagraph"`` alone (the compiler shares the CPU and the GIL;
-BENCHMARKS.md has the timeline).
+``"cudagraph"`` with one warning; a dropped pipeline stops its compilation after the current
+module. While the background thread compiles, the stream runs slower than ``"cudagraph"`` alone
+(the compiler shares the CPU and the GIL; BENCHMARKS.md has the timeline).
 
 The compiled callables are the ones ``nn.Module.compile()`` makes (``torch.compile`` of the module's
 ``_call_impl``), kept aside until the switch: until then the frame thread's own calls of the modules

@@ -176,15 +176,20 @@ def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | Non
     torch.compile's mode (experiments).
     """
     options = dict(dynamic=False, mode=prepare_compilation(mode))
-    compiled = []
-    unet.compile(**options)
-    compiled.append("unet")
+    modules = compiled_modules(unet, vae)
+    for module in modules.values():
+        module.compile(**options)
+    return list(modules)
+
+
+def compiled_modules(unet: torch.nn.Module, vae: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """What the compile modes compile, by name: the UNet and the VAE's (or TAESD's) encoder and decoder."""
+    modules = {"unet": unet}
     for name in ("encoder", "decoder"):
         sub = getattr(vae, name, None)
         if isinstance(sub, torch.nn.Module):
-            sub.compile(**options)
-            compiled.append(f"vae.{name}")
-    return compiled
+            modules[f"vae.{name}"] = sub
+    return modules
 
 
 def eager_stance():
