@@ -3,7 +3,10 @@ acceleration="background-compile" from the load on, per-call latency over time w
 compile in the background, the switch to the compiled step, and the speed after it; then the frames
 against an eager ("none") pipeline of the same weights.
 
-    python3 scripts/background-compile-timeline.py [workload] [seconds] [out.json]
+    python3 scripts/background-compile-timeline.py [workload] [seconds] [out.json] [switch interval s]
+
+The optional switch interval replaces the one the background compilation sets (0.005 is Python's
+default, i.e. the behaviour before it set one).
 
 Random weights of the workload's true architecture (as ``bench --random-weights``); frames are uint8
 on the GPU, one call per frame, synchronised after each, as in ``bench``.
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from scope_streamdiffusion.engine import background_compile
 from scope_streamdiffusion.bench import WORKLOADS, make_frames, random_weight_model
 from scope_streamdiffusion.engine.inductor import cache_root
 from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
@@ -26,6 +30,8 @@ name = sys.argv[1] if len(sys.argv) > 1 else "sd-turbo-img2img"
 seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 150.0
 out_path = sys.argv[3] if len(sys.argv) > 3 else None
 wl = WORKLOADS[name]
+if len(sys.argv) > 4:
+    background_compile.SWITCH_INTERVAL_S = float(sys.argv[4])
 device = torch.device("cuda")
 folder, taesd = random_weight_model(wl.arch, cache_root() / "random-weights", device)
 
@@ -41,6 +47,7 @@ pipe = pipeline("background-compile")
 load_s = time.perf_counter() - t0
 models = pipe.engine.models
 calls = []  # (seconds since the load ended, latency ms, mode)
+compilations = []  # the background compilations seen (one more per change while compiling)
 start = time.perf_counter()
 i = 0
 while time.perf_counter() - start < seconds:
@@ -48,6 +55,9 @@ while time.perf_counter() - start < seconds:
     pipe(video=[frames[i % len(frames)]] if wl.img2img else None)
     torch.cuda.synchronize()
     calls.append((t - start, (time.perf_counter() - t) * 1e3, models.extras["acceleration"]))
+    upgrade = models.extras.get("background_compile")
+    if upgrade is not None and (not compilations or compilations[-1] is not upgrade):
+        compilations.append(upgrade)
     i += 1
 
 switch = next((k for k, c in enumerate(calls) if c[2] == "compile"), None)
@@ -74,6 +84,10 @@ if switch is not None:
                   after_switch=summary(calls[switch + 1:]), after_switch_last_100=summary(calls[-100:]))
 upgrade = models.extras.get("background_compile")
 report["background"] = "done" if upgrade is None else f"{upgrade.state}: {upgrade.error}"
+report["compile_s"] = [round(c.seconds, 1) for c in compilations]
+report["switch_interval_during"] = background_compile.SWITCH_INTERVAL_S
+report["switch_interval_after"] = sys.getswitchinterval()
+report["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
 
 # The same frames as eager PyTorch (same weights, same inputs, from a reset stream).
 outs = []

@@ -22,6 +22,8 @@
 #   bash scripts/bench-h200.sh 20  # R5: a stream's first source size raw at once (one capture); --check
 #   bash scripts/bench-h200.sh 21  # R5: SDXL-Turbo 1024² against diffusers, with the current defaults
 #   bash scripts/bench-h200.sh 22  # R5: background compilation: cudagraph at once, then compile
+#   bash scripts/bench-h200.sh 23  # R6: background compilation with Python's default GIL switch interval
+#                                  #     vs a short one, cold caches; then warm
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -205,6 +207,19 @@ case "$part" in
     timeout 240 python3 scripts/background-compile-timeline.py "${wl%%:*}" "${wl##*:}" "$OUT/bg-${wl%%:*}.json" \
       > "$OUT/bg-${wl%%:*}.log" 2>&1
     echo "exit $? after $((SECONDS - start)) s"; grep -vE "^ *(\{|\}|\]|\[)" "$OUT/bg-${wl%%:*}.log" | grep -E "switch|before|after|fps_p50|vs_none|mode_at|background|load_s|first|WARNING|Error" | cut -c1-200
+  done
+  ;;
+23)
+  # Round R6: the stream while the background compilation runs, with Python's default switch
+  # interval (5 ms, the code before R6) and the short one it now sets, each with a cold inductor
+  # cache of its own; then the short one again with its cache warm (a restart).
+  for run in default:0.005:130 short:0.0001:130 short-warm:0.0001:70; do
+    IFS=: read -r tag interval secs <<< "$run"
+    echo "=== background-compile img2img, $tag (switch interval $interval s)"; start=$SECONDS
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-${tag%-warm} timeout 220 python3 scripts/background-compile-timeline.py \
+      sd-turbo-img2img "$secs" "$OUT/bg-$tag.json" "$interval" > "$OUT/bg-$tag.log" 2>&1
+    echo "exit $? after $((SECONDS - start)) s"
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ('load_s','first_call_ms','switch_at_s','switch_call_ms','compile_s','peak_vram_gb','vs_none_max_abs','mode_at_end','switch_interval_after')}); print('before', r['before_switch']); print('after', r.get('after_switch')); print('windows', [(w['window_s'], w['fps_p50'], w['max_ms']) for w in r['windows']])" "$OUT/bg-$tag.json" || tail -5 "$OUT/bg-$tag.log"
   done
   ;;
 9)

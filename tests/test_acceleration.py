@@ -209,6 +209,29 @@ def test_background_compile_then_moves_to_the_compiled_step(tiny_sd15, sd15_mode
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-4
 
 
+def test_background_compile_shortens_the_gil_switch_interval_while_it_runs():
+    """The frame thread's PyTorch calls release the GIL; a short interval bounds how long each waits to
+    get it back from the compiler. Given back when the last compilation ends, unless changed meanwhile."""
+    from scope_streamdiffusion.engine import background_compile as bg
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        bg._shorten_switch_interval()
+        bg._shorten_switch_interval()  # two pipelines compiling at once
+        assert sys.getswitchinterval() == pytest.approx(bg.SWITCH_INTERVAL_S)
+        bg._restore_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(bg.SWITCH_INTERVAL_S)  # one still compiles
+        bg._restore_switch_interval()
+        assert sys.getswitchinterval() == 0.005
+        bg._shorten_switch_interval()
+        sys.setswitchinterval(0.02)  # the application chose its own meanwhile: kept
+        bg._restore_switch_interval()
+        assert sys.getswitchinterval() == 0.02
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_background_compile_bookkeeping_partial_modules_changes_and_cancel():
     """Only the modules the step called are compiled (text-to-image never calls the encoder); a new
     batch shape or new weights while compiling records and compiles again instead of switching; a
@@ -217,6 +240,7 @@ def test_background_compile_bookkeeping_partial_modules_changes_and_cancel():
 
     from scope_streamdiffusion.engine.background_compile import BackgroundCompile
 
+    interval = sys.getswitchinterval()
     torch.manual_seed(0)
     modules = {"unet": torch.nn.Linear(4, 4), "vae.encoder": torch.nn.Linear(4, 4), "vae.decoder": torch.nn.Linear(4, 4)}
     upgrade = BackgroundCompile(modules)
@@ -231,6 +255,7 @@ def test_background_compile_bookkeeping_partial_modules_changes_and_cancel():
     assert upgrade.state == "compiling" and all(not m._forward_pre_hooks for m in modules.values())
     upgrade.thread.join(timeout=600)
     assert upgrade.ready and set(upgrade.compiled) == {"unet", "vae.decoder"}, upgrade.error
+    assert sys.getswitchinterval() == interval  # given back once the compilation ended
     runner.invalidate()  # e.g. a LoRA scale changed while compiling
     runner._steps["shape"] = None
     acc.current_runner(models)

@@ -20,12 +20,43 @@ stay eager and never compile.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+# Python's GIL switch interval while a background compilation runs. Each PyTorch call releases the
+# GIL, and taking it back from a thread busy in Python (dynamo, inductor) waits up to one interval
+# (5 ms by default): with a dozen such calls per frame the stream fell to ~10 fps while compiling
+# (BENCHMARKS.md). A shorter interval bounds that wait; the compiler only yields more often.
+SWITCH_INTERVAL_S = 1e-4
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved: float | None = None
+_switch_set: float | None = None
+
+
+def _shorten_switch_interval() -> None:
+    global _switch_users, _switch_saved, _switch_set
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, SWITCH_INTERVAL_S))
+            _switch_set = sys.getswitchinterval()
+        _switch_users += 1
+
+
+def _restore_switch_interval() -> None:
+    """Back to the interval before the first running compilation, unless someone else changed it meanwhile."""
+    global _switch_users
+    with _switch_lock:
+        _switch_users -= 1
+        if _switch_users == 0 and _switch_saved is not None and sys.getswitchinterval() == _switch_set:
+            sys.setswitchinterval(_switch_saved)
 
 
 def _spec(value):
@@ -127,6 +158,7 @@ class BackgroundCompile:
 
         start = time.perf_counter()
         stream = self.stream
+        _shorten_switch_interval()
         try:
             mode = prepare_compilation(self.compile_mode)
             for name, (args_spec, kwargs_spec, inference) in list(self.specs.items()):
@@ -150,6 +182,8 @@ class BackgroundCompile:
             self.state = "ready"
         except Exception as exc:  # noqa: BLE001 - the stream goes on as it is, loudly
             self._fail(exc)
+        finally:
+            _restore_switch_interval()
 
     def install(self) -> None:
         """On the frame thread: the modules call their compiled code from now on (as ``compile()`` does)."""
