@@ -24,6 +24,9 @@
 #   bash scripts/bench-h200.sh 22  # R5: background compilation: cudagraph at once, then compile
 #   bash scripts/bench-h200.sh 23  # R6: background compilation with Python's default GIL switch interval
 #                                  #     vs a short one, cold caches; then warm
+#   bash scripts/bench-h200.sh 24  # R6: background-compile per batch shape (the new auto): a change of
+#                                  #     steps mid-stream, cold cache, then warm; LCM cold
+#   bash scripts/bench-h200.sh 25  # R6: the same, long enough for the changed shape to compile too
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -221,6 +224,30 @@ case "$part" in
     echo "exit $? after $((SECONDS - start)) s"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ('load_s','first_call_ms','switch_at_s','switch_call_ms','compile_s','peak_vram_gb','vs_none_max_abs','mode_at_end','switch_interval_after')}); print('before', r['before_switch']); print('after', r.get('after_switch')); print('windows', [(w['window_s'], w['fps_p50'], w['max_ms']) for w in r['windows']])" "$OUT/bg-$tag.json" || tail -5 "$OUT/bg-$tag.log"
   done
+  ;;
+24)
+  # Round R6: background-compile compiles each batch shape in the background (the default 'auto' on
+  # CUDA now): SD-Turbo img2img from a cold cache, changed to 2 steps at 110 s (a new UNet batch);
+  # the same after a restart (warm cache) with the change at 35 s; SD1.5 LCM with its cache cold.
+  summary='import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])'
+  for run in cold:sd-turbo-img2img:150:110 warm:sd-turbo-img2img:75:35 lcm:sd15-lcm4-self:120:; do
+    IFS=: read -r tag wl secs change <<< "$run"
+    echo "=== background-compile $wl, $tag"; start=$SECONDS
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r24-${wl} timeout 240 python3 scripts/background-compile-timeline.py \
+      "$wl" "$secs" "$OUT/bg24-$tag.json" 0.0001 $change > "$OUT/bg24-$tag.log" 2>&1
+    echo "exit $? after $((SECONDS - start)) s"
+    python3 -c "$summary" "$OUT/bg24-$tag.json" || tail -5 "$OUT/bg24-$tag.log"
+  done
+  ;;
+25)
+  # Round R6: part 24's cold SD-Turbo run, long enough for the second shape (2 steps from 110 s)
+  # to compile in the background as well.
+  summary='import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])'
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r25 timeout 330 python3 scripts/background-compile-timeline.py \
+    sd-turbo-img2img 250 "$OUT/bg25.json" 0.0001 110 2 > "$OUT/bg25.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c "$summary" "$OUT/bg25.json" || tail -5 "$OUT/bg25.log"
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

@@ -33,12 +33,17 @@ def test_modes_fall_back_to_none_on_cpu_with_one_warning(tiny_sd15, caplog, mode
     assert len(_fallback_warnings(caplog)) == 1, [r.getMessage() for r in caplog.records]
 
 
-def test_auto_is_silent_and_none_on_cpu(tiny_sd15, caplog):
+def test_auto_is_silent_and_none_on_cpu(tiny_sd15, caplog, monkeypatch):
     caplog.set_level(logging.WARNING)
     models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration="auto")
     assert models.extras["acceleration"] == "none"
     assert not _fallback_warnings(caplog)
+    # On CUDA: compiling in the background where Triton is there, CUDA graphs of eager modules else.
+    monkeypatch.setattr(acc, "has_triton", lambda: True)
+    assert acc.resolve_acceleration("auto", torch.device("cuda")) == "background-compile"
+    monkeypatch.setattr(acc, "has_triton", lambda: False)
     assert acc.resolve_acceleration("auto", torch.device("cuda")) == "cudagraph"
+    assert not caplog.records
 
 
 def test_schema_lists_every_mode():
@@ -176,37 +181,53 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
     assert not fused()
 
 
-def test_background_compile_then_moves_to_the_compiled_step(tiny_sd15, sd15_models):
-    """background-compile: the stream runs (here without graphs, on the CPU) while a thread compiles the
-    modules for the shapes the step used; the frame thread then switches to the compile runner, whose
-    first step finds the compiled code ready (no compilation on the frame thread), same frames."""
+def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd15_models):
+    """background-compile: each new batch shape runs at once with the eager modules (here without
+    graphs, on the CPU) while a thread compiles them for it; the next step of that shape runs the
+    compiled code, which the frame thread never compiles itself; same frames as eager throughout."""
     from torch._dynamo.utils import counters
 
     from scope_streamdiffusion.engine import load_models
-    from scope_streamdiffusion.engine.background_compile import BackgroundCompile
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
 
     settings = StreamSettings(num_inference_steps=2, cfg_type=CfgType.SELF, guidance_scale=1.2)
-    frames = make_frames(6)
+    frames = make_frames(9)
     reference = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
-    expected = [reference(f) for f in frames]
+    expected = [reference(f) for f in frames[:6]]
+    reference.update(num_inference_steps=1)  # a new batch shape mid-stream
+    expected += [reference(f) for f in frames[6:]]
 
     models = load_models(str(tiny_sd15), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=False)
     modules = {"unet": models.unet, "vae.encoder": models.vae.encoder, "vae.decoder": models.vae.decoder}
-    upgrade = BackgroundCompile(modules)
-    models.extras.update(step_runner=acc.StepGraphs("cudagraph", use_graphs=False), background_compile=upgrade,
-                         acceleration="cudagraph")
+    compiler = BackgroundCompiler(modules)
+    runner = acc.StepGraphs("background-compile", use_graphs=False, compiler=compiler)
+    models.extras.update(step_runner=runner, acceleration="background-compile")
     engine = StreamDiffusion(models, width=64, height=64, settings=settings)
-    got = [engine(f) for f in frames[:3]]  # priming, the first stream-batch step, then the start
-    assert upgrade.state == "compiling" and all(m._compiled_call_impl is None for m in modules.values())
-    upgrade.thread.join(timeout=900)
-    assert upgrade.ready, upgrade.error
+    got = [engine(f) for f in frames[:2]]  # priming (eager), then the first stream-batch step: recorded
+    assert not runner.last_compiled and compiler.thread is not None
+    compiler.wait(timeout=900)
+    assert len(compiler.ready) == 1 and not compiler.failed, compiler.failed
+    assert set(compiler.compiled) == set(modules)
     graphs = counters["stats"]["unique_graphs"]
-    got += [engine(f) for f in frames[3:]]
-    assert models.extras["acceleration"] == "compile" and "background_compile" not in models.extras
-    assert models.extras["step_runner"].mode == "compile" and len(models.extras["step_runner"]._steps) == 1
-    assert counters["stats"]["unique_graphs"] == graphs  # the frame thread compiled nothing
-    assert all(m._compiled_call_impl is upgrade.compiled[name] for name, m in modules.items())
+    got += [engine(f) for f in frames[2:6]]
+    assert runner.last_compiled and counters["stats"]["unique_graphs"] == graphs  # compiled, not on this thread
+
+    engine.update(num_inference_steps=1)  # a new UNet batch: eager at once, compiled in the background
+    got.append(engine(frames[6]))
+    assert not runner.last_compiled
+    compiler.wait(timeout=900)
+    assert len(compiler.ready) == 2 and not compiler.failed, compiler.failed
+    graphs = counters["stats"]["unique_graphs"]
+    got += [engine(f) for f in frames[7:]]
+    assert runner.last_compiled and counters["stats"]["unique_graphs"] == graphs
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-4
+
+    runner.invalidate()  # new weights (a LoRA scale): the shapes start over, eager at once
+    engine(frames[0])
+    assert not runner.last_compiled
+    compiler.wait(timeout=900)
+    engine(frames[1])
+    assert runner.last_compiled and len(compiler.ready) == 3
 
 
 def test_background_compile_shortens_the_gil_switch_interval_while_it_runs():
@@ -232,43 +253,39 @@ def test_background_compile_shortens_the_gil_switch_interval_while_it_runs():
         sys.setswitchinterval(before)
 
 
-def test_background_compile_bookkeeping_partial_modules_changes_and_cancel():
-    """Only the modules the step called are compiled (text-to-image never calls the encoder); a new
-    batch shape or new weights while compiling records and compiles again instead of switching; a
-    dropped pipeline's compilation stops."""
-    from types import SimpleNamespace
+def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
+    """Only the modules a step called are compiled (text-to-image never calls the encoder); a thread
+    runs the compiled code only inside ``running(True)``; a dropped pipeline compiles nothing more;
+    the switch interval is given back when the thread ends."""
+    from torch._dynamo.utils import counters
 
-    from scope_streamdiffusion.engine.background_compile import BackgroundCompile
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
 
     interval = sys.getswitchinterval()
     torch.manual_seed(0)
-    modules = {"unet": torch.nn.Linear(4, 4), "vae.encoder": torch.nn.Linear(4, 4), "vae.decoder": torch.nn.Linear(4, 4)}
-    upgrade = BackgroundCompile(modules)
-    runner = acc.StepGraphs("cudagraph", use_graphs=False)
-    models = SimpleNamespace(extras=dict(step_runner=runner, background_compile=upgrade, acceleration="cudagraph"))
+    modules = {name: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+               for name in ("unet", "vae.encoder", "vae.decoder")}
+    compiler = BackgroundCompiler(modules)
     x = torch.randn(2, 4)
-    with torch.no_grad():
-        modules["unet"](x), modules["vae.decoder"](x)  # a text-to-image step: no encoder call
-    assert acc.current_runner(models) is runner and upgrade.state == "recording"  # no step recorded yet
-    runner._steps["shape"] = None
-    acc.current_runner(models)
-    assert upgrade.state == "compiling" and all(not m._forward_pre_hooks for m in modules.values())
-    upgrade.thread.join(timeout=600)
-    assert upgrade.ready and set(upgrade.compiled) == {"unet", "vae.decoder"}, upgrade.error
+    recording = {}
+    with torch.no_grad(), compiler.running(False, recording):
+        expected = modules["unet"](x), modules["vae.decoder"](x)  # a text-to-image step: no encoder call
+    assert set(recording) == {"unet", "vae.decoder"} and len(recording["unet"]) == 1
+    assert not compiler.submit("shape", {})  # nothing recorded: nothing to compile
+    assert compiler.submit("shape", recording) and not compiler.submit("shape", recording)  # under way
+    compiler.wait(timeout=600)
+    assert compiler.is_ready("shape") and set(compiler.compiled) == {"unet", "vae.decoder"}, compiler.failed
     assert sys.getswitchinterval() == interval  # given back once the compilation ended
-    runner.invalidate()  # e.g. a LoRA scale changed while compiling
-    runner._steps["shape"] = None
-    acc.current_runner(models)
-    again = models.extras["background_compile"]
-    assert again is not upgrade and again.state == "recording" and models.extras["acceleration"] == "cudagraph"
-    assert not runner._steps  # captured again at the next frame: replays call no module to record
-    assert all(m._compiled_call_impl is None for m in modules.values())
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), compiler.running(True):
+        got = modules["unet"](x), modules["vae.decoder"](x)
+    assert counters["stats"]["unique_graphs"] == graphs  # the compiled code, compiled before
+    assert all(torch.allclose(a, b) for a, b in zip(expected, got))
     with torch.no_grad():
-        modules["unet"](x)
-    again.cancel_event.set()  # the pipeline was dropped
-    assert again.start(stamp=None)
-    again.thread.join(timeout=60)
-    assert again.state == "failed" and again.error == "cancelled" and not again.compiled
+        modules["vae.encoder"](x)  # outside running(): eager, whatever other threads do
+    assert "vae.encoder" not in compiler.compiled
+    compiler.cancel_event.set()  # the pipeline was dropped
+    assert not compiler.submit("other", recording)
 
 
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):

@@ -13,13 +13,14 @@ what it computes in ~5), so real time needs the host out of the loop:
   costs minutes the first time for each model and shape, and inductor's on-disk caches (under
   ``~/.cache/scope-streamdiffusion/inductor``) make later starts faster. Frozen weights are
   opt-in (:mod:`.inductor`).
-* ``"background-compile"``: ``"cudagraph"`` at once while a background thread compiles the modules
-  for the shapes the stream uses, then ``"compile"`` (:mod:`.background_compile`): compile's speed
-  without its blocking start.
+* ``"background-compile"``: each batch shape runs as ``"cudagraph"`` at once while a background
+  thread compiles the modules for it, then as ``"compile"`` (:mod:`.background_compile`): compile's
+  speed without its blocking start, and no stop when the shape changes.
 * In all of them, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`).
 * ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
   same whole-step CUDA graph.
-* ``"auto"`` (the default): ``"cudagraph"`` on CUDA, ``"none"`` elsewhere, silently.
+* ``"auto"`` (the default): ``"background-compile"`` on CUDA (``"cudagraph"`` without Triton),
+  ``"none"`` elsewhere, silently.
 
 Runtime parameters never re-capture or re-compile: the prompt embeddings, guidance scale, delta,
 timesteps (strength / t_index_list of the same length), the per-step noise (seed) and the input
@@ -64,7 +65,7 @@ from .schedule import Schedule
 logger = logging.getLogger(__name__)
 
 ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "background-compile", "tensorrt")
-GRAPH_MODES = ("cudagraph", "compile", "tensorrt")
+GRAPH_MODES = ("cudagraph", "compile", "background-compile", "tensorrt")
 MAX_GRAPHS = 16  # captured step graphs kept per pipeline (one per batch shape)
 
 
@@ -92,7 +93,9 @@ def resolve_acceleration(requested: str, device: torch.device) -> str:
         return _fallback(requested, f"unknown mode; expected one of {', '.join(ACCELERATIONS)}")
     cuda = torch.device(device).type == "cuda"
     if requested == "auto":
-        return "cudagraph" if cuda else "none"
+        if not cuda:
+            return "none"
+        return "background-compile" if has_triton() else "cudagraph"
     if requested == "none":
         return "none"
     if not cuda:
@@ -126,6 +129,7 @@ class _Static:
     output: torch.Tensor | None = None
     graph: object = None
     loaded: object = None
+    compiled: bool = False  # background-compile: captured with the compiled modules
 
 
 _CAPTURE_STREAMS: dict = {}
@@ -153,11 +157,14 @@ class StepGraphs:
 
     ``use_graphs=False`` keeps the static-buffer plumbing but calls the step eagerly (CPU tests).
     ``compile_options``: inductor options for compilations triggered by the step (compile mode).
+    ``compiler``: background-compile's :class:`~.background_compile.BackgroundCompiler`.
     """
 
     def __init__(self, mode: str = "cudagraph", *, use_graphs: bool = True, warmup: int = 2,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, compiler=None):
         self.mode = mode
+        self.compiler = compiler
+        self.last_compiled = False  # whether the last step ran compiled code (background-compile)
         self.use_graphs = use_graphs
         self.compile_options = dict(compile_options or {})
         # Generated code holding frozen weights (released with the models, see accelerate()).
@@ -180,11 +187,6 @@ class StepGraphs:
         with self._steps_lock:
             self._generation += 1
             self._steps.clear()
-
-    def stamp(self) -> tuple:
-        """(the batch shapes captured so far, the weights generation): what compiled code must match."""
-        with self._steps_lock:
-            return frozenset(self._steps), self._generation
 
     def graphs(self) -> list:
         """The captured CUDA graphs (one per batch shape seen so far)."""
@@ -320,6 +322,13 @@ class StepGraphs:
         with eager_stance():
             return engine._denoise_eager(p, images, frames)
 
+    def _running(self, st: _Static, recording: dict | None):
+        """background-compile: the modules run compiled for a shape whose compilation is done, else
+        eagerly (recording their call shapes when asked)."""
+        if self.compiler is None:
+            return contextlib.nullcontext()
+        return self.compiler.running(st.compiled, recording)
+
     # -- the call --
     def denoise(self, engine, p, images, frames: int) -> torch.Tensor:
         n = p.sched.num_steps
@@ -329,27 +338,39 @@ class StepGraphs:
             # Priming runs the steps one after another (other UNet shapes): once, eagerly. (One step
             # needs no priming: its stream state is empty.) The stance is process-wide: only where
             # the modules are compiled (a background compilation may run meanwhile).
+            self.last_compiled = False
             with eager_stance() if self.mode == "compile" else contextlib.nullcontext():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
+            self.last_compiled = False
             return self._eager(engine, p, images, frames)
         key = self._key(p, images, frames)
+        compiler = self.compiler
         with self._steps_lock:
+            generation = self._generation
             st = self._steps.get(key)
             if st is not None:
                 self._steps.move_to_end(key)
+                if compiler is not None and not st.compiled and compiler.is_ready((key, generation)):
+                    del self._steps[key]  # this shape's compiled code is ready: capture it instead
+                    st = None
+        recording = None
         if st is None:
-            generation = self._generation
             st = self._buffers(engine, p, images, frames)
+            if compiler is not None:
+                st.compiled = compiler.is_ready((key, generation))
+                recording = None if st.compiled else {}  # what the eager step calls, to compile it
             if self.use_graphs:
                 try:
-                    self._capture(st, engine, p, images, frames)
+                    with self._running(st, recording):
+                        self._capture(st, engine, p, images, frames)
                 except torch.cuda.OutOfMemoryError:
                     raise  # memory, not the graph: the pipeline frees and reports it; capture again later
                 except Exception as exc:  # noqa: BLE001 - fall back once, loudly
                     self.failed = f"{type(exc).__name__}: {exc}"
                     logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
                                    "graphs.", self.mode, self.failed[:300])
+                    self.last_compiled = False
                     return self._eager(engine, p, images, frames)
             with self._steps_lock:
                 if generation == self._generation:  # else weights changed meanwhile: this frame only
@@ -363,8 +384,11 @@ class StepGraphs:
             st.graph.replay()
             out = st.output
         else:
-            with compiling(self.compile_options, self._generated):
+            with compiling(self.compile_options, self._generated), self._running(st, recording):
                 out = self._step(st, engine, frames)
+        if recording:
+            compiler.submit((key, generation), recording)
+        self.last_compiled = st.compiled
         engine.state = st.state if use_batch else sampling.StreamState()
         # The static output is overwritten by the next replay: hand out a copy.
         return out.clone()
@@ -406,49 +430,15 @@ def fuse_projections(unet) -> bool:
     return True
 
 
-def current_runner(models):
-    """The step runner for this frame (frame thread). With ``"background-compile"``
-    (:mod:`.background_compile`): starts it after the first step, and once it is ready moves the
-    stream from the ``"cudagraph"`` runner to a ``"compile"`` one (the stream state carries over)."""
-    runner = models.extras.get("step_runner")
-    upgrade = models.extras.get("background_compile")
-    if upgrade is None or runner is None:
-        return runner
-    if upgrade.state == "recording":
-        if runner.failed:
-            upgrade.cancel()  # graphs cannot run here: compiled graphs would not either
-        elif runner.stamp()[0]:
-            upgrade.start(stamp=runner.stamp())
-    elif upgrade.ready and upgrade.stamp != runner.stamp():
-        # A new batch shape or new weights (a LoRA scale) since the shapes were recorded: the code
-        # compiled for them would not be used as is; record and compile again (the frame thread never
-        # compiles). Replays call no module: the step is captured once more, for the recording.
-        models.extras["background_compile"] = upgrade.again()
-        runner.invalidate()
-    elif upgrade.ready:
-        upgrade.install()
-        runner = StepGraphs("compile", compile_options=upgrade.options, use_graphs=runner.use_graphs)
-        models.extras["step_runner"] = runner
-        models.extras["acceleration"] = "compile"
-    if upgrade.state in ("installed", "failed"):
-        models.extras.pop("background_compile", None)
-    return runner
+def _background_compiler(models, options: dict):
+    """``"background-compile"``: the compiler that moves each step shape to compiled code later."""
+    from .background_compile import BackgroundCompiler
 
-
-def _background_compile(models):
-    """``"background-compile"``: the compilation that moves the stream to ``"compile"`` later."""
-    from .background_compile import BackgroundCompile
-
-    modules = compiled_modules(models.unet, models.vae)
-    options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
-    if options.pop("freezing", False):  # frozen weights need accelerate()'s release hooks at load time
-        logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "
-                       "not applied; use acceleration='compile' for them.")
     stream = _capture_stream(models.device, "background-compile") if models.device.type == "cuda" else None
-    upgrade = BackgroundCompile(modules, options, stream=stream)
+    compiler = BackgroundCompiler(compiled_modules(models.unet, models.vae), options, stream=stream)
     # A dropped pipeline stops its compilation (after the module being compiled) and frees its models.
-    weakref.finalize(models, upgrade.cancel_event.set)
-    return upgrade
+    weakref.finalize(models, compiler.cancel_event.set)
+    return compiler
 
 
 # ----- wiring -------------------------------------------------------------------------------------
@@ -463,14 +453,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         mode = models.extras.get("attention", "none")  # models._set_attention applied it or warned once
     else:
         mode = resolve_acceleration(requested, models.device)
-    background = mode == "background-compile"
-    if background:
-        mode = "cudagraph"  # until the background compilation is ready (current_runner)
     models.extras["acceleration"] = mode
     if mode not in GRAPH_MODES:
         return models
-    if background:
-        models.extras["background_compile"] = _background_compile(models)
     torch.backends.cudnn.benchmark = True
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
     # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;
@@ -480,18 +465,24 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode != "tensorrt" and not fp8 and not runtime_loras \
             and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
         models.extras["fused_projections"] = fuse_projections(models.unet)
-    options = {}
+    options, compiler = {}, None
     if mode == "compile":
         if fp8:
             apply_fp8(models)
         compile_modules(models.unet, models.vae)
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
+    elif mode == "background-compile":
+        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
+        if options.pop("freezing", False):  # frozen weights need the release hooks below, per compilation
+            logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "
+                           "not applied; use acceleration='compile' for them.")
+        compiler = _background_compiler(models, options)
     elif mode == "tensorrt":
         from .tensorrt_export import Profile, tensorrt_unet
 
         models.unet = tensorrt_unet(models, Profile.for_stream(*stream_shape) if stream_shape else None)
     # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
-    runner = StepGraphs(mode, compile_options=options,
+    runner = StepGraphs(mode, compile_options=options, compiler=compiler,
                         use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
     models.extras["step_runner"] = runner
     if options.get("freezing"):

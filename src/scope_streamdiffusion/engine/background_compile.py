@@ -1,24 +1,27 @@
-"""``acceleration="background-compile"``: stream at once, compile in the background, then go faster.
+"""``acceleration="background-compile"`` (what ``"auto"`` runs on CUDA): stream at once, compile
+in the background, then go faster, one batch shape at a time.
 
-The stream starts with the CUDA-graph step (``"cudagraph"``, ready in about a second). Once the
-first step ran, the shapes its UNet, encoder and decoder were called with are known: a background
-thread compiles those modules for exactly those shapes (``torch.compile``, as ``"compile"`` does,
-which costs a minute or two the first time and blocks nothing here), and the frame thread then moves
-to the compiled step (``"compile"``), whose capture finds the compiled code ready. A new batch shape
-or new weights (a LoRA scale) while it compiles: recorded and compiled again. From the switch on it
-is ``"compile"``: a new batch shape (steps, CFG type) compiles on the frame thread, as there. Text to
-image never calls the encoder: it stays eager. A failure in the background leaves the stream on
-``"cudagraph"`` with one warning; a dropped pipeline stops its compilation after the current
-module. While the background thread compiles, the stream runs slower than ``"cudagraph"`` alone
-(the compiler shares the CPU and the GIL; BENCHMARKS.md has the timeline).
+Each new batch shape of the step (the first one, and later ones: steps, CFG type, frames per call)
+is captured at once with the modules running eagerly, as ``"cudagraph"`` does (about a second).
+That capture records the shapes the UNet, encoder and decoder were called with; a background thread
+compiles those modules for exactly those shapes (``torch.compile``, as ``"compile"`` does: a minute
+or two the first time per model and shape, ~20 s with inductor's cache warm), and once it is done
+the frame thread captures that shape again with the compiled code, which runs without compiling
+anything on the frame thread. New weights (a runtime LoRA scale, which dynamo guards on) start the
+shapes over. A failure in the background leaves that shape on the eager graph with one warning; a
+dropped pipeline stops its compilation after the current module.
 
-The compiled callables are the ones ``nn.Module.compile()`` makes (``torch.compile`` of the module's
-``_call_impl``), kept aside until the switch: until then the frame thread's own calls of the modules
-stay eager and never compile.
+The modules choose per call (:class:`_Route`, per thread): the frame thread runs their compiled
+code only for a shape whose compilation is done, eager code otherwise (also for the one-off priming
+of a stream batch) - no process-wide compiler stance involved. While the background thread compiles,
+Python's GIL switch interval is kept short: every PyTorch call of the frame thread releases the GIL,
+and taking it back from a thread busy in Python waits up to one interval (BENCHMARKS.md: with the
+default 5 ms the stream fell to ~10 fps while compiling, with 0.1 ms it keeps its speed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -83,11 +86,38 @@ def _example(spec):
     return rest[0]
 
 
-class BackgroundCompile:
-    """Records the modules' call shapes, compiles them on a background thread, installs the result.
+class _Route(threading.local):
+    """Per thread: run the modules' compiled code (``compiled``) or record their call shapes."""
 
-    Driven by the frame thread through :func:`~.acceleration.current_runner`: ``start()`` after the
-    first step, ``install()`` once ``ready``.
+    compiled = False
+    recording: dict | None = None
+
+
+class _Dispatch:
+    """A module's ``_compiled_call_impl`` (what ``nn.Module.__call__`` calls when set): its compiled code
+    when this thread's route says so, else its eager code (recording the call's shapes if asked)."""
+
+    def __init__(self, compiler: "BackgroundCompiler", name: str, module: torch.nn.Module):
+        self.compiler, self.name, self.module = compiler, name, module
+
+    def __call__(self, *args, **kwargs):
+        route = self.compiler.route
+        if route.compiled:
+            return self.compiler.compiled[self.name](*args, **kwargs)
+        if route.recording is not None:
+            spec = (_spec(args), _spec(kwargs), torch.is_inference_mode_enabled())
+            specs = route.recording.setdefault(self.name, [])
+            if spec not in specs:
+                specs.append(spec)
+        return self.module._call_impl(*args, **kwargs)
+
+
+class BackgroundCompiler:
+    """Compiles the modules on a background thread for the call shapes each step shape recorded.
+
+    The step runner (:class:`~.acceleration.StepGraphs` in ``"background-compile"``) asks
+    :meth:`is_ready` for a step's key, runs a capture inside :meth:`running` and hands what it
+    recorded to :meth:`submit`.
     """
 
     def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None,
@@ -97,102 +127,117 @@ class BackgroundCompile:
         self.compile_mode = compile_mode
         self.stream = stream  # the CUDA stream the examples run on (None off CUDA)
         self.cancel_event = cancel_event or threading.Event()
-        self.stamp = None  # what the frame thread's step looked like when the shapes were taken
-        self.specs: dict[str, tuple] = {}
-        self.compiled: dict[str, object] = {}
-        self.state = "recording"  # -> compiling -> ready -> installed, or failed
-        self.error: str | None = None
-        self.seconds = 0.0
+        self.route = _Route()
+        self.compiled: dict[str, object] = {}  # one torch.compile per module; its cache holds every shape
+        self.ready: set = set()  # step keys whose module shapes are compiled
+        self.failed: dict = {}  # step key -> error
+        self.seconds: dict = {}  # step key -> compile time
+        self._jobs: list = []
+        self._pending: set = set()
+        self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        self._hooks = [module.register_forward_pre_hook(self._recorder(name), with_kwargs=True)
-                       for name, module in modules.items()]
+        for name, module in modules.items():
+            module._compiled_call_impl = _Dispatch(self, name, module)
 
-    def _recorder(self, name):
-        def record(module, args, kwargs):
-            self.specs[name] = (_spec(args), _spec(kwargs), torch.is_inference_mode_enabled())
+    def is_ready(self, key) -> bool:
+        return key in self.ready
 
-        return record
-
-    def _remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-
-    @property
-    def ready(self) -> bool:
-        return self.state == "ready"
-
-    def start(self, stamp=None) -> bool:
-        """Compile in the background the modules the step called, for the shapes it called them with
-        (text-to-image never calls the encoder: it stays eager). False when the UNet was not called yet."""
-        if self.state != "recording" or "unet" not in self.specs:
-            return False
-        self._remove_hooks()  # hooks run inside _call_impl: dynamo must not trace them
-        self.stamp = stamp
-        self.state = "compiling"
-        logger.info("acceleration='background-compile': streaming with 'cudagraph' while the modules compile "
-                    "in the background (1-2 minutes the first time per model and shape; faster with inductor's "
-                    "cache warm).")
+    @contextlib.contextmanager
+    def running(self, compiled: bool, recording: dict | None = None):
+        """The modules' calls in this block (this thread) run compiled, or eagerly and recorded."""
+        route = self.route
+        saved = route.compiled, route.recording
+        route.compiled, route.recording = compiled, recording
         try:
-            self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile", daemon=True)
-            self.thread.start()
-        except Exception as exc:  # noqa: BLE001 - no thread: the stream goes on as it is
-            self._fail(exc)
-            return False
+            yield
+        finally:
+            route.compiled, route.recording = saved
+
+    def submit(self, key, specs: dict) -> bool:
+        """Compile in the background what a step of this key called (text-to-image never calls the
+        encoder: it stays eager). False when already done or under way, or nothing was recorded."""
+        with self._lock:
+            if not specs or key in self.ready or key in self._pending or key in self.failed \
+                    or self.cancel_event.is_set():
+                return False
+            self._pending.add(key)
+            self._jobs.append((key, specs))
+            if self.thread is None:
+                try:
+                    self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile",
+                                                   daemon=True)
+                    self.thread.start()
+                except Exception as exc:  # noqa: BLE001 - no thread: the stream goes on as it is
+                    self.thread = None
+                    self._jobs.clear()
+                    self._pending.discard(key)
+                    self.failed[key] = f"{type(exc).__name__}: {exc}"
+                    logger.warning("acceleration='background-compile': cannot start the compilation thread (%s); "
+                                   "staying with CUDA graphs of the eager modules.", exc)
+                    return False
+        logger.info("acceleration='background-compile': streaming with CUDA graphs while the modules compile in "
+                    "the background for this shape (1-2 minutes the first time per model and shape; faster with "
+                    "inductor's cache warm).")
         return True
 
-    def again(self) -> "BackgroundCompile":
-        """A new recording for the same modules (the shapes or weights changed while compiling)."""
-        logger.info("acceleration='background-compile': the stream changed shape or weights while compiling; "
-                    "compiling again for the new ones.")
-        return BackgroundCompile(self.modules, self.options, self.compile_mode, self.stream, self.cancel_event)
-
-    def _fail(self, exc: Exception) -> None:
-        self.error = f"{type(exc).__name__}: {exc}"
-        self.state = "failed"
-        logger.warning("acceleration='background-compile': the background compilation failed (%s); staying with "
-                       "'cudagraph'.", self.error[:300])
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the queued compilations end (tests, scripts)."""
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
 
     def _run(self) -> None:
-        from .inductor import compiling, prepare_compilation
+        from .inductor import prepare_compilation
 
-        start = time.perf_counter()
-        stream = self.stream
         _shorten_switch_interval()
         try:
             mode = prepare_compilation(self.compile_mode)
-            for name, (args_spec, kwargs_spec, inference) in list(self.specs.items()):
-                if self.cancel_event.is_set():  # the pipeline was dropped
-                    self.state = "failed"
-                    self.error = "cancelled"
-                    return
-                fn = torch.compile(self.modules[name]._call_impl, dynamic=False, mode=mode)
-                # The same autograd mode as the frame thread's calls: dynamo guards on it.
-                with torch.inference_mode() if inference else torch.no_grad(), compiling(self.options):
-                    args, kwargs = _example(args_spec), _example(kwargs_spec)
-                    if stream is not None:
-                        stream.wait_stream(torch.cuda.current_stream(stream.device))
-                        with torch.cuda.stream(stream):
-                            fn(*args, **kwargs)
-                        stream.synchronize()
-                    else:
-                        fn(*args, **kwargs)
-                self.compiled[name] = fn
-            self.seconds = time.perf_counter() - start
-            self.state = "ready"
-        except Exception as exc:  # noqa: BLE001 - the stream goes on as it is, loudly
-            self._fail(exc)
+            while True:
+                with self._lock:
+                    if not self._jobs or self.cancel_event.is_set():
+                        self._pending.clear()
+                        self._jobs.clear()
+                        self.thread = None
+                        return
+                    key, specs = self._jobs.pop(0)
+                start = time.perf_counter()
+                try:
+                    self._compile(specs, mode)
+                except Exception as exc:  # noqa: BLE001 - this shape stays eager, loudly (once)
+                    error = f"{type(exc).__name__}: {exc}"
+                    if not self.failed:
+                        logger.warning("acceleration='background-compile': the background compilation failed "
+                                       "(%s); this shape stays on CUDA graphs of the eager modules.", error[:300])
+                    self.failed[key] = error
+                else:
+                    if not self.cancel_event.is_set():
+                        self.seconds[key] = time.perf_counter() - start
+                        self.ready.add(key)
+                        logger.info("acceleration='background-compile': compiled in %.1f s; the stream moves to "
+                                    "the compiled code.", self.seconds[key])
+                with self._lock:
+                    self._pending.discard(key)
         finally:
             _restore_switch_interval()
 
-    def install(self) -> None:
-        """On the frame thread: the modules call their compiled code from now on (as ``compile()`` does)."""
-        for name, fn in self.compiled.items():
-            self.modules[name]._compiled_call_impl = fn
-        self.state = "installed"
-        logger.info("acceleration='background-compile': compiled in %.1f s; now running 'compile'.", self.seconds)
+    def _compile(self, specs: dict, mode) -> None:
+        from .inductor import compiling
 
-    def cancel(self) -> None:
-        self._remove_hooks()
-        if self.state == "recording":
-            self.state = "failed"
+        for name, calls in specs.items():
+            for args_spec, kwargs_spec, inference in calls:
+                if self.cancel_event.is_set():  # the pipeline was dropped
+                    return
+                fn = self.compiled.get(name)
+                if fn is None:
+                    fn = self.compiled[name] = torch.compile(self.modules[name]._call_impl, dynamic=False, mode=mode)
+                # The same autograd mode as the frame thread's calls: dynamo guards on it. Shapes
+                # compiled before (the encoder for another UNet batch) only check their guards.
+                with torch.inference_mode() if inference else torch.no_grad(), compiling(self.options):
+                    args, kwargs = _example(args_spec), _example(kwargs_spec)
+                    if self.stream is not None:
+                        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+                        with torch.cuda.stream(self.stream):
+                            fn(*args, **kwargs)
+                        self.stream.synchronize()
+                    else:
+                        fn(*args, **kwargs)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
-from .acceleration import current_runner
 from .frames import to_unit
 from .models import StreamModels
 from .prompts import PromptEmbeds, PromptEncoder
@@ -273,7 +272,7 @@ class StreamDiffusion:
 
     def _denoise(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
         # Graph modes (acceleration.py) replay this step as a CUDA graph over static buffers.
-        runner = current_runner(self.models)
+        runner = self.models.extras.get("step_runner")
         if runner is not None:
             return runner.denoise(self, p, images, frames)
         return self._denoise_eager(p, images, frames)
