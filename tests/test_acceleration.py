@@ -227,7 +227,37 @@ def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd
     assert not runner.last_compiled
     compiler.wait(timeout=900)
     engine(frames[1])
-    assert runner.last_compiled and len(compiler.ready) == 3
+    assert runner.last_compiled and len(compiler.ready) == 1  # the old weights' shapes were forgotten
+
+
+def test_background_compile_a_failing_compiled_capture_keeps_the_eager_graph(tiny_sd15, sd15_models, monkeypatch,
+                                                                            caplog):
+    """When the compiled code of a shape fails to capture, that shape goes back to its eager graph
+    (one warning) instead of the whole stream falling to eager PyTorch."""
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+
+    caplog.set_level(logging.WARNING)
+    models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False)
+    compiler = BackgroundCompiler({"unet": models.unet})
+    # Compiled at once (the shapes are not compiled for real: the capture fails before any call).
+    monkeypatch.setattr(compiler, "submit", lambda key, specs: key not in compiler.failed and not compiler.ready.add(key))
+    runner = acc.StepGraphs("background-compile", compiler=compiler)
+
+    def capture(st, *args):  # no CUDA here: the step then runs eagerly over the static buffers
+        if st.compiled:
+            raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    models.extras.update(step_runner=runner, acceleration="background-compile")
+    settings = StreamSettings(num_inference_steps=1)
+    engine = StreamDiffusion(models, width=64, height=64, settings=settings)
+    reference = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
+    frames = make_frames(3)
+    got = [engine(f) for f in frames]  # eager graph; compiled capture fails; its eager graph again
+    assert not runner.last_compiled and not runner.failed and list(compiler.failed.values()) == ["RuntimeError: capture failed"]
+    assert not compiler.ready and len(runner._steps) == 1
+    assert max((engine_out - reference(f)).abs().max().item() for engine_out, f in zip(got, frames)) <= 1e-5
+    assert len([r for r in caplog.records if "failed to capture" in r.getMessage()]) == 1
 
 
 def test_background_compile_shortens_the_gil_switch_interval_while_it_runs():
@@ -284,6 +314,12 @@ def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
     with torch.no_grad():
         modules["vae.encoder"](x)  # outside running(): eager, whatever other threads do
     assert "vae.encoder" not in compiler.compiled
+    compiler.reject("shape", RuntimeError("capture failed"))  # this shape stays on its eager graph
+    assert not compiler.is_ready("shape") and not compiler.submit("shape", recording)
+    compiler._jobs.append(("queued", recording))  # as if queued behind a running one
+    compiler._pending.add("queued")
+    compiler.forget()  # new weights: queued compilations for the old ones go
+    assert not compiler._jobs and not compiler._pending and not compiler.ready
     compiler.cancel_event.set()  # the pipeline was dropped
     assert not compiler.submit("other", recording)
 

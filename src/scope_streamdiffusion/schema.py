@@ -147,12 +147,12 @@ class StreamDiffusionConfig(BasePipelineConfig):
         json_schema_extra=_config(5, "Tiny VAE model", is_load_param=True))
     acceleration: Literal["auto", "none", "xformers", "cudagraph", "compile", "background-compile", "tensorrt"] = Field(
         default="auto",
-        description="auto: CUDA graph on CUDA, eager elsewhere; none: eager PyTorch; xformers: xformers attention; "
-                    "cudagraph: the whole frame step replayed as one CUDA graph (ready in seconds); compile: "
-                    "torch.compile + CUDA graph (fastest, minutes to compile the first time, cached on disk); "
-                    "background-compile: cudagraph at once, compile once it has compiled in the background "
-                    "(slower while it compiles); tensorrt: TensorRT UNet engine (needs `pip install tensorrt`). "
-                    "See BENCHMARKS.md.",
+        description="auto: background-compile on CUDA (cudagraph without Triton), eager elsewhere; none: eager "
+                    "PyTorch; xformers: xformers attention; cudagraph: the whole frame step replayed as one CUDA "
+                    "graph (ready in seconds); compile: torch.compile + CUDA graph (fastest, minutes to compile "
+                    "the first time, cached on disk); background-compile: each shape as cudagraph at once, as "
+                    "compile once it has compiled in the background (a minute or two, ~20 s cached); tensorrt: "
+                    "TensorRT UNet engine (needs `pip install tensorrt`). See BENCHMARKS.md.",
         json_schema_extra=_config(6, "Acceleration", is_load_param=True))
     frame_buffer_size: int = Field(
         default=1, ge=1, le=8, description="Frames processed per call (batched together).",

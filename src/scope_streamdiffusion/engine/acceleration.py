@@ -187,6 +187,8 @@ class StepGraphs:
         with self._steps_lock:
             self._generation += 1
             self._steps.clear()
+        if self.compiler is not None:
+            self.compiler.forget()
 
     def graphs(self) -> list:
         """The captured CUDA graphs (one per batch shape seen so far)."""
@@ -367,6 +369,9 @@ class StepGraphs:
                 except torch.cuda.OutOfMemoryError:
                     raise  # memory, not the graph: the pipeline frees and reports it; capture again later
                 except Exception as exc:  # noqa: BLE001 - fall back once, loudly
+                    if st.compiled:  # background-compile: this shape's compiled code, not graphs, failed
+                        compiler.reject((key, generation), exc)
+                        return self.denoise(engine, p, images, frames)  # its eager graph, once
                     self.failed = f"{type(exc).__name__}: {exc}"
                     logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
                                    "graphs.", self.mode, self.failed[:300])

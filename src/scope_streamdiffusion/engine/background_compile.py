@@ -180,6 +180,23 @@ class BackgroundCompiler:
                     "inductor's cache warm).")
         return True
 
+    def forget(self) -> None:
+        """New weights (the runner's shapes start over): queued compilations for the old ones are
+        dropped, so that dragging a LoRA slider does not queue a compilation per tick."""
+        with self._lock:
+            for key, _ in self._jobs:
+                self._pending.discard(key)
+            self._jobs.clear()
+            self.ready.clear()
+
+    def reject(self, key, exc: Exception) -> None:
+        """The compiled code failed to capture for this shape: it stays on its eager graph."""
+        self.ready.discard(key)
+        if not self.failed:
+            logger.warning("acceleration='background-compile': the compiled step failed to capture (%s: %s); this "
+                           "shape stays on a CUDA graph of the eager modules.", type(exc).__name__, str(exc)[:300])
+        self.failed[key] = f"{type(exc).__name__}: {exc}"
+
     def wait(self, timeout: float | None = None) -> None:
         """Until the queued compilations end (tests, scripts)."""
         thread = self.thread
