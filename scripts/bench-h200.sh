@@ -27,6 +27,8 @@
 #   bash scripts/bench-h200.sh 24  # R6: background-compile per batch shape (the new auto): a change of
 #                                  #     steps mid-stream, cold cache, then warm; LCM cold
 #   bash scripts/bench-h200.sh 25  # R6: the same, long enough for the changed shape to compile too
+#   bash scripts/bench-h200.sh 26  # R6: --check of cudagraph and compile after the per-shape change;
+#                                  #     background-compile text-to-image (never calls the encoder)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -248,6 +250,17 @@ case "$part" in
     sd-turbo-img2img 250 "$OUT/bg25.json" 0.0001 110 2 > "$OUT/bg25.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"
   python3 -c "$summary" "$OUT/bg25.json" || tail -5 "$OUT/bg25.log"
+  ;;
+26)
+  # Round R6, last call: the step runner changed for every graph mode: --check of cudagraph and
+  # compile; then background-compile on text-to-image, which never calls the encoder.
+  bench r6-check 260 --workloads sd-turbo-img2img --modes none,cudagraph,compile --no-baseline --frames 150 --check
+  summary='import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])'
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r26 timeout 200 python3 scripts/background-compile-timeline.py \
+    sd-turbo-txt2img 110 "$OUT/bg26.json" > "$OUT/bg26.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c "$summary" "$OUT/bg26.json" || tail -5 "$OUT/bg26.log"
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
