@@ -181,6 +181,34 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
     assert not fused()
 
 
+class _CountingBackend:
+    """inductor, counting the graphs it compiles and the calls of what it compiled."""
+
+    def __init__(self):
+        self.compiled = self.runs = 0
+
+    def __call__(self, gm, inputs):
+        from torch._dynamo import lookup_backend
+
+        self.compiled += 1
+        fn = lookup_backend("inductor")(gm, inputs)
+
+        def run(*args):
+            self.runs += 1
+            return fn(*args)
+
+        return run
+
+
+class _Block(torch.nn.Module):  # defined here: dynamo compiles its forward (torch.nn's own it leaves to eager)
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x).relu() * 2
+
+
 def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd15_models):
     """background-compile: each new batch shape runs at once with the eager modules (here without
     graphs, on the CPU) while a thread compiles them for it; the next step of that shape runs the
@@ -199,7 +227,8 @@ def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd
 
     models = load_models(str(tiny_sd15), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=False)
     modules = {"unet": models.unet, "vae.encoder": models.vae.encoder, "vae.decoder": models.vae.decoder}
-    compiler = BackgroundCompiler(modules)
+    backend = _CountingBackend()
+    compiler = BackgroundCompiler(modules, backend=backend)
     runner = acc.StepGraphs("background-compile", use_graphs=False, compiler=compiler)
     models.extras.update(step_runner=runner, acceleration="background-compile")
     engine = StreamDiffusion(models, width=64, height=64, settings=settings)
@@ -208,9 +237,10 @@ def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd
     compiler.wait(timeout=900)
     assert len(compiler.ready) == 1 and not compiler.failed, compiler.failed
     assert set(compiler.compiled) == set(modules)
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, runs = counters["stats"]["unique_graphs"], backend.runs
     got += [engine(f) for f in frames[2:6]]
     assert runner.last_compiled and counters["stats"]["unique_graphs"] == graphs  # compiled, not on this thread
+    assert backend.runs >= runs + 4 * 3  # the compiled UNet, encoder and decoder ran for each frame
 
     engine.update(num_inference_steps=1)  # a new UNet batch: eager at once, compiled in the background
     got.append(engine(frames[6]))
@@ -230,22 +260,25 @@ def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd
     assert runner.last_compiled and len(compiler.ready) == 1  # the old weights' shapes were forgotten
 
 
+@pytest.mark.parametrize("error", [RuntimeError, torch.cuda.OutOfMemoryError])
 def test_background_compile_a_failing_compiled_capture_keeps_the_eager_graph(tiny_sd15, sd15_models, monkeypatch,
-                                                                            caplog):
-    """When the compiled code of a shape fails to capture, that shape goes back to its eager graph
-    (one warning) instead of the whole stream falling to eager PyTorch."""
+                                                                            caplog, error):
+    """When the compiled code of a shape fails to capture, or does not fit in memory beside its eager
+    graph, that shape keeps its eager graph (one warning) instead of the whole stream falling to
+    eager PyTorch or stopping."""
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
 
     caplog.set_level(logging.WARNING)
     models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False)
     compiler = BackgroundCompiler({"unet": models.unet})
     # Compiled at once (the shapes are not compiled for real: the capture fails before any call).
-    monkeypatch.setattr(compiler, "submit", lambda key, specs: key not in compiler.failed and not compiler.ready.add(key))
+    monkeypatch.setattr(compiler, "submit",
+                        lambda key, specs, generation: key not in compiler.failed and not compiler.ready.add(key))
     runner = acc.StepGraphs("background-compile", compiler=compiler)
 
     def capture(st, *args):  # no CUDA here: the step then runs eagerly over the static buffers
         if st.compiled:
-            raise RuntimeError("capture failed")
+            raise error("capture failed")
 
     monkeypatch.setattr(runner, "_capture", capture)
     models.extras.update(step_runner=runner, acceleration="background-compile")
@@ -254,7 +287,8 @@ def test_background_compile_a_failing_compiled_capture_keeps_the_eager_graph(tin
     reference = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
     frames = make_frames(3)
     got = [engine(f) for f in frames]  # eager graph; compiled capture fails; its eager graph again
-    assert not runner.last_compiled and not runner.failed and list(compiler.failed.values()) == ["RuntimeError: capture failed"]
+    assert not runner.last_compiled and not runner.failed
+    assert list(compiler.failed.values()) == [f"{error.__name__}: capture failed"]
     assert not compiler.ready and len(runner._steps) == 1
     assert max((engine_out - reference(f)).abs().max().item() for engine_out, f in zip(got, frames)) <= 1e-5
     assert len([r for r in caplog.records if "failed to capture" in r.getMessage()]) == 1
@@ -293,9 +327,9 @@ def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
 
     interval = sys.getswitchinterval()
     torch.manual_seed(0)
-    modules = {name: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-               for name in ("unet", "vae.encoder", "vae.decoder")}
-    compiler = BackgroundCompiler(modules)
+    modules = {name: _Block() for name in ("unet", "vae.encoder", "vae.decoder")}
+    backend = _CountingBackend()
+    compiler = BackgroundCompiler(modules, backend=backend)
     x = torch.randn(2, 4)
     recording = {}
     with torch.no_grad(), compiler.running(False, recording):
@@ -306,22 +340,61 @@ def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
     compiler.wait(timeout=600)
     assert compiler.is_ready("shape") and set(compiler.compiled) == {"unet", "vae.decoder"}, compiler.failed
     assert sys.getswitchinterval() == interval  # given back once the compilation ended
-    graphs = counters["stats"]["unique_graphs"]
+    assert backend.compiled == 1  # both modules: one class, one shape (dynamo's weights are inputs)
     with torch.no_grad(), compiler.running(True):
         got = modules["unet"](x), modules["vae.decoder"](x)
-    assert counters["stats"]["unique_graphs"] == graphs  # the compiled code, compiled before
+    assert backend.compiled == 1 and backend.runs == 4  # two example runs, then these two: compiled code
     assert all(torch.allclose(a, b) for a, b in zip(expected, got))
+    with torch.no_grad(), compiler.running(True):
+        other = modules["unet"](x[:1])  # a shape not compiled (e.g. a guard that fails): eager, not compiled here
+    assert backend.compiled == 1 and backend.runs == 4 and torch.allclose(other, expected[0][:1])
     with torch.no_grad():
         modules["vae.encoder"](x)  # outside running(): eager, whatever other threads do
     assert "vae.encoder" not in compiler.compiled
     compiler.reject("shape", RuntimeError("capture failed"))  # this shape stays on its eager graph
     assert not compiler.is_ready("shape") and not compiler.submit("shape", recording)
-    compiler._jobs.append(("queued", recording))  # as if queued behind a running one
+    compiler._jobs.append(("queued", recording, 0))  # as if queued behind a running one
     compiler._pending.add("queued")
-    compiler.forget()  # new weights: queued compilations for the old ones go
+    compiler.forget(1)  # new weights: queued compilations for the old ones go
     assert not compiler._jobs and not compiler._pending and not compiler.ready
+    assert not compiler.submit("late", recording, generation=0)  # a frame that began before the change
     compiler.cancel_event.set()  # the pipeline was dropped
     assert not compiler.submit("other", recording)
+
+
+def test_background_compile_a_dead_worker_fails_its_shapes_and_frees_its_models(monkeypatch, caplog):
+    """A compiler thread that dies (here: the cache folder cannot be made) fails what was queued,
+    once, loudly, and a later shape starts a new thread; the modules are freed by reference counting
+    (no cycle through the dispatcher), as with the other modes."""
+    import gc
+    import weakref
+
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+
+    caplog.set_level(logging.WARNING)
+
+    def unusable(mode=None):
+        raise PermissionError("read-only cache folder")
+
+    monkeypatch.setattr(inductor, "prepare_compilation", unusable)
+    module = torch.nn.Linear(4, 4)
+    compiler = BackgroundCompiler({"unet": module})
+    recording = {}
+    with torch.no_grad(), compiler.running(False, recording):
+        module(torch.randn(1, 4))
+    assert compiler.submit("a", recording)
+    compiler.wait(timeout=60)
+    assert compiler.thread is None and not compiler._pending and "PermissionError" in compiler.failed["a"]
+    assert compiler.submit("b", recording)  # a new thread, which fails the same way: warned once
+    compiler.wait(timeout=60)
+    assert set(compiler.failed) == {"a", "b"} and len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    gc.disable()
+    try:
+        ref = weakref.ref(module)
+        del module, compiler
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):

@@ -187,8 +187,8 @@ class StepGraphs:
         with self._steps_lock:
             self._generation += 1
             self._steps.clear()
-        if self.compiler is not None:
-            self.compiler.forget()
+            if self.compiler is not None:  # under the lock: a frame submits for one generation or the other
+                self.compiler.forget(self._generation)
 
     def graphs(self) -> list:
         """The captured CUDA graphs (one per batch shape seen so far)."""
@@ -353,37 +353,48 @@ class StepGraphs:
             st = self._steps.get(key)
             if st is not None:
                 self._steps.move_to_end(key)
-                if compiler is not None and not st.compiled and compiler.is_ready((key, generation)):
-                    del self._steps[key]  # this shape's compiled code is ready: capture it instead
-                    st = None
+        # background-compile: a shape's compiled code is ready: capture it (its eager graph stays
+        # until that worked).
+        upgrade = compiler is not None and st is not None and not st.compiled and compiler.is_ready((key, generation))
         recording = None
-        if st is None:
-            st = self._buffers(engine, p, images, frames)
+        if st is None or upgrade:
+            new = self._buffers(engine, p, images, frames)
             if compiler is not None:
-                st.compiled = compiler.is_ready((key, generation))
-                recording = None if st.compiled else {}  # what the eager step calls, to compile it
+                new.compiled = compiler.is_ready((key, generation))
+                recording = None if new.compiled else {}  # what the eager step calls, to compile it
             if self.use_graphs:
                 try:
-                    with self._running(st, recording):
-                        self._capture(st, engine, p, images, frames)
-                except torch.cuda.OutOfMemoryError:
-                    raise  # memory, not the graph: the pipeline frees and reports it; capture again later
+                    with self._running(new, recording):
+                        self._capture(new, engine, p, images, frames)
                 except Exception as exc:  # noqa: BLE001 - fall back once, loudly
-                    if st.compiled:  # background-compile: this shape's compiled code, not graphs, failed
+                    oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+                    if new.compiled and (st is not None or not oom):
+                        # This shape's compiled code (not graphs) failed, or did not fit beside the
+                        # eager graph: the shape stays on its eager graph.
                         compiler.reject((key, generation), exc)
-                        return self.denoise(engine, p, images, frames)  # its eager graph, once
-                    self.failed = f"{type(exc).__name__}: {exc}"
-                    logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
-                                   "graphs.", self.mode, self.failed[:300])
-                    self.last_compiled = False
-                    return self._eager(engine, p, images, frames)
-            with self._steps_lock:
-                if generation == self._generation:  # else weights changed meanwhile: this frame only
-                    self._steps[key] = st
-                    # Bounded for streams that run for hours while steps, CFG type or prompt length
-                    # are swept: the least recently used graph goes (captured again if it comes back).
-                    while len(self._steps) > MAX_GRAPHS:
-                        self._steps.popitem(last=False)
+                        if st is None:
+                            return self.denoise(engine, p, images, frames)  # its eager graph, once
+                        new = None
+                    elif oom:
+                        raise  # memory, not the graph: the pipeline frees and reports it; capture again later
+                    else:
+                        self.failed = f"{type(exc).__name__}: {exc}"
+                        logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
+                                       "graphs.", self.mode, self.failed[:300])
+                        if compiler is not None:
+                            compiler.cancel_event.set()  # nothing will use what it compiles
+                        self.last_compiled = False
+                        return self._eager(engine, p, images, frames)
+            if new is not None:
+                st = new
+                with self._steps_lock:
+                    if generation == self._generation:  # else weights changed meanwhile: this frame only
+                        self._steps[key] = st
+                        self._steps.move_to_end(key)
+                        # Bounded for streams that run for hours while steps, CFG type or prompt length
+                        # are swept: the least recently used graph goes (captured again if it comes back).
+                        while len(self._steps) > MAX_GRAPHS:
+                            self._steps.popitem(last=False)
         self._load(st, engine, p, images)
         if st.graph is not None:
             st.graph.replay()
@@ -392,7 +403,7 @@ class StepGraphs:
             with compiling(self.compile_options, self._generated), self._running(st, recording):
                 out = self._step(st, engine, frames)
         if recording:
-            compiler.submit((key, generation), recording)
+            compiler.submit((key, generation), recording, generation)
         self.last_compiled = st.compiled
         engine.state = st.state if use_batch else sampling.StreamState()
         # The static output is overwritten by the next replay: hand out a copy.

@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 
 import torch
 
@@ -68,8 +69,8 @@ def _spec(value):
         return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
     if isinstance(value, dict):
         return ("dict", {k: _spec(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, [_spec(v) for v in value])
+    if isinstance(value, (list, tuple)):  # torch.Size and named tuples too: rebuilt as their own type
+        return ("sequence", type(value), [_spec(v) for v in value])
     return ("value", value)
 
 
@@ -80,9 +81,9 @@ def _example(spec):
         return torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
     if kind == "dict":
         return {k: _example(v) for k, v in rest[0].items()}
-    if kind in ("list", "tuple"):
-        items = [_example(v) for v in rest[0]]
-        return items if kind == "list" else tuple(items)
+    if kind == "sequence":
+        cls, items = rest[0], [_example(v) for v in rest[1]]
+        return cls(*items) if hasattr(cls, "_fields") else cls(items)
     return rest[0]
 
 
@@ -95,43 +96,53 @@ class _Route(threading.local):
 
 class _Dispatch:
     """A module's ``_compiled_call_impl`` (what ``nn.Module.__call__`` calls when set): its compiled code
-    when this thread's route says so, else its eager code (recording the call's shapes if asked)."""
+    when this thread's route says so, else its eager code (recording the call's shapes if asked).
+    Weak references: the module holds this, and its models must go with the last pipeline reference."""
 
     def __init__(self, compiler: "BackgroundCompiler", name: str, module: torch.nn.Module):
-        self.compiler, self.name, self.module = compiler, name, module
+        self.compiler, self.module = weakref.ref(compiler), weakref.ref(module)
+        self.name = name
 
     def __call__(self, *args, **kwargs):
-        route = self.compiler.route
-        if route.compiled:
-            return self.compiler.compiled[self.name](*args, **kwargs)
-        if route.recording is not None:
+        compiler = self.compiler()
+        route = compiler.route if compiler is not None else None
+        if route is not None and route.compiled:
+            return compiler.cached[self.name](*args, **kwargs)
+        if route is not None and route.recording is not None:
             spec = (_spec(args), _spec(kwargs), torch.is_inference_mode_enabled())
             specs = route.recording.setdefault(self.name, [])
             if spec not in specs:
                 specs.append(spec)
-        return self.module._call_impl(*args, **kwargs)
+        return self.module()._call_impl(*args, **kwargs)
 
 
 class BackgroundCompiler:
     """Compiles the modules on a background thread for the call shapes each step shape recorded.
 
     The step runner (:class:`~.acceleration.StepGraphs` in ``"background-compile"``) asks
-    :meth:`is_ready` for a step's key, runs a capture inside :meth:`running` and hands what it
-    recorded to :meth:`submit`.
+    :meth:`is_ready` for a step's key, runs a capture inside :meth:`running`, hands what it recorded
+    to :meth:`submit`, and calls :meth:`forget` with a new weights generation.
     """
 
     def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None,
-                 compile_mode: str | None = None, stream=None, cancel_event: threading.Event | None = None):
+                 compile_mode: str | None = None, stream=None, cancel_event: threading.Event | None = None,
+                 backend="inductor"):
         self.modules = modules
+        self.backend = backend  # torch.compile's (tests count what runs with their own)
         self.options = dict(options or {})
         self.compile_mode = compile_mode
         self.stream = stream  # the CUDA stream the examples run on (None off CUDA)
         self.cancel_event = cancel_event or threading.Event()
         self.route = _Route()
         self.compiled: dict[str, object] = {}  # one torch.compile per module; its cache holds every shape
+        # What the frame thread calls: the compiled code already made, never compiling (a guard that
+        # fails, e.g. a LoRA scale changed during a capture, runs that call eagerly instead).
+        self.cached: dict[str, object] = {}
+        self.generation = 0  # the weights generation: keys submitted for older ones are not compiled
         self.ready: set = set()  # step keys whose module shapes are compiled
         self.failed: dict = {}  # step key -> error
         self.seconds: dict = {}  # step key -> compile time
+        self._warned = False
         self._jobs: list = []
         self._pending: set = set()
         self._lock = threading.Lock()
@@ -153,15 +164,21 @@ class BackgroundCompiler:
         finally:
             route.compiled, route.recording = saved
 
-    def submit(self, key, specs: dict) -> bool:
+    def _warn(self, message: str, *args) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(message, *args)
+
+    def submit(self, key, specs: dict, generation: int = 0) -> bool:
         """Compile in the background what a step of this key called (text-to-image never calls the
-        encoder: it stays eager). False when already done or under way, or nothing was recorded."""
+        encoder: it stays eager). False when already done, under way or failed, for older weights,
+        or when nothing was recorded."""
         with self._lock:
             if not specs or key in self.ready or key in self._pending or key in self.failed \
-                    or self.cancel_event.is_set():
+                    or generation != self.generation or self.cancel_event.is_set():
                 return False
             self._pending.add(key)
-            self._jobs.append((key, specs))
+            self._jobs.append((key, specs, generation))
             if self.thread is None:
                 try:
                     self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile",
@@ -169,33 +186,41 @@ class BackgroundCompiler:
                     self.thread.start()
                 except Exception as exc:  # noqa: BLE001 - no thread: the stream goes on as it is
                     self.thread = None
-                    self._jobs.clear()
-                    self._pending.discard(key)
-                    self.failed[key] = f"{type(exc).__name__}: {exc}"
-                    logger.warning("acceleration='background-compile': cannot start the compilation thread (%s); "
-                                   "staying with CUDA graphs of the eager modules.", exc)
+                    self._abandon(exc)
                     return False
         logger.info("acceleration='background-compile': streaming with CUDA graphs while the modules compile in "
                     "the background for this shape (1-2 minutes the first time per model and shape; faster with "
                     "inductor's cache warm).")
         return True
 
-    def forget(self) -> None:
-        """New weights (the runner's shapes start over): queued compilations for the old ones are
+    def forget(self, generation: int) -> None:
+        """New weights (generation): the shapes start over; queued compilations for the old ones are
         dropped, so that dragging a LoRA slider does not queue a compilation per tick."""
         with self._lock:
-            for key, _ in self._jobs:
+            self.generation = generation
+            for key, _, _ in self._jobs:
                 self._pending.discard(key)
             self._jobs.clear()
             self.ready.clear()
+            self.failed.clear()
 
     def reject(self, key, exc: Exception) -> None:
         """The compiled code failed to capture for this shape: it stays on its eager graph."""
-        self.ready.discard(key)
-        if not self.failed:
-            logger.warning("acceleration='background-compile': the compiled step failed to capture (%s: %s); this "
-                           "shape stays on a CUDA graph of the eager modules.", type(exc).__name__, str(exc)[:300])
-        self.failed[key] = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.ready.discard(key)
+            self.failed[key] = f"{type(exc).__name__}: {exc}"
+        self._warn("acceleration='background-compile': the compiled step failed to capture (%s: %s); this shape "
+                   "stays on a CUDA graph of the eager modules.", type(exc).__name__, str(exc)[:300])
+
+    def _abandon(self, exc: Exception) -> None:
+        """(Under the lock.) What is queued fails with ``exc``: those shapes stay eager, loudly."""
+        error = f"{type(exc).__name__}: {exc}"
+        for key in self._pending | {job[0] for job in self._jobs}:
+            self.failed[key] = error
+        self._pending.clear()
+        self._jobs.clear()
+        self._warn("acceleration='background-compile': the background compilation failed (%s); staying with CUDA "
+                   "graphs of the eager modules.", error[:300])
 
     def wait(self, timeout: float | None = None) -> None:
         """Until the queued compilations end (tests, scripts)."""
@@ -216,24 +241,30 @@ class BackgroundCompiler:
                         self._jobs.clear()
                         self.thread = None
                         return
-                    key, specs = self._jobs.pop(0)
+                    key, specs, generation = self._jobs.pop(0)
                 start = time.perf_counter()
                 try:
                     self._compile(specs, mode)
                 except Exception as exc:  # noqa: BLE001 - this shape stays eager, loudly (once)
                     error = f"{type(exc).__name__}: {exc}"
-                    if not self.failed:
-                        logger.warning("acceleration='background-compile': the background compilation failed "
-                                       "(%s); this shape stays on CUDA graphs of the eager modules.", error[:300])
-                    self.failed[key] = error
-                else:
-                    if not self.cancel_event.is_set():
-                        self.seconds[key] = time.perf_counter() - start
-                        self.ready.add(key)
-                        logger.info("acceleration='background-compile': compiled in %.1f s; the stream moves to "
-                                    "the compiled code.", self.seconds[key])
+                    self._warn("acceleration='background-compile': the background compilation failed (%s); this "
+                               "shape stays on CUDA graphs of the eager modules.", error[:300])
+                    with self._lock:
+                        self.failed[key] = error
+                        self._pending.discard(key)
+                    continue
                 with self._lock:
                     self._pending.discard(key)
+                    if self.cancel_event.is_set() or generation != self.generation:
+                        continue  # dropped pipeline, or compiled for weights that changed meanwhile
+                    self.seconds[key] = time.perf_counter() - start
+                    self.ready.add(key)
+                logger.info("acceleration='background-compile': compiled in %.1f s; the stream moves to the "
+                            "compiled code.", self.seconds[key])
+        except BaseException as exc:  # noqa: BLE001 - the thread ends: nothing may wait for it
+            with self._lock:
+                self._abandon(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                self.thread = None
         finally:
             _restore_switch_interval()
 
@@ -246,7 +277,12 @@ class BackgroundCompiler:
                     return
                 fn = self.compiled.get(name)
                 if fn is None:
-                    fn = self.compiled[name] = torch.compile(self.modules[name]._call_impl, dynamic=False, mode=mode)
+                    from torch import _dynamo
+
+                    extra = dict(mode=mode) if self.backend == "inductor" else {}
+                    fn = self.compiled[name] = torch.compile(self.modules[name]._call_impl, dynamic=False,
+                                                             backend=self.backend, **extra)
+                    self.cached[name] = _dynamo.run(fn)
                 # The same autograd mode as the frame thread's calls: dynamo guards on it. Shapes
                 # compiled before (the encoder for another UNet batch) only check their guards.
                 with torch.inference_mode() if inference else torch.no_grad(), compiling(self.options):
