@@ -397,6 +397,21 @@ def test_background_compile_a_dead_worker_fails_its_shapes_and_frees_its_models(
         gc.enable()
 
 
+def test_background_compile_the_process_exits_cleanly_while_it_compiles():
+    """A daemon thread left inside the compiler at interpreter exit aborts the process (exit code
+    134): the command line ending a short video, Scope shutting down. It is stopped first."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(acc.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    script = Path(__file__).with_name("exit_while_compiling.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert "compiling at exit: True" in done.stdout  # else the test proves nothing
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr and "failed" not in done.stderr, done.stderr[-2000:]
+
+
 def test_step_graphs_are_bounded_and_least_recently_used_go_first(sd15_models, monkeypatch):
     """Sweeping shapes for hours must not pile up graphs: at most MAX_GRAPHS stay, the ones in use."""
     monkeypatch.setattr(acc, "MAX_GRAPHS", 2)

@@ -23,7 +23,9 @@ default 5 ms the stream fell to ~10 fps while compiling, with 0.1 ms it keeps it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import logging
 import sys
 import threading
@@ -63,6 +65,30 @@ def _restore_switch_interval() -> None:
         _switch_users -= 1
         if _switch_users == 0 and _switch_saved is not None and sys.getswitchinterval() == _switch_set:
             sys.setswitchinterval(_switch_saved)
+
+
+class _Stopped(BaseException):
+    """Raised in a compiler thread when the process exits."""
+
+
+_COMPILERS: "weakref.WeakSet[BackgroundCompiler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """A daemon thread still inside the compiler when the interpreter finalises aborts the process
+    ("terminate called without an active exception", exit code 134: a short video in the command
+    line, Scope shutting down): stop those threads (an exception raised in them at their next Python
+    line) and wait for them first."""
+    threads = []
+    for compiler in list(_COMPILERS):
+        compiler.cancel_event.set()
+        thread = compiler.thread
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stopped))
+            threads.append(thread)
+    for thread in threads:
+        thread.join(30)
 
 
 def _spec(value):
@@ -151,6 +177,7 @@ class BackgroundCompiler:
         self.thread: threading.Thread | None = None
         for name, module in modules.items():
             module._compiled_call_impl = _Dispatch(self, name, module)
+        _COMPILERS.add(self)
 
     def is_ready(self, key) -> bool:
         return key in self.ready
@@ -167,7 +194,7 @@ class BackgroundCompiler:
             route.compiled, route.recording = saved
 
     def _warn(self, message: str, *args) -> None:
-        if not self._warned:
+        if not self._warned and not self.cancel_event.is_set():  # a dropped pipeline or the exit: quiet
             self._warned = True
             logger.warning(message, *args)
 
