@@ -279,6 +279,7 @@ def test_info_json(capsys):
     info = json.loads(out)
     assert info["torch"] == torch.__version__
     assert {"xformers", "torch.compile", "tensorrt"} <= set(info["acceleration"])
+    assert info["auto_acceleration"] == "none" or torch.cuda.is_available()  # CPU: eager
     assert "stabilityai/sd-turbo" in {m["id"] for m in info["models"]}
     assert info["model_dirs"]["hf_cache"]
 

@@ -566,10 +566,20 @@ def gather_info() -> dict[str, Any]:
         "libraries": {name: _version(name) for name in
                       ("diffusers", "transformers", "compel", "peft", "accelerate", "huggingface_hub", "av")},
         "acceleration": accel,
+        "auto_acceleration": _auto_acceleration(cuda),
         "model_dirs": {"scope": str(scope_dir), "scope_exists": scope_dir.is_dir(), "hf_cache": str(constants.HF_HUB_CACHE),
                        "hf_offline": bool(getattr(constants, "HF_HUB_OFFLINE", False)), "tiny_models": str(tiny)},
         "models": models,
     }
+
+
+def _auto_acceleration(cuda: bool) -> str:
+    """What ``acceleration="auto"`` runs on this machine's default device."""
+    import torch
+
+    from .engine.acceleration import resolve_acceleration
+
+    return resolve_acceleration("auto", torch.device("cuda" if cuda else "cpu"))
 
 
 def _importable(module: str) -> bool:
@@ -604,6 +614,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         state = "usable" if a["usable"] else "not usable"
         note = f" ({a['note']})" if a["note"] else ""
         print(f"  {name:14} {state}{note}")
+    print(f"  auto runs      {info['auto_acceleration']}")
     dirs = info["model_dirs"]
     print("model lookup (first match wins)")
     print(f"  Scope models dir  {dirs['scope']}{'' if dirs['scope_exists'] else ' (does not exist)'}")
