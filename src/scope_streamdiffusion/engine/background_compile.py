@@ -15,10 +15,12 @@ The modules choose per call (:class:`_Route`, per thread): the frame thread runs
 code only for a shape whose compilation is done, eager code otherwise (also for the one-off priming
 of a stream batch) - no process-wide compiler stance involved. It runs the compiled code in dynamo's
 run-only mode: a guard that fails there (a LoRA scale changed during a capture) runs that call
-eagerly; the frame thread never compiles. While the background thread compiles,
-Python's GIL switch interval is kept short: every PyTorch call of the frame thread releases the GIL,
-and taking it back from a thread busy in Python waits up to one interval (BENCHMARKS.md: with the
-default 5 ms the stream fell to ~10 fps while compiling, with 0.1 ms it keeps its speed).
+eagerly; the frame thread never compiles.
+
+While the background thread compiles, Python's GIL switch interval is kept short: every PyTorch
+call of the frame thread releases the GIL, and taking it back from a thread busy in Python waits up
+to one interval (BENCHMARKS.md: with the default 5 ms the stream fell to ~10 fps while compiling,
+with 0.1 ms it keeps its speed). A process that exits meanwhile stops the thread first.
 """
 
 from __future__ import annotations
