@@ -49,6 +49,10 @@ bench() {  # bench NAME SECONDS ARGS...
   timeout "$limit" python3 -m scope_streamdiffusion.bench --random-weights --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"; grep -E "^(sd|ratios|check|WARNING|ERROR)" "$OUT/$name.log" | cut -c1-400
 }
+bg_summary() {  # bg_summary OUT_STEM: the lines of a background-compile-timeline.py report worth reading
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])' \
+    "$1.json" || tail -5 "$1.log"
+}
 case "$part" in
 1|2|3) export SCOPE_STREAMDIFFUSION_INDUCTOR=$FROZEN ;;
 esac
@@ -224,43 +228,40 @@ case "$part" in
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-${tag%-warm} timeout 220 python3 scripts/background-compile-timeline.py \
       sd-turbo-img2img "$secs" "$OUT/bg-$tag.json" "$interval" > "$OUT/bg-$tag.log" 2>&1
     echo "exit $? after $((SECONDS - start)) s"
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ('load_s','first_call_ms','switch_at_s','switch_call_ms','compile_s','peak_vram_gb','vs_none_max_abs','mode_at_end','switch_interval_after')}); print('before', r['before_switch']); print('after', r.get('after_switch')); print('windows', [(w['window_s'], w['fps_p50'], w['max_ms']) for w in r['windows']])" "$OUT/bg-$tag.json" || tail -5 "$OUT/bg-$tag.log"
+    bg_summary "$OUT/bg-$tag"
   done
   ;;
 24)
   # Round R6: background-compile compiles each batch shape in the background (the default 'auto' on
   # CUDA now): SD-Turbo img2img from a cold cache, changed to 2 steps at 110 s (a new UNet batch);
   # the same after a restart (warm cache) with the change at 35 s; SD1.5 LCM with its cache cold.
-  summary='import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])'
   for run in cold:sd-turbo-img2img:150:110 warm:sd-turbo-img2img:75:35 lcm:sd15-lcm4-self:120:; do
     IFS=: read -r tag wl secs change <<< "$run"
     echo "=== background-compile $wl, $tag"; start=$SECONDS
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r24-${wl} timeout 240 python3 scripts/background-compile-timeline.py \
       "$wl" "$secs" "$OUT/bg24-$tag.json" 0.0001 $change > "$OUT/bg24-$tag.log" 2>&1
     echo "exit $? after $((SECONDS - start)) s"
-    python3 -c "$summary" "$OUT/bg24-$tag.json" || tail -5 "$OUT/bg24-$tag.log"
+    bg_summary "$OUT/bg24-$tag"
   done
   ;;
 25)
   # Round R6: part 24's cold SD-Turbo run, long enough for the second shape (2 steps from 110 s)
   # to compile in the background as well.
-  summary='import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])'
   start=$SECONDS
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r25 timeout 330 python3 scripts/background-compile-timeline.py \
     sd-turbo-img2img 250 "$OUT/bg25.json" 0.0001 110 2 > "$OUT/bg25.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"
-  python3 -c "$summary" "$OUT/bg25.json" || tail -5 "$OUT/bg25.log"
+  bg_summary "$OUT/bg25"
   ;;
 26)
   # Round R6, last call: the step runner changed for every graph mode: --check of cudagraph and
   # compile; then background-compile on text-to-image, which never calls the encoder.
   bench r6-check 260 --workloads sd-turbo-img2img --modes none,cudagraph,compile --no-baseline --frames 150 --check
-  summary='import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])'
   start=$SECONDS
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r26 timeout 200 python3 scripts/background-compile-timeline.py \
     sd-turbo-txt2img 110 "$OUT/bg26.json" > "$OUT/bg26.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"
-  python3 -c "$summary" "$OUT/bg26.json" || tail -5 "$OUT/bg26.log"
+  bg_summary "$OUT/bg26"
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

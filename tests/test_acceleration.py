@@ -325,8 +325,6 @@ def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
     """Only the modules a step called are compiled (text-to-image never calls the encoder); a thread
     runs the compiled code only inside ``running(True)``; a dropped pipeline compiles nothing more;
     the switch interval is given back when the thread ends."""
-    from torch._dynamo.utils import counters
-
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
 
     interval = sys.getswitchinterval()

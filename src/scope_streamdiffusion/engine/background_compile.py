@@ -154,13 +154,11 @@ class BackgroundCompiler:
     to :meth:`submit`, and calls :meth:`forget` with a new weights generation.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None,
-                 compile_mode: str | None = None, stream=None, cancel_event: threading.Event | None = None,
-                 backend="inductor"):
+    def __init__(self, modules: dict[str, torch.nn.Module], options: dict | None = None, stream=None,
+                 cancel_event: threading.Event | None = None, backend="inductor"):
         self.modules = modules
         self.backend = backend  # torch.compile's (tests count what runs with their own)
         self.options = dict(options or {})
-        self.compile_mode = compile_mode
         self.stream = stream  # the CUDA stream the examples run on (None off CUDA)
         self.cancel_event = cancel_event or threading.Event()
         self.route = _Route()
@@ -264,7 +262,7 @@ class BackgroundCompiler:
 
         _shorten_switch_interval()
         try:
-            mode = prepare_compilation(self.compile_mode)
+            mode = prepare_compilation()
             while True:
                 with self._lock:
                     if not self._jobs or self.cancel_event.is_set():
