@@ -29,6 +29,11 @@
 #   bash scripts/bench-h200.sh 25  # R6: the same, long enough for the changed shape to compile too
 #   bash scripts/bench-h200.sh 26  # R6: --check of cudagraph and compile after the per-shape change;
 #                                  #     background-compile text-to-image (never calls the encoder)
+#   bash scripts/bench-h200.sh 27  # R7: a 7-minute Scope-style stream under the default (scripts/soak.py),
+#                                  #     cold cache; then a process that exits while compiling
+#   bash scripts/bench-h200.sh 29  # R7: part 27's stream again after the fix for interrupted captures
+#   bash scripts/bench-h200.sh 28  # R7: inductor fusion/tiling options on SD-Turbo img2img (one cold
+#                                  #     compile each), kernel time by family
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -262,6 +267,41 @@ case "$part" in
     sd-turbo-txt2img 110 "$OUT/bg26.json" > "$OUT/bg26.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"
   bg_summary "$OUT/bg26"
+  ;;
+27)
+  # Round R7: a long stream with the parameters moving as in a live session (soak.py), from a cold
+  # inductor cache, so every new shape compiles in the background while it runs; then a stream
+  # that ends (and exits) 5 s in, while its compilation runs.
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r27 timeout 480 python3 scripts/soak.py 420 "$OUT/soak.json" > "$OUT/soak.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak.json" || tail -20 "$OUT/soak.log"
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r27-exit timeout 120 python3 scripts/soak.py 5 - > "$OUT/exit.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s (the process ended while compiling: 0 expected)"
+  grep -E "compiling at exit|terminate|Abort|Error" "$OUT/exit.log" | head -5
+  ;;
+29)
+  # Round R7: part 27 found a capture interrupted by the background compiler (the stream then ran
+  # without graphs for good): the same stream with interrupted captures and compilations retried.
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r29 timeout 480 python3 scripts/soak.py 420 "$OUT/soak29.json" > "$OUT/soak29.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak29.json" || tail -20 "$OUT/soak29.log"
+  grep -E "WARNING|interrupted|failed" "$OUT/soak29.log" | cut -c1-300 | head -20
+  ;;
+28)
+  # Round R7: inductor options that change fusion and tiling, not autotuning (which does not compile
+  # in time): each against the default on the same machine, from one shared cache (options are part
+  # of its key, so each variant compiles cold).
+  python3 -c 'import tensorrt' 2>&1 | tail -1; pip list 2>/dev/null | grep -i -E "tensorrt|onnx" || echo "no tensorrt/onnx packages"
+  bench r7-default 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  for opt in aggressive_fusion triton.prefer_nd_tiling max_autotune_pointwise triton.tile_reductions; do
+    SCOPE_STREAMDIFFUSION_INDUCTOR=$opt=1 bench "r7-$opt" 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  done
+  for f in "$OUT"/r7-*.json; do
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; p=r.get("profile") or {}; print(sys.argv[1].split("/")[-1], r.get("fps_p50"), r.get("p50_ms"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"))' "$f"
+  done
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

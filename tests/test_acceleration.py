@@ -355,7 +355,7 @@ def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
     assert "vae.encoder" not in compiler.compiled
     compiler.reject("shape", RuntimeError("capture failed"))  # this shape stays on its eager graph
     assert not compiler.is_ready("shape") and not compiler.submit("shape", recording)
-    compiler._jobs.append(("queued", recording, 0))  # as if queued behind a running one
+    compiler._jobs.append(("queued", recording, 0, 0))  # as if queued behind a running one
     compiler._pending.add("queued")
     compiler.forget(1)  # new weights: queued compilations for the old ones go
     assert not compiler._jobs and not compiler._pending and not compiler.ready
@@ -397,6 +397,32 @@ def test_background_compile_a_dead_worker_fails_its_shapes_and_frees_its_models(
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_background_compile_tries_again_when_a_capture_interrupted_it():
+    """The compiled code's first run (kernel benchmarks that synchronise the device) fails while the
+    frame thread captures a graph: the shape is compiled again a moment later, not given up."""
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+
+    runs = []
+
+    def backend(gm, inputs):
+        def run(*args):
+            runs.append(len(runs))
+            if len(runs) == 1:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            return gm.forward(*args)
+
+        return run
+
+    block = _Block()
+    compiler = BackgroundCompiler({"unet": block}, backend=backend)
+    recording = {}
+    with torch.no_grad(), compiler.running(False, recording):
+        block(torch.randn(2, 4))
+    assert compiler.submit("shape", recording)
+    compiler.wait(timeout=120)
+    assert compiler.ready == {"shape"} and not compiler.failed and len(runs) == 2
 
 
 def test_background_compile_the_process_exits_cleanly_while_it_compiles():
@@ -538,6 +564,29 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     assert lcm["recaptures_on_param_change"] == 0 and lcm["seed_changes_output_max_abs"] > 1e-3
     ratios = {r["workload"]: r for r in report["ratios"]}
     assert "none/diffusers" in ratios["sd-turbo-img2img"]
+
+
+def test_profile_sorts_kernels_into_families():
+    """--profile's per-family totals, by kernel name (the names as CUDA's profiler reports them)."""
+    from types import SimpleNamespace
+
+    from scope_streamdiffusion import bench
+
+    def kernel(name, us, count):
+        return SimpleNamespace(key=name, self_device_time_total=us, count=count)
+
+    kinds = bench._kernel_kinds([
+        kernel("triton_per_fused_native_group_norm_silu_3", 400.0, 20),
+        kernel("triton_poi_fused_add_7", 100.0, 20),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 550.0, 32),
+        kernel("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", 700.0, 29),
+        kernel("nvjet_sm90_hsh_56x64_64x14_4x2_h_bz_bias_TNN", 150.0, 20),
+        kernel("Memset (Unknown)", 70.0, 79),
+        kernel("void at::native::something_else", 10.0, 2),
+    ], n=10)
+    assert list(kinds) == ["convolution", "attention", "triton", "gemm", "memset/copy", "other"]  # by time
+    assert kinds["triton"] == {"ms_per_frame": 0.05, "calls_per_frame": 4.0}
+    assert kinds["convolution"]["calls_per_frame"] == 2.9 and kinds["gemm"]["ms_per_frame"] == 0.015
 
 
 def test_bench_frame_buffer_size_feeds_groups_and_counts_frames(tiny_sd15, tiny_taesd, tmp_path):
@@ -696,6 +745,48 @@ def test_compile_failure_falls_back_to_eager_once_and_keeps_streaming(sd15_model
     assert runner.failed and runner.force_eager
     assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
     assert sum("running them eagerly" in r.getMessage() for r in caplog.records) == 1
+
+
+INTERRUPTED = ("CUDA error: operation failed due to a previous error during capture\n"
+               "Search for `cudaErrorStreamCaptureInvalidated' in https://docs.nvidia.com/cuda/...")
+
+
+@pytest.mark.parametrize("interruptions", [2, 99])
+def test_a_capture_interrupted_by_another_thread_is_tried_again(sd15_models, monkeypatch, caplog, interruptions):
+    """Another thread that synchronises the device during a capture (the background compiler
+    benchmarking kernels: found on the GPU) makes CUDA fail the capture. The stream must not fall to
+    eager PyTorch for good: that call runs without a graph, the capture is tried again 2, then 4...
+    calls later, and only a capture that keeps failing gives up (one warning). Same frames throughout."""
+    frames = make_frames(3)
+    settings = StreamSettings(num_inference_steps=1)
+    reference = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
+    expected = [reference(frames[i % 3]) for i in range(40)]
+    runner = acc.StepGraphs("cudagraph", use_graphs=True)
+    attempts = []
+
+    def capture(st, engine, *args):  # no CUDA here: a capture that works leaves no graph (eager step)
+        attempts.append(runner._calls)
+        if len(attempts) <= interruptions:
+            raise RuntimeError(INTERRUPTED)
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    sd15_models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
+        with caplog.at_level(logging.INFO):
+            got = [engine(frames[i % 3]) for i in range(40)]
+    finally:
+        sd15_models.extras.pop("step_runner", None)
+    assert max((a - b).abs().max().item() for a, b in zip(expected, got)) <= 1e-5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if interruptions == 2:
+        assert attempts == [1, 3, 7] and runner.failed is None and len(runner._steps) == 1
+        assert not warnings and not runner._retries
+    else:  # four interrupted captures are tried again; the fifth gives up, loudly, once
+        assert attempts == [1, 3, 7, 15, 31] and "cudaErrorStreamCaptureInvalidated" in runner.failed
+        assert len(warnings) == 1 and "running the step without graphs" in warnings[0]
+    assert not acc.capture_interrupted(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert acc.capture_interrupted(RuntimeError("operation not permitted when stream is capturing"))
 
 
 def test_out_of_memory_during_capture_is_reported_not_turned_into_a_fallback(sd15_models, monkeypatch):

@@ -264,7 +264,27 @@ def _profile(pipe, call, inputs, device, frames: int = 10, per_call: int = 1) ->
         kernel_launches_per_frame=round(sum(e.count for e in kernels) / n, 1),
         top_kernels=[dict(name=e.key[:90], ms_per_frame=round(getattr(e, "self_device_time_total", 0) / 1e3 / n, 3),
                           calls_per_frame=round(e.count / n, 1)) for e in top],
+        kernel_kinds=_kernel_kinds(kernels, n),
     )
+
+
+# Kernel families by name: where a lever can act (inductor's own kernels, cuDNN, cuBLAS, attention).
+_KINDS = (("triton", ("triton_",)), ("attention", ("sdpa", "flash", "fmha", "attention")),
+          ("convolution", ("fprop", "conv", "implicit_gemm")), ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma")),
+          ("memset/copy", ("memset", "memcpy", "copy")))
+
+
+def _kernel_kinds(kernels, n: int) -> dict:
+    """{kind: {ms_per_frame, calls_per_frame}} over the profiled kernels (the first matching kind)."""
+    kinds: dict = {}
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, words in _KINDS if any(w in name for w in words)), "other")
+        entry = kinds.setdefault(kind, [0.0, 0])
+        entry[0] += getattr(e, "self_device_time_total", 0)
+        entry[1] += e.count
+    return {k: dict(ms_per_frame=round(us / 1e3 / n, 3), calls_per_frame=round(c / n, 1))
+            for k, (us, c) in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
 
 
 def _graph_replay_ms(pipe, device, replays: int = 50):

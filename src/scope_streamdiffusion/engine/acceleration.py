@@ -67,6 +67,16 @@ logger = logging.getLogger(__name__)
 ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "background-compile", "tensorrt")
 GRAPH_MODES = ("cudagraph", "compile", "background-compile", "tensorrt")
 MAX_GRAPHS = 16  # captured step graphs kept per pipeline (one per batch shape)
+CAPTURE_RETRIES = 4  # captures of one shape interrupted by another thread, retried before giving up
+
+
+def capture_interrupted(exc: BaseException) -> bool:
+    """A CUDA error of a stream capture rather than of the work itself: while one thread captures,
+    CUDA refuses a device-wide synchronisation from any other thread (a background compilation
+    benchmarking its kernels, another pipeline of the process) and invalidates the capture. Both
+    sides see such an error; neither is the step's fault, so both are retried."""
+    text = str(exc)
+    return "StreamCapture" in text or "stream is capturing" in text or "during capture" in text
 
 
 def _fallback(requested: str, reason: str) -> str:
@@ -176,6 +186,9 @@ class StepGraphs:
         self.capture_seconds = 0.0
         self.failed: str | None = None
         self._steps: OrderedDict[tuple, _Static] = OrderedDict()  # least recently used first
+        self._calls = 0
+        self.interrupted = 0  # captures interrupted by another thread (then tried again)
+        self._retries: dict = {}  # key -> (interrupted captures, the call from which to try again)
         self._steps_lock = threading.Lock()  # invalidate() comes from another thread
         self._pool = None
 
@@ -356,6 +369,14 @@ class StepGraphs:
         # background-compile: a shape's compiled code is ready: capture it (its eager graph stays
         # until that worked).
         upgrade = compiler is not None and st is not None and not st.compiled and compiler.is_ready((key, generation))
+        self._calls += 1
+        retry = self._retries.get(key)
+        if retry is not None and self._calls < retry[1] and (st is None or upgrade):
+            # An interrupted capture waits a few calls: this one runs as the shape did before.
+            if st is None:
+                self.last_compiled = False
+                return self._eager(engine, p, images, frames)
+            upgrade = False
         recording = None
         if st is None or upgrade:
             new = self._buffers(engine, p, images, frames)
@@ -368,7 +389,18 @@ class StepGraphs:
                         self._capture(new, engine, p, images, frames)
                 except Exception as exc:  # noqa: BLE001 - fall back once, loudly
                     oom = isinstance(exc, torch.cuda.OutOfMemoryError)
-                    if new.compiled and (st is not None or not oom):
+                    attempts = (retry or (0, 0))[0] + 1
+                    if capture_interrupted(exc) and attempts <= CAPTURE_RETRIES:
+                        # Another thread synchronised the device meanwhile: try again 2, 4, 8... calls later.
+                        self._retries[key] = (attempts, self._calls + 2 ** attempts)
+                        self.interrupted += 1
+                        logger.info("acceleration=%r: a CUDA graph capture was interrupted (%s); trying again "
+                                    "shortly.", self.mode, str(exc)[:200])
+                        if st is None:
+                            self.last_compiled = False
+                            return self._eager(engine, p, images, frames)
+                        new = None  # this call: the shape's eager graph
+                    elif new.compiled and (st is not None or not oom):
                         # This shape's compiled code (not graphs) failed, or did not fit beside the
                         # eager graph: the shape stays on its eager graph.
                         compiler.reject((key, generation), exc)
@@ -387,6 +419,7 @@ class StepGraphs:
                         return self._eager(engine, p, images, frames)
             if new is not None:
                 st = new
+                self._retries.pop(key, None)
                 with self._steps_lock:
                     if generation == self._generation:  # else weights changed meanwhile: this frame only
                         self._steps[key] = st

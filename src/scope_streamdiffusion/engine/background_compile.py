@@ -170,6 +170,7 @@ class BackgroundCompiler:
         self.ready: set = set()  # step keys whose module shapes are compiled
         self.failed: dict = {}  # step key -> error
         self.seconds: dict = {}  # step key -> compile time
+        self.retried = 0  # compilations run again after a capture on another thread interrupted them
         self._warned = False
         self._jobs: list = []
         self._pending: set = set()
@@ -207,7 +208,7 @@ class BackgroundCompiler:
                     or generation != self.generation or self.cancel_event.is_set():
                 return False
             self._pending.add(key)
-            self._jobs.append((key, specs, generation))
+            self._jobs.append((key, specs, generation, 0))
             if self.thread is None:
                 try:
                     self.thread = threading.Thread(target=self._run, name="scope-streamdiffusion-compile",
@@ -227,8 +228,8 @@ class BackgroundCompiler:
         dropped, so that dragging a LoRA slider does not queue a compilation per tick."""
         with self._lock:
             self.generation = generation
-            for key, _, _ in self._jobs:
-                self._pending.discard(key)
+            for job in self._jobs:
+                self._pending.discard(job[0])
             self._jobs.clear()
             self.ready.clear()
             self.failed.clear()
@@ -258,6 +259,7 @@ class BackgroundCompiler:
             thread.join(timeout)
 
     def _run(self) -> None:
+        from .acceleration import CAPTURE_RETRIES, capture_interrupted
         from .inductor import prepare_compilation
 
         _shorten_switch_interval()
@@ -270,11 +272,22 @@ class BackgroundCompiler:
                         self._jobs.clear()
                         self.thread = None
                         return
-                    key, specs, generation = self._jobs.pop(0)
+                    key, specs, generation, attempts = self._jobs.pop(0)
                 start = time.perf_counter()
                 try:
                     self._compile(specs, mode)
                 except Exception as exc:  # noqa: BLE001 - this shape stays eager, loudly (once)
+                    if capture_interrupted(exc) and attempts < CAPTURE_RETRIES:
+                        # The frame thread was capturing a graph while this ran the new code (whose
+                        # kernel benchmarks synchronise the device): the same again in a moment.
+                        with self._lock:
+                            self.retried += 1
+                            if generation == self.generation:  # else new weights meanwhile: dropped
+                                self._jobs.insert(0, (key, specs, generation, attempts + 1))
+                            else:
+                                self._pending.discard(key)
+                        self.cancel_event.wait(0.5 * (attempts + 1))
+                        continue
                     error = f"{type(exc).__name__}: {exc}"
                     self._warn("acceleration='background-compile': the background compilation failed (%s); this "
                                "shape stays on CUDA graphs of the eager modules.", error[:300])

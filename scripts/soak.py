@@ -1,0 +1,127 @@
+"""GPU check behind BENCHMARKS.md's "Long streams": a Scope-style stream (one ``pipe(video=[frame],
+**changes)`` call per frame, parameters changed on the calls) under the default acceleration for
+a given time, as an artist's session would: strength modulated on every call (beat sync), the prompt
+list sent with every call and changed every 2 s, guidance/delta every 5 s, a new seed every 15 s, 1 <-> 2 steps every 60 s (a new
+batch shape, compiled in the background), self-CFG at guidance 1.5 for one minute, webcam-size
+frames for one minute. Reports per 10-s window: fps, worst call, allocated/reserved VRAM, the
+process's resident memory, graphs held; exceptions are counted, never fatal; at the end, growth of
+VRAM and resident memory between the end of the first pass over every setting and the end.
+
+    python3 scripts/soak.py [seconds] [out.json] [acceleration]
+
+With a few seconds and a cold inductor cache it also checks a clean exit while the background
+compilation runs: the last line says whether a compilation was still running at exit.
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from scope_streamdiffusion.bench import WORKLOADS, make_frames, random_weight_model
+from scope_streamdiffusion.engine.inductor import cache_root
+from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
+
+seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 420.0
+out_path = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
+MINUTE = float(os.environ.get("SOAK_MINUTE", 60))  # the schedule's minute in seconds (shorter: a quick try)
+wl = WORKLOADS["sd-turbo-img2img"]
+device = torch.device("cuda")
+folder, taesd = random_weight_model(wl.arch, cache_root() / "random-weights", device)
+PROMPTS = ["a watercolor lighthouse at dusk", "neon city in the rain, cinematic", "an oil painting of a forest",
+           "a marble statue, studio light", "pixel art of a castle", "a charcoal sketch of a face"]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def changes_at(t: float, call: int, last: dict) -> dict:
+    """The parameters in force at second ``t`` (only those that differ from ``last`` are sent)."""
+    minute = int(t // MINUTE)
+    want = dict(
+        strength=round(0.55 + 0.25 * math.sin(call / 7), 3),
+        guidance_scale=1.5 if minute == 3 else 1.0,
+        cfg_type="self" if minute == 3 else "none",
+        delta=[1.0, 0.8, 0.6][int(t // 5) % 3],
+        seed=42 + int(t // 15),
+        num_inference_steps=2 if minute % 2 == 1 else 1,
+    )
+    changed = {k: v for k, v in want.items() if last.get(k) != v}
+    # Scope sends the prompt list with every call, changed or not.
+    return dict(changed, prompts=[{"text": PROMPTS[int(t // 2) % len(PROMPTS)], "weight": 1.0}])
+
+
+pipe = StreamDiffusionPipeline(model_id=str(folder), tiny_vae_id=str(taesd), width=wl.size, height=wl.size,
+                               acceleration=mode, seed=42, prompt=PROMPTS[0], **wl.settings)
+runner = pipe.engine.models.extras.get("step_runner")
+compiler = getattr(runner, "compiler", None)
+frames = make_frames(8, wl.size, wl.size, device)
+webcam = make_frames(8, 480, 640, device, seed=1)  # a source size other than the stream's
+calls, errors, last = [], [], {}
+start = time.perf_counter()
+i = 0
+while time.perf_counter() - start < seconds:
+    t = time.perf_counter() - start
+    kwargs = changes_at(t, i, last)
+    last.update(kwargs)
+    source = webcam if int(t // MINUTE) == 4 else frames
+    t0 = time.perf_counter()
+    try:
+        out = pipe(video=[source[i % len(source)]], **kwargs)["video"]
+        torch.cuda.synchronize()
+        ok = bool(torch.isfinite(out).all()) and out.shape[1:] == (wl.size, wl.size, 3)
+        if not ok:
+            errors.append((round(t, 1), "bad output"))
+    except Exception as exc:  # noqa: BLE001 - counted: the stream goes on, as Scope's would
+        errors.append((round(t, 1), f"{type(exc).__name__}: {exc}"[:300]))
+        traceback.print_exc()
+    calls.append((t, (time.perf_counter() - t0) * 1e3, bool(getattr(runner, "last_compiled", False))))
+    i += 1
+    if i % 50 == 0 or time.perf_counter() - start >= seconds:
+        calls[-1] += (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9, rss_mb(),
+                      len(runner.graphs()) if runner is not None else 0)
+
+windows = []
+for w in range(int(seconds // 10) + 1):
+    part = [c for c in calls if w * 10 <= c[0] < (w + 1) * 10]
+    if not part:
+        continue
+    lat = sorted(c[1] for c in part)
+    mem = [c for c in part if len(c) > 3]
+    windows.append(dict(window_s=w * 10, calls=len(lat), fps_p50=round(1e3 / statistics.median(lat), 1),
+                        max_ms=round(lat[-1], 1), compiled=round(sum(c[2] for c in part) / len(part), 2),
+                        alloc_gb=round(mem[-1][3], 3) if mem else None,
+                        reserved_gb=round(mem[-1][4], 3) if mem else None,
+                        rss_mb=round(mem[-1][5]) if mem else None, graphs=mem[-1][6] if mem else None))
+report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("acceleration"), calls=len(calls),
+              errors=errors[:20], error_count=len(errors), windows=windows,
+              graphs=len(runner.graphs()) if runner is not None else 0,
+              compile_s=[round(v, 1) for v in compiler.seconds.values()] if compiler else [],
+              failed=list(compiler.failed.values()) if compiler else [],
+              step_without_graphs=getattr(runner, "failed", None),
+              captures_interrupted=getattr(runner, "interrupted", 0),
+              compilations_retried=getattr(compiler, "retried", 0),
+              peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3))
+# Every setting above has been seen by the end of minute 5; growth after it would be a leak.
+settled = [w for w in windows if w["window_s"] >= 5 * MINUTE and w["rss_mb"] is not None]
+if len(settled) >= 2:
+    report["growth_after_5_min"] = dict(
+        alloc_gb=round(settled[-1]["alloc_gb"] - settled[0]["alloc_gb"], 3),
+        reserved_gb=round(settled[-1]["reserved_gb"] - settled[0]["reserved_gb"], 3),
+        rss_mb=round(settled[-1]["rss_mb"] - settled[0]["rss_mb"]))
+text = json.dumps(report, indent=1)
+print(text)
+if out_path:
+    Path(out_path).write_text(text + "\n")
+print("compiling at exit:", bool(compiler and compiler.thread is not None and compiler.thread.is_alive()), flush=True)
