@@ -32,6 +32,7 @@
 #   bash scripts/bench-h200.sh 27  # R7: a 7-minute Scope-style stream under the default (scripts/soak.py),
 #                                  #     cold cache; then a process that exits while compiling
 #   bash scripts/bench-h200.sh 29  # R7: part 27's stream again after the fix for interrupted captures
+#   bash scripts/bench-h200.sh 30  # R7: the first 150 s of that stream with the final code (cold cache)
 #   bash scripts/bench-h200.sh 28  # R7: inductor fusion/tiling options on SD-Turbo img2img (one cold
 #                                  #     compile each), kernel time by family
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
@@ -289,6 +290,15 @@ case "$part" in
   echo "exit $? after $((SECONDS - start)) s"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak29.json" || tail -20 "$OUT/soak29.log"
   grep -E "WARNING|interrupted|failed" "$OUT/soak29.log" | cut -c1-300 | head -20
+  ;;
+30)
+  # Round R7, last call: the start of part 29's stream (cold cache: compiling while prompts change)
+  # with the final code, in which a prompt waits for a torch.fx trace only when it is encoded.
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r30 timeout 200 python3 scripts/soak.py 150 "$OUT/soak30.json" > "$OUT/soak30.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak30.json" || tail -20 "$OUT/soak30.log"
+  grep -E "WARNING|Error" "$OUT/soak30.log" | cut -c1-300 | head -10
   ;;
 28)
   # Round R7: inductor options that change fusion and tiling, not autotuning (which does not compile

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -423,6 +424,42 @@ def test_background_compile_tries_again_when_a_capture_interrupted_it():
     assert compiler.submit("shape", recording)
     compiler.wait(timeout=120)
     assert compiler.ready == {"shape"} and not compiler.failed and len(runs) == 2
+
+
+def test_module_calls_wait_for_a_torch_fx_trace_on_another_thread(sd15_models):
+    """torch.fx tracing (what AOTAutograd does for each module the background compiler compiles)
+    patches nn.Module for the whole process: a module called on another thread meanwhile fails
+    (found on the GPU: a new prompt's text encoder, a compiled capture). Once a background compiler
+    exists, a trace and the engine's module calls (prompt encoding, the step) take turns."""
+    from torch.fx import symbolic_trace
+
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+
+    BackgroundCompiler({"unet": torch.nn.Linear(4, 4)})  # guards every torch.fx trace from now on
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowToTrace(torch.nn.Module):
+        def forward(self, x):
+            inside.set()  # the trace is under way: nn.Module is patched process-wide
+            release.wait(30)
+            return x + 1
+
+    engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+    frame = make_frames(1)[0]
+    engine(frame)
+    tracer = threading.Thread(target=symbolic_trace, args=(SlowToTrace(),))
+    tracer.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(NameError, match="not installed as a submodule"):
+            torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # a module call that does not wait: the hazard
+        threading.Timer(0.3, release.set).start()
+        engine.update(prompts=(("a new prompt: the text encoder runs", 1.0),))
+        out = engine(frame)  # waits for the trace, then encodes the prompt and runs the step
+        assert not tracer.is_alive() and out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    finally:
+        release.set()
+        tracer.join(30)
 
 
 def test_background_compile_the_process_exits_cleanly_while_it_compiles():

@@ -46,6 +46,7 @@ from collections import OrderedDict
 import torch
 
 from . import sampling
+from .background_compile import FX_TRACING
 from .inductor import (
     can_freeze,
     compile_modules,
@@ -71,12 +72,14 @@ CAPTURE_RETRIES = 4  # captures of one shape interrupted by another thread, retr
 
 
 def capture_interrupted(exc: BaseException) -> bool:
-    """A CUDA error of a stream capture rather than of the work itself: while one thread captures,
-    CUDA refuses a device-wide synchronisation from any other thread (a background compilation
-    benchmarking its kernels, another pipeline of the process) and invalidates the capture. Both
-    sides see such an error; neither is the step's fault, so both are retried."""
+    """An error of a capture rather than of the work itself: while one thread captures, CUDA refuses
+    a device-wide synchronisation from any other thread (a background compilation benchmarking its
+    kernels, another pipeline of the process) and invalidates the capture. Both sides see such an
+    error; neither is the step's fault, so both are retried. (Also torch.fx tracing on a thread that
+    does not hold ``FX_TRACING``, see :mod:`.background_compile`.)"""
     text = str(exc)
-    return "StreamCapture" in text or "stream is capturing" in text or "during capture" in text
+    return "StreamCapture" in text or "stream is capturing" in text or "during capture" in text \
+        or "symbolically trace a dynamo-optimized" in text  # torch.fx tracing on another thread
 
 
 def _fallback(requested: str, reason: str) -> str:
@@ -286,6 +289,10 @@ class StepGraphs:
         return out
 
     def _capture(self, st: _Static, engine, p, images, frames) -> None:
+        with FX_TRACING:  # the modules run here (warm-up, capture): no torch.fx trace elsewhere meanwhile
+            self._capture_step(st, engine, p, images, frames)
+
+    def _capture_step(self, st: _Static, engine, p, images, frames) -> None:
         saved = engine.state
         start = time.perf_counter()
         if self.mode == "compile":  # so that a first start of minutes does not look like a hang
@@ -322,6 +329,10 @@ class StepGraphs:
     def _eager(self, engine, p, images, frames: int) -> torch.Tensor:
         """The step without a graph. In compile mode, when the compiled modules themselves fail (the
         usual reason a capture failed), they run eagerly from then on instead of failing every frame."""
+        with FX_TRACING:
+            return self._eager_step(engine, p, images, frames)
+
+    def _eager_step(self, engine, p, images, frames: int) -> torch.Tensor:
         if not self.force_eager:
             try:
                 with compiling(self.compile_options, self._generated):
@@ -354,7 +365,7 @@ class StepGraphs:
             # needs no priming: its stream state is empty.) The stance is process-wide: only where
             # the modules are compiled (a background compilation may run meanwhile).
             self.last_compiled = False
-            with eager_stance() if self.mode == "compile" else contextlib.nullcontext():
+            with FX_TRACING, eager_stance() if self.mode == "compile" else contextlib.nullcontext():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
             self.last_compiled = False
@@ -433,7 +444,7 @@ class StepGraphs:
             st.graph.replay()
             out = st.output
         else:
-            with compiling(self.compile_options, self._generated), self._running(st, recording):
+            with FX_TRACING, compiling(self.compile_options, self._generated), self._running(st, recording):
                 out = self._step(st, engine, frames)
         if recording:
             compiler.submit((key, generation), recording, generation)

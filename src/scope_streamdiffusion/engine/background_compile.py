@@ -21,6 +21,15 @@ While the background thread compiles, Python's GIL switch interval is kept short
 call of the frame thread releases the GIL, and taking it back from a thread busy in Python waits up
 to one interval (BENCHMARKS.md: with the default 5 ms the stream fell to ~10 fps while compiling,
 with 0.1 ms it keeps its speed). A process that exits meanwhile stops the thread first.
+
+torch.fx tracing (AOTAutograd traces each module it compiles) is not safe beside module calls on
+other threads: it patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process and sets a
+process-wide "tracing" flag, so a module called elsewhere meanwhile goes through the tracer (on the
+GPU: a prompt's text encoder failed with "module is not installed as a submodule", a compiled
+capture with "FX to symbolically trace a dynamo-optimized function"). So while a background
+compiler exists each trace holds :data:`FX_TRACING`, and the frame thread holds it wherever it calls
+modules (prompt encoding, captures, eager steps; never around a graph replay): such a call waits for
+the trace under way (seconds at most) instead of failing.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import logging
 import sys
 import threading
@@ -43,6 +53,29 @@ logger = logging.getLogger(__name__)
 # (5 ms by default): with a dozen such calls per frame the stream fell to ~10 fps while compiling
 # (BENCHMARKS.md). A shorter interval bounds that wait; the compiler only yields more often.
 SWITCH_INTERVAL_S = 1e-4
+
+# Held by a torch.fx trace (once a background compiler exists) and by the frame thread around module
+# calls: the two never overlap (see the module docstring).
+FX_TRACING = threading.RLock()
+
+
+def _one_trace_at_a_time() -> None:
+    """Make every torch.fx trace of the process hold FX_TRACING (once; all tracers go through
+    ``Tracer.trace``, which is where the process-wide patches are made)."""
+    from torch.fx import Tracer
+
+    trace = Tracer.trace
+    if getattr(trace, "_holds_fx_tracing", False):
+        return
+
+    @functools.wraps(trace)
+    def guarded(self, *args, **kwargs):
+        with FX_TRACING:
+            return trace(self, *args, **kwargs)
+
+    guarded._holds_fx_tracing = True
+    Tracer.trace = guarded
+
 
 _switch_lock = threading.Lock()
 _switch_users = 0
@@ -178,6 +211,7 @@ class BackgroundCompiler:
         self.thread: threading.Thread | None = None
         for name, module in modules.items():
             module._compiled_call_impl = _Dispatch(self, name, module)
+        _one_trace_at_a_time()
         _COMPILERS.add(self)
 
     def is_ready(self, key) -> bool:

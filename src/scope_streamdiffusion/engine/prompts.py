@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .background_compile import FX_TRACING
+
 
 @dataclass(frozen=True)
 class PromptEmbeds:
@@ -95,11 +97,12 @@ class PromptEncoder:
             self._cache.move_to_end(text)
             return hit
         self.encode_count += 1
-        if self.is_sdxl:
-            embeds, pooled = self._compel(text)
-            result = PromptEmbeds(embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
-        else:
-            result = PromptEmbeds(self._compel(text).to(self.device, self.dtype))
+        with FX_TRACING:  # the text encoders run: not beside a torch.fx trace elsewhere (background_compile)
+            if self.is_sdxl:
+                embeds, pooled = self._compel(text)
+                result = PromptEmbeds(embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+            else:
+                result = PromptEmbeds(self._compel(text).to(self.device, self.dtype))
         self._cache[text] = result
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
+from .background_compile import FX_TRACING
 from .frames import to_unit
 from .models import StreamModels
 from .prompts import PromptEmbeds, PromptEncoder
@@ -275,7 +276,8 @@ class StreamDiffusion:
         runner = self.models.extras.get("step_runner")
         if runner is not None:
             return runner.denoise(self, p, images, frames)
-        return self._denoise_eager(p, images, frames)
+        with FX_TRACING:  # eager modules: not beside a torch.fx trace on another thread
+            return self._denoise_eager(p, images, frames)
 
     def _denoise_eager(self, p: _Prepared, images: torch.Tensor | None, frames: int) -> torch.Tensor:
         sched = p.sched
