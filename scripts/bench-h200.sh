@@ -33,8 +33,8 @@
 #                                  #     cold cache; then a process that exits while compiling
 #   bash scripts/bench-h200.sh 29  # R7: part 27's stream again after the fix for interrupted captures
 #   bash scripts/bench-h200.sh 30  # R7: the first 150 s of that stream with the final code (cold cache)
-#   bash scripts/bench-h200.sh 28  # R7: inductor fusion/tiling options on SD-Turbo img2img (one cold
-#                                  #     compile each), kernel time by family
+#   bash scripts/bench-h200.sh 28  # not run yet (R7's device time went to the long streams): inductor
+#                                  #     fusion/tiling options on SD-Turbo img2img, kernel time by family
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
