@@ -59,6 +59,13 @@ bg_summary() {  # bg_summary OUT_STEM: the lines of a background-compile-timelin
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])' \
     "$1.json" || tail -5 "$1.log"
 }
+soak() {  # soak NAME SECONDS TIMEOUT: scripts/soak.py from a cold inductor cache of its own, then its report
+  local name=$1 secs=$2 limit=$3 start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name timeout "$limit" python3 scripts/soak.py "$secs" "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/$name.json" || tail -20 "$OUT/$name.log"
+  grep -E "WARNING|Error" "$OUT/$name.log" | cut -c1-300 | head -20
+}
 case "$part" in
 1|2|3) export SCOPE_STREAMDIFFUSION_INDUCTOR=$FROZEN ;;
 esac
@@ -273,10 +280,7 @@ case "$part" in
   # Round R7: a long stream with the parameters moving as in a live session (soak.py), from a cold
   # inductor cache, so every new shape compiles in the background while it runs; then a stream
   # that ends (and exits) 5 s in, while its compilation runs.
-  start=$SECONDS
-  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r27 timeout 480 python3 scripts/soak.py 420 "$OUT/soak.json" > "$OUT/soak.log" 2>&1
-  echo "exit $? after $((SECONDS - start)) s"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak.json" || tail -20 "$OUT/soak.log"
+  soak soak 420 480
   start=$SECONDS
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r27-exit timeout 120 python3 scripts/soak.py 5 - > "$OUT/exit.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s (the process ended while compiling: 0 expected)"
@@ -285,20 +289,12 @@ case "$part" in
 29)
   # Round R7: part 27 found a capture interrupted by the background compiler (the stream then ran
   # without graphs for good): the same stream with interrupted captures and compilations retried.
-  start=$SECONDS
-  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r29 timeout 480 python3 scripts/soak.py 420 "$OUT/soak29.json" > "$OUT/soak29.log" 2>&1
-  echo "exit $? after $((SECONDS - start)) s"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak29.json" || tail -20 "$OUT/soak29.log"
-  grep -E "WARNING|interrupted|failed" "$OUT/soak29.log" | cut -c1-300 | head -20
+  soak soak29 420 480
   ;;
 30)
   # Round R7, last call: the start of part 29's stream (cold cache: compiling while prompts change)
   # with the final code, in which a prompt waits for a torch.fx trace only when it is encoded.
-  start=$SECONDS
-  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r30 timeout 200 python3 scripts/soak.py 150 "$OUT/soak30.json" > "$OUT/soak30.log" 2>&1
-  echo "exit $? after $((SECONDS - start)) s"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "windows"}); [print(w) for w in r["windows"]]' "$OUT/soak30.json" || tail -20 "$OUT/soak30.log"
-  grep -E "WARNING|Error" "$OUT/soak30.log" | cut -c1-300 | head -10
+  soak soak30 150 200
   ;;
 28)
   # Round R7: inductor options that change fusion and tiling, not autotuning (which does not compile

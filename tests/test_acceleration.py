@@ -265,6 +265,15 @@ def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd
     assert runner.last_compiled and len(compiler.ready) == 1  # the old weights' shapes were forgotten
 
 
+def _background_engines(models, reference_models, runner):
+    """A 1-step engine on ``models`` run by ``runner`` (background-compile), the same on the eager
+    reference models, and three frames."""
+    models.extras.update(step_runner=runner, acceleration="background-compile")
+    settings = StreamSettings(num_inference_steps=1)
+    return (StreamDiffusion(models, width=64, height=64, settings=settings),
+            StreamDiffusion(reference_models, width=64, height=64, settings=settings), make_frames(3))
+
+
 @pytest.mark.parametrize("error", [RuntimeError, torch.cuda.OutOfMemoryError])
 def test_background_compile_a_failing_compiled_capture_keeps_the_eager_graph(tiny_sd15, sd15_models, monkeypatch,
                                                                             caplog, error):
@@ -286,11 +295,7 @@ def test_background_compile_a_failing_compiled_capture_keeps_the_eager_graph(tin
             raise error("capture failed")
 
     monkeypatch.setattr(runner, "_capture", capture)
-    models.extras.update(step_runner=runner, acceleration="background-compile")
-    settings = StreamSettings(num_inference_steps=1)
-    engine = StreamDiffusion(models, width=64, height=64, settings=settings)
-    reference = StreamDiffusion(sd15_models, width=64, height=64, settings=settings)
-    frames = make_frames(3)
+    engine, reference, frames = _background_engines(models, sd15_models, runner)
     got = [engine(f) for f in frames]  # eager graph; compiled capture fails; its eager graph again
     assert not runner.last_compiled and not runner.failed
     assert list(compiler.failed.values()) == [f"{error.__name__}: capture failed"]
@@ -426,11 +431,13 @@ def test_background_compile_tries_again_when_a_capture_interrupted_it():
     assert compiler.ready == {"shape"} and not compiler.failed and len(runs) == 2
 
 
-def test_module_calls_wait_for_a_torch_fx_trace_on_another_thread(sd15_models):
+@pytest.mark.parametrize("call", ["new prompt", "static step", "priming"])
+def test_module_calls_wait_for_a_torch_fx_trace_on_another_thread(sd15_models, call):
     """torch.fx tracing (what AOTAutograd does for each module the background compiler compiles)
     patches nn.Module for the whole process: a module called on another thread meanwhile fails
     (found on the GPU: a new prompt's text encoder, a compiled capture). Once a background compiler
-    exists, a trace and the engine's module calls (prompt encoding, the step) take turns."""
+    exists, a trace and the engine's module calls take turns: encoding a new prompt, the step over
+    the static buffers (as captures and eager steps run it), the eager priming of a stream batch."""
     from torch.fx import symbolic_trace
 
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
@@ -441,25 +448,90 @@ def test_module_calls_wait_for_a_torch_fx_trace_on_another_thread(sd15_models):
     class SlowToTrace(torch.nn.Module):
         def forward(self, x):
             inside.set()  # the trace is under way: nn.Module is patched process-wide
-            release.wait(30)
+            release.wait(60)
             return x + 1
 
-    engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
-    frame = make_frames(1)[0]
-    engine(frame)
-    tracer = threading.Thread(target=symbolic_trace, args=(SlowToTrace(),))
-    tracer.start()
+    steps = 2 if call == "priming" else 1
+    runner = None if call == "new prompt" else acc.StepGraphs("cudagraph", use_graphs=False)
+    sd15_models.extras.pop("step_runner", None)
+    if runner is not None:
+        sd15_models.extras["step_runner"] = runner
     try:
-        assert inside.wait(30)
-        with pytest.raises(NameError, match="not installed as a submodule"):
-            torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # a module call that does not wait: the hazard
-        threading.Timer(0.3, release.set).start()
-        engine.update(prompts=(("a new prompt: the text encoder runs", 1.0),))
-        out = engine(frame)  # waits for the trace, then encodes the prompt and runs the step
-        assert not tracer.is_alive() and out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=steps))
+        frame = make_frames(1)[0]
+        engine(frame)
+        if call == "new prompt":
+            engine.update(prompts=(("a new prompt: the text encoder runs", 1.0),))
+        elif call == "priming":
+            engine.update(seed=5)  # a new seed restarts the stream batch: its first call primes eagerly
+        tracer = threading.Thread(target=symbolic_trace, args=(SlowToTrace(),))
+        tracer.start()
+        outcome = {}
+
+        def frame_call():
+            try:
+                outcome["out"] = engine(frame)
+            except Exception as exc:  # noqa: BLE001 - what a call without the lock would do
+                outcome["error"] = exc
+
+        try:
+            assert inside.wait(60)
+            with pytest.raises(NameError, match="not installed as a submodule"):
+                torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # a module call that does not wait: the hazard
+            worker = threading.Thread(target=frame_call)
+            worker.start()
+            worker.join(1.0)
+            assert worker.is_alive() and not outcome, outcome  # waiting for the trace
+            release.set()
+            worker.join(60)
+            assert "error" not in outcome, outcome.get("error")
+            out = outcome["out"]
+            assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+        finally:
+            release.set()
+            tracer.join(60)
+    finally:
+        sd15_models.extras.pop("step_runner", None)
+
+
+def test_compile_mode_never_waits_for_a_trace_elsewhere(sd15_models):
+    """In compile mode the frame thread compiles, and dynamo takes its compile lock before a trace
+    takes FX_TRACING: were the frame thread to hold FX_TRACING first, a compilation on another thread
+    (a background compiler still running after a reload, another pipeline) would deadlock with it.
+    So compile mode's step does not take FX_TRACING (other modes do, see the test above)."""
+    from scope_streamdiffusion.engine.background_compile import FX_TRACING
+
+    runners = {mode: acc.StepGraphs(mode, use_graphs=False) for mode in ("compile", "cudagraph")}
+    engines = {}
+    for mode, runner in runners.items():
+        sd15_models.extras["step_runner"] = runner
+        engines[mode] = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+        engines[mode](make_frames(1)[0])  # prompts encoded (that waits for a trace in every mode: no compiling there)
+    held, release = threading.Event(), threading.Event()
+
+    def trace_elsewhere():
+        with FX_TRACING:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=trace_elsewhere)
+    holder.start()
+    finished, workers = {}, []
+    try:
+        assert held.wait(60)
+        for mode, engine in engines.items():
+            sd15_models.extras["step_runner"] = runners[mode]
+            workers.append(threading.Thread(target=lambda m=mode, e=engine: finished.setdefault(m, e(make_frames(1)[0]))))
+            workers[-1].start()
+            workers[-1].join(20 if mode == "compile" else 1.0)
+        assert "compile" in finished and "cudagraph" not in finished  # cudagraph waits for the trace
     finally:
         release.set()
-        tracer.join(30)
+        holder.join(60)
+        for worker in workers:
+            worker.join(60)
+        sd15_models.extras.pop("step_runner", None)
+    assert "cudagraph" in finished  # once the trace ended
 
 
 def test_background_compile_the_process_exits_cleanly_while_it_compiles():
@@ -824,6 +896,58 @@ def test_a_capture_interrupted_by_another_thread_is_tried_again(sd15_models, mon
         assert len(warnings) == 1 and "running the step without graphs" in warnings[0]
     assert not acc.capture_interrupted(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert acc.capture_interrupted(RuntimeError("operation not permitted when stream is capturing"))
+
+
+def test_interrupted_captures_are_counted_per_capture_and_not_while_compiling(tiny_sd15, sd15_models, monkeypatch):
+    """Tries are counted per capture (shape, weights, eager or compiled): a compiled capture given up
+    after five interruptions, then new weights, must not leave a count that makes the next eager
+    capture give up at its first interruption. And while a background compilation runs (a known
+    interrupter for seconds) interruptions do not count towards giving up."""
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+
+    models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False)
+    compiler = BackgroundCompiler({"unet": models.unet})
+    monkeypatch.setattr(compiler, "submit",  # compiled at once (the capture stub below never runs it)
+                        lambda key, specs, generation: key not in compiler.failed and not compiler.ready.add(key))
+    runner = acc.StepGraphs("background-compile", compiler=compiler)
+    eager_interruptions = []
+
+    def capture(st, *args):  # CPU: a capture that works leaves no graph (the step runs eagerly)
+        if st.compiled or eager_interruptions:
+            if not st.compiled:
+                eager_interruptions.pop()
+            raise RuntimeError(INTERRUPTED)
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    engine, reference, frames = _background_engines(models, sd15_models, runner)
+    for i in range(40):  # the eager capture works; the compiled one is interrupted 5 times: rejected
+        assert (engine(frames[i % 3]) - reference(frames[i % 3])).abs().max().item() <= 1e-5
+    assert len(compiler.failed) == 1 and runner.failed is None and runner.interrupted == 4
+    runner.invalidate()  # new weights (a LoRA scale): the shapes start over
+    eager_interruptions.append(1)  # the new eager capture is interrupted once
+    for i in range(10):  # (then captured, compiled at once, and the compiled capture interrupted again)
+        engine(frames[i % 3])
+    assert runner.failed is None and not eager_interruptions and runner.interrupted >= 5
+
+    # A compilation under way: interruptions go on being retried, every 16 calls at most, however many.
+    busy = threading.Event()
+    compiler.thread = threading.Thread(target=busy.wait, args=(60,))
+    compiler.thread.start()
+    try:
+        runner.invalidate()
+        compiler.ready.clear()
+        monkeypatch.setattr(compiler, "submit", lambda *args: False)  # stays uncompiled: eager captures
+        eager_interruptions.extend([1] * 1000)
+        before = runner.interrupted
+        for i in range(120):
+            engine(frames[i % 3])
+        assert runner.failed is None and runner.interrupted - before >= 8
+    finally:
+        busy.set()
+        compiler.thread.join(60)
+    for i in range(40):  # the compilation ended: the next interruptions count, and the fifth gives up
+        engine(frames[i % 3])
+    assert runner.failed is not None and "cudaErrorStreamCaptureInvalidated" in runner.failed
 
 
 def test_out_of_memory_during_capture_is_reported_not_turned_into_a_fallback(sd15_models, monkeypatch):

@@ -69,6 +69,7 @@ ACCELERATIONS = ("auto", "none", "xformers", "cudagraph", "compile", "background
 GRAPH_MODES = ("cudagraph", "compile", "background-compile", "tensorrt")
 MAX_GRAPHS = 16  # captured step graphs kept per pipeline (one per batch shape)
 CAPTURE_RETRIES = 4  # captures of one shape interrupted by another thread, retried before giving up
+MAX_RETRY_WAIT = 64  # calls between two tries at most
 
 
 def capture_interrupted(exc: BaseException) -> bool:
@@ -191,7 +192,12 @@ class StepGraphs:
         self._steps: OrderedDict[tuple, _Static] = OrderedDict()  # least recently used first
         self._calls = 0
         self.interrupted = 0  # captures interrupted by another thread (then tried again)
-        self._retries: dict = {}  # key -> (interrupted captures, the call from which to try again)
+        # (key, generation, compiled) -> (interrupted captures, the call from which to try again)
+        self._retries: dict = {}
+        # Where the frame thread runs modules it holds FX_TRACING (see background_compile), except in
+        # compile mode: there its calls compile, and dynamo takes its compile lock before a trace
+        # takes FX_TRACING, so holding FX_TRACING first could deadlock with a compilation elsewhere.
+        self._modules_run = contextlib.nullcontext() if mode == "compile" else FX_TRACING
         self._steps_lock = threading.Lock()  # invalidate() comes from another thread
         self._pool = None
 
@@ -203,6 +209,7 @@ class StepGraphs:
         with self._steps_lock:
             self._generation += 1
             self._steps.clear()
+            self._retries.clear()
             if self.compiler is not None:  # under the lock: a frame submits for one generation or the other
                 self.compiler.forget(self._generation)
 
@@ -289,8 +296,36 @@ class StepGraphs:
         return out
 
     def _capture(self, st: _Static, engine, p, images, frames) -> None:
-        with FX_TRACING:  # the modules run here (warm-up, capture): no torch.fx trace elsewhere meanwhile
-            self._capture_step(st, engine, p, images, frames)
+        with self._modules_run:  # the modules run here (warm-up, capture): no torch.fx trace elsewhere meanwhile
+            cuda = torch.device(engine.device).type == "cuda"
+            stream = torch.cuda.current_stream(engine.device) if cuda else None
+            try:
+                self._capture_step(st, engine, p, images, frames)
+            except BaseException:
+                if stream is not None:
+                    self._after_failed_capture(stream, engine.device)
+                raise
+
+    def _after_failed_capture(self, stream, device) -> None:
+        """Leave no trace of a capture that failed, so that the stream goes on and a later capture
+        works. When its end fails (an interrupted capture), torch.cuda.graph leaves the capture
+        stream current for this thread, and torch before 2.12 also leaves the allocator recording
+        into the graphs' memory pool (the next capture into it would fail): undo both."""
+        with torch.cuda.device(device):  # set_stream also makes the stream's device current: only here
+            torch.cuda.set_stream(stream)
+        if self._pool is None:
+            return
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        try:
+            torch._C._cuda_endAllocateToPool(index, self._pool)
+        except Exception:  # noqa: BLE001 - not recording (the failure came earlier, or torch ended it)
+            return
+        # Recording was still open, so nothing released what its start took: release it once.
+        try:
+            torch._C._cuda_releasePool(index, self._pool)
+        except Exception as exc:  # noqa: BLE001 - the capture's own error is the one to report
+            logger.debug("releasing the failed capture's pool: %s", exc)
 
     def _capture_step(self, st: _Static, engine, p, images, frames) -> None:
         saved = engine.state
@@ -329,7 +364,7 @@ class StepGraphs:
     def _eager(self, engine, p, images, frames: int) -> torch.Tensor:
         """The step without a graph. In compile mode, when the compiled modules themselves fail (the
         usual reason a capture failed), they run eagerly from then on instead of failing every frame."""
-        with FX_TRACING:
+        with self._modules_run:
             return self._eager_step(engine, p, images, frames)
 
     def _eager_step(self, engine, p, images, frames: int) -> torch.Tensor:
@@ -365,7 +400,7 @@ class StepGraphs:
             # needs no priming: its stream state is empty.) The stance is process-wide: only where
             # the modules are compiled (a background compilation may run meanwhile).
             self.last_compiled = False
-            with FX_TRACING, eager_stance() if self.mode == "compile" else contextlib.nullcontext():
+            with self._modules_run, eager_stance() if self.mode == "compile" else contextlib.nullcontext():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
             self.last_compiled = False
@@ -379,9 +414,11 @@ class StepGraphs:
                 self._steps.move_to_end(key)
         # background-compile: a shape's compiled code is ready: capture it (its eager graph stays
         # until that worked).
-        upgrade = compiler is not None and st is not None and not st.compiled and compiler.is_ready((key, generation))
+        ready = compiler is not None and compiler.is_ready((key, generation))
+        upgrade = ready and st is not None and not st.compiled
         self._calls += 1
-        retry = self._retries.get(key)
+        retry_key = (key, generation, ready)  # what a capture now would be: its own count of tries
+        retry = self._retries.get(retry_key)
         if retry is not None and self._calls < retry[1] and (st is None or upgrade):
             # An interrupted capture waits a few calls: this one runs as the shape did before.
             if st is None:
@@ -401,9 +438,14 @@ class StepGraphs:
                 except Exception as exc:  # noqa: BLE001 - fall back once, loudly
                     oom = isinstance(exc, torch.cuda.OutOfMemoryError)
                     attempts = (retry or (0, 0))[0] + 1
-                    if capture_interrupted(exc) and attempts <= CAPTURE_RETRIES:
+                    # A compilation running here is a known interrupter (its kernel benchmarks go on
+                    # for seconds): such tries do not count towards giving up.
+                    compiling_now = compiler is not None and compiler.busy
+                    if capture_interrupted(exc) and (attempts <= CAPTURE_RETRIES or compiling_now):
                         # Another thread synchronised the device meanwhile: try again 2, 4, 8... calls later.
-                        self._retries[key] = (attempts, self._calls + 2 ** attempts)
+                        if compiling_now:
+                            attempts = min(attempts, CAPTURE_RETRIES)
+                        self._retries[retry_key] = (attempts, self._calls + min(2 ** attempts, MAX_RETRY_WAIT))
                         self.interrupted += 1
                         logger.info("acceleration=%r: a CUDA graph capture was interrupted (%s); trying again "
                                     "shortly.", self.mode, str(exc)[:200])
@@ -414,6 +456,7 @@ class StepGraphs:
                     elif new.compiled and (st is not None or not oom):
                         # This shape's compiled code (not graphs) failed, or did not fit beside the
                         # eager graph: the shape stays on its eager graph.
+                        self._retries.pop(retry_key, None)
                         compiler.reject((key, generation), exc)
                         if st is None:
                             return self.denoise(engine, p, images, frames)  # its eager graph, once
@@ -421,6 +464,7 @@ class StepGraphs:
                     elif oom:
                         raise  # memory, not the graph: the pipeline frees and reports it; capture again later
                     else:
+                        self._retries.clear()
                         self.failed = f"{type(exc).__name__}: {exc}"
                         logger.warning("acceleration=%r: CUDA graph capture failed (%s); running the step without "
                                        "graphs.", self.mode, self.failed[:300])
@@ -430,7 +474,7 @@ class StepGraphs:
                         return self._eager(engine, p, images, frames)
             if new is not None:
                 st = new
-                self._retries.pop(key, None)
+                self._retries.pop(retry_key, None)
                 with self._steps_lock:
                     if generation == self._generation:  # else weights changed meanwhile: this frame only
                         self._steps[key] = st
@@ -444,7 +488,7 @@ class StepGraphs:
             st.graph.replay()
             out = st.output
         else:
-            with FX_TRACING, compiling(self.compile_options, self._generated), self._running(st, recording):
+            with self._modules_run, compiling(self.compile_options, self._generated), self._running(st, recording):
                 out = self._step(st, engine, frames)
         if recording:
             compiler.submit((key, generation), recording, generation)

@@ -29,7 +29,9 @@ GPU: a prompt's text encoder failed with "module is not installed as a submodule
 capture with "FX to symbolically trace a dynamo-optimized function"). So while a background
 compiler exists each trace holds :data:`FX_TRACING`, and the frame thread holds it wherever it calls
 modules (prompt encoding, captures, eager steps; never around a graph replay): such a call waits for
-the trace under way (seconds at most) instead of failing.
+the trace under way (seconds at most) instead of failing. (Not in ``"compile"`` mode, whose steps
+compile: dynamo takes its compile lock before a trace takes FX_TRACING, so a frame thread holding
+FX_TRACING first could deadlock with a compilation on another thread.)
 """
 
 from __future__ import annotations
@@ -217,6 +219,12 @@ class BackgroundCompiler:
     def is_ready(self, key) -> bool:
         return key in self.ready
 
+    @property
+    def busy(self) -> bool:
+        """A compilation is under way (its thread runs)."""
+        thread = self.thread
+        return thread is not None and thread.is_alive()
+
     @contextlib.contextmanager
     def running(self, compiled: bool, recording: dict | None = None):
         """The modules' calls in this block (this thread) run compiled, or eagerly and recorded."""
@@ -320,7 +328,7 @@ class BackgroundCompiler:
                                 self._jobs.insert(0, (key, specs, generation, attempts + 1))
                             else:
                                 self._pending.discard(key)
-                        self.cancel_event.wait(0.5 * (attempts + 1))
+                        self.cancel_event.wait(1.0 * (attempts + 1))
                         continue
                     error = f"{type(exc).__name__}: {exc}"
                     self._warn("acceleration='background-compile': the background compilation failed (%s); this "

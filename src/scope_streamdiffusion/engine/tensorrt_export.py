@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .background_compile import FX_TRACING
+
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install tensorrt  (or: pip install 'scope-streamdiffusion[tensorrt]')"
@@ -146,7 +148,8 @@ def export_unet_onnx(unet: torch.nn.Module, path: Path, *, opset: int = 17, heig
     }
     if wrapper.sdxl:
         dynamic.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
-    with torch.no_grad():
+    # The export runs the UNet: not beside a torch.fx trace of another pipeline's background compiler.
+    with torch.no_grad(), FX_TRACING:
         torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset, input_names=names,
                           output_names=[OUTPUT], dynamic_axes=dynamic, do_constant_folding=True)
     return path
