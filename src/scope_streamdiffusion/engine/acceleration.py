@@ -429,7 +429,7 @@ class StepGraphs:
         if st is None or upgrade:
             new = self._buffers(engine, p, images, frames)
             if compiler is not None:
-                new.compiled = compiler.is_ready((key, generation))
+                new.compiled = ready
                 recording = None if new.compiled else {}  # what the eager step calls, to compile it
             if self.use_graphs:
                 try:
