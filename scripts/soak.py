@@ -124,4 +124,4 @@ text = json.dumps(report, indent=1)
 print(text)
 if out_path:
     Path(out_path).write_text(text + "\n")
-print("compiling at exit:", bool(compiler and compiler.thread is not None and compiler.thread.is_alive()), flush=True)
+print("compiling at exit:", bool(compiler and compiler.busy), flush=True)

@@ -414,18 +414,19 @@ class StepGraphs:
                 self._steps.move_to_end(key)
         # background-compile: a shape's compiled code is ready: capture it (its eager graph stays
         # until that worked).
-        ready = compiler is not None and compiler.is_ready((key, generation))
-        upgrade = ready and st is not None and not st.compiled
-        self._calls += 1
-        retry_key = (key, generation, ready)  # what a capture now would be: its own count of tries
-        retry = self._retries.get(retry_key)
-        if retry is not None and self._calls < retry[1] and (st is None or upgrade):
-            # An interrupted capture waits a few calls: this one runs as the shape did before.
-            if st is None:
-                self.last_compiled = False
-                return self._eager(engine, p, images, frames)
-            upgrade = False
+        upgrade = compiler is not None and st is not None and not st.compiled and compiler.is_ready((key, generation))
         recording = None
+        if st is None or upgrade:  # a capture is due (nothing of this below runs on a plain replay)
+            ready = upgrade or (compiler is not None and compiler.is_ready((key, generation)))
+            self._calls += 1  # calls that wanted a capture: the clock of the retries
+            retry_key = (key, generation, ready)  # what the capture would be: its own count of tries
+            retry = self._retries.get(retry_key)
+            if retry is not None and self._calls < retry[1]:
+                # An interrupted capture waits a few calls: this one runs as the shape did before.
+                if st is None:
+                    self.last_compiled = False
+                    return self._eager(engine, p, images, frames)
+                upgrade = False
         if st is None or upgrade:
             new = self._buffers(engine, p, images, frames)
             if compiler is not None:
