@@ -59,6 +59,11 @@ bg_summary() {  # bg_summary OUT_STEM: the lines of a background-compile-timelin
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])' \
     "$1.json" || tail -5 "$1.log"
 }
+variants() {  # variants PREFIX: one line per PREFIX-*.json: fps, p50, start-up, graph alone, kernels, families
+  for f in "$OUT"/"$1"-*.json; do
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; p=r.get("profile") or {}; print(sys.argv[1].split("/")[-1], r.get("fps_p50"), r.get("p50_ms"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"))' "$f"
+  done
+}
 soak() {  # soak NAME SECONDS TIMEOUT: scripts/soak.py from a cold inductor cache of its own, then its report
   local name=$1 secs=$2 limit=$3 start=$SECONDS
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name timeout "$limit" python3 scripts/soak.py "$secs" "$OUT/$name.json" > "$OUT/$name.log" 2>&1
@@ -302,12 +307,10 @@ case "$part" in
   # of its key, so each variant compiles cold).
   python3 -c 'import tensorrt' 2>&1 | tail -1; pip list 2>/dev/null | grep -i -E "tensorrt|onnx" || echo "no tensorrt/onnx packages"
   bench r7-default 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
-  for opt in aggressive_fusion triton.prefer_nd_tiling max_autotune_pointwise triton.tile_reductions; do
+  for opt in aggressive_fusion triton.prefer_nd_tiling triton.tile_reductions; do
     SCOPE_STREAMDIFFUSION_INDUCTOR=$opt=1 bench "r7-$opt" 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   done
-  for f in "$OUT"/r7-*.json; do
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; p=r.get("profile") or {}; print(sys.argv[1].split("/")[-1], r.get("fps_p50"), r.get("p50_ms"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"))' "$f"
-  done
+  variants r7
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
