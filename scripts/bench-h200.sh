@@ -33,8 +33,9 @@
 #                                  #     cold cache; then a process that exits while compiling
 #   bash scripts/bench-h200.sh 29  # R7: part 27's stream again after the fix for interrupted captures
 #   bash scripts/bench-h200.sh 30  # R7: the first 150 s of that stream with the final code (cold cache)
-#   bash scripts/bench-h200.sh 28  # not run yet (R7's device time went to the long streams): inductor
-#                                  #     fusion/tiling options on SD-Turbo img2img, kernel time by family
+#   bash scripts/bench-h200.sh 28  # R8: inductor fusion/tiling options on SD-Turbo img2img, kernel time by family
+#   bash scripts/bench-h200.sh 31  # R8: interrupted captures retried on the GPU; strength moved on every
+#                                  #     call (before/after one-buffer schedules); max_autotune_pointwise
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -310,6 +311,24 @@ case "$part" in
   for opt in aggressive_fusion triton.prefer_nd_tiling triton.tile_reductions; do
     SCOPE_STREAMDIFFUSION_INDUCTOR=$opt=1 bench "r7-$opt" 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   done
+  variants r7
+  ;;
+31)
+  # Round R8: (1) interrupted captures retried on a GPU (a thread synchronising the device while
+  # each new shape is captured); (2) strength moved on every call (--modulate, Scope's beat sync)
+  # against fixed, and against the code before one-buffer schedules (PREV_SRC: that code's src/
+  # with this bench.py); (3) the last inductor option of part 28.
+  start=$SECONDS
+  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
+  echo "capture-retry exit $? after $((SECONDS - start)) s"; tail -40 "$OUT/capture-retry.log" | cut -c1-300
+  bench r8-fixed 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300
+  bench r8-modulated 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300 --modulate
+  if [ -d "${PREV_SRC:-}" ]; then
+    PYTHONPATH=/tmp/site:$PREV_SRC bench r8-modulated-prev 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300 --modulate
+  fi
+  bench r8-fixed-again 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300
+  variants r8
+  SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_pointwise=1 bench r7-max_autotune_pointwise 170 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   variants r7
   ;;
 9)

@@ -675,6 +675,24 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     assert "none/diffusers" in ratios["sd-turbo-img2img"]
 
 
+def test_bench_modulate_moves_strength_on_every_call_as_scope_passes_it(tiny_sd15):
+    from scope_streamdiffusion import bench
+    from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
+
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), prompt="a cat", width=64, height=64, strength=0.5,
+                                    use_tiny_vae=False)
+    wl = bench.WORKLOADS["sd-turbo-img2img"]
+    frame = bench.make_frames(1, 64, 64, torch.device("cpu"))[0]
+    call, seen = bench._pipeline_call(pipe, wl, modulate=True), []
+    for _ in range(12):
+        assert call([frame])["video"].shape == (1, 64, 64, 3)
+        seen.append(pipe.engine.settings.strength)
+    assert len(set(seen)) == 12 and all(0.25 <= s <= 0.75 for s in seen)
+    fixed = bench._pipeline_call(pipe, wl, modulate=False)
+    fixed([frame])
+    assert pipe.engine.settings.strength == seen[-1]  # without it a call sends the frames only
+
+
 def test_profile_sorts_kernels_into_families():
     """--profile's per-family totals, by kernel name (the names as CUDA's profiler reports them)."""
     from types import SimpleNamespace

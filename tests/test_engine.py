@@ -424,3 +424,27 @@ def test_sdxl_empty_negative_stays_zero_next_to_a_long_prompt(sdxl_models):
     p = engine._prepared
     assert p.negative.embeds.shape == p.prompt.embeds.shape and p.prompt.embeds.shape[1] >= 154
     assert not p.negative.embeds.any() and not p.negative.pooled.any()
+
+
+def test_schedule_is_one_buffer_copied_and_cloned_whole():
+    from scope_streamdiffusion.engine.schedule import make_schedule
+
+    abar = torch.linspace(0.999, 0.005, 1000)
+    sched = make_schedule([999, 749, 499], abar, torch.device("cpu"), torch.float16)
+    t = torch.tensor([999, 749, 499])
+    assert sched.timesteps.dtype == torch.long and sched.timesteps.tolist() == t.tolist()
+    assert torch.equal(sched.alpha.flatten(), abar.double()[t].sqrt().half())
+    assert torch.equal(sched.beta.flatten(), (1 - abar.double()[t]).sqrt().half())
+    assert sched.alpha.shape == sched.c_out.shape == (3, 1, 1, 1)
+    start, end = sched.storage.data_ptr(), sched.storage.data_ptr() + sched.storage.numel()
+    assert all(start <= x.data_ptr() < end for x in sched.tensors())  # views of one buffer
+    static = sched.clone()
+    assert static.storage.data_ptr() != sched.storage.data_ptr()
+    other = make_schedule([600, 400, 200], abar, torch.device("cpu"), torch.float16)
+    static.copy_(other)  # one copy of the buffer moves every field
+    assert all(torch.equal(a, b) for a, b in zip(static.tensors(), other.tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(sched.tensors(), make_schedule([999, 749, 499], abar,
+                                                                                 torch.device("cpu"), torch.float16).tensors()))
+    rows = sched.rows(slice(1, 3), 2)  # a slice of it is its own tensors again
+    assert rows.storage is None and rows.timesteps.tolist() == [749, 749, 499, 499]
+    rows.clone().copy_(rows)

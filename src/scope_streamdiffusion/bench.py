@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -83,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="correctness: seed determinism, batch == sequential, agreement with 'none', no "
                              "re-capture/re-compile on runtime parameter changes")
+    parser.add_argument("--modulate", action="store_true",
+                        help="move strength on every call as Scope's beat sync does (the workload's strength "
+                             "+- 0.25 on a sine, three decimals), passed with the frames as Scope passes it")
     parser.add_argument("--profile", action="store_true", help="profile a few frames per mode (kernel time, top ops)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
@@ -231,6 +236,20 @@ class Runner:
             return {}
         return dict(peak_vram_gb=round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3),
                     peak_reserved_gb=round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3))
+
+
+def _pipeline_call(pipe, wl: Workload, modulate: bool):
+    """One Scope call per group of frames; with ``modulate`` each call moves strength too."""
+    if not modulate:
+        return (lambda group: pipe(video=group)) if wl.img2img else (lambda group: pipe())
+    calls = itertools.count()
+    base = wl.settings.get("strength", 1.0)
+
+    def call(group):
+        strength = round(min(base + 0.25 * math.sin(next(calls) / 7), 1.0), 3)
+        return pipe(video=group, strength=strength) if wl.img2img else pipe(strength=strength)
+
+    return call
 
 
 def _dynamo_graphs() -> int:
@@ -449,6 +468,7 @@ def run(args) -> int:
         none_ref = None
         for mode in (["diffusers"] if not args.no_baseline else []) + modes:
             row = dict(workload=name, mode=mode, model=model_id, arch=arch, width=width, height=height,
+                       strength_modulated=args.modulate and mode != "diffusers",
                        source_size=f"{source_w}x{source_h}",
                        img2img=wl.img2img, target_fps=wl.target_fps, note=wl.note, **wl.settings)
             # The opt-ins and library switches a figure was measured under.
@@ -463,7 +483,7 @@ def run(args) -> int:
                     call, pipe, extra = _diffusers_baseline(bench, name, wl, model_id, tiny_vae_id, width, height)
                 else:
                     pipe = bench.pipeline(name, wl, model_id, tiny_vae_id, mode, width, height)
-                    call = (lambda group, p=pipe: p(video=group)) if wl.img2img else (lambda group, p=pipe: p())
+                    call = _pipeline_call(pipe, wl, args.modulate)
                     models = pipe.engine.models
                     extra = dict(acceleration=models.extras.get("acceleration"), unet_params=_unique_numel(models.unet),
                         fp8_linear_layers=models.extras.get("fp8_linear_layers"))

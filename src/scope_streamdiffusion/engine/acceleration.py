@@ -233,7 +233,7 @@ class StepGraphs:
         )
 
     def _buffers(self, engine, p, images, frames) -> _Static:
-        sched = Schedule(*(_clone(getattr(p.sched, f.name)) for f in dataclasses.fields(Schedule)))
+        sched = p.sched.clone()
         noise = _clone(p.noise)
         scalars = torch.zeros(4, device=engine.device, dtype=torch.float32)
         prompt = PromptEmbeds(_clone(p.prompt.embeds), _clone(p.prompt.pooled))
@@ -265,16 +265,17 @@ class StepGraphs:
             # parts whose source object changed (they are never written to, and kept referenced here).
             loaded = st.loaded
             if loaded is None or loaded.sched is not p.sched:
-                for f in dataclasses.fields(Schedule):
-                    getattr(st.sched, f.name).copy_(getattr(p.sched, f.name))
+                st.sched.copy_(p.sched)
             if loaded is None or loaded.noise is not p.noise:
                 st.noise.copy_(p.noise)
             for static, owner, attr in st.embeds:
                 if loaded is None or getattr(loaded, owner) is not getattr(p, owner):
                     static.copy_(getattr(getattr(p, owner), attr))
             values = (p.guidance.scale, p.guidance.delta, p.input_a, p.input_b)  # Python floats
-            if loaded is None or values != (loaded.guidance.scale, loaded.guidance.delta, loaded.input_a, loaded.input_b):
-                for i, v in enumerate(values):
+            before = None if loaded is None else (loaded.guidance.scale, loaded.guidance.delta, loaded.input_a,
+                                                  loaded.input_b)
+            for i, v in enumerate(values):
+                if before is None or before[i] != v:  # strength moves a and b only
                     st.scalars[i].fill_(v)
             st.loaded = p
         state = engine.state

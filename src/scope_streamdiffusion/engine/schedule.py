@@ -16,7 +16,7 @@ Two ways to choose the timesteps:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -63,34 +63,73 @@ class Schedule:
     beta: torch.Tensor  # sqrt(1 - abar_t)
     c_skip: torch.Tensor
     c_out: torch.Tensor
+    # make_schedule's five tensors are views of this one byte buffer: a strength modulated on every
+    # frame then costs one host-to-device copy to build a schedule and one copy to load it into the
+    # static buffers of a CUDA graph, not five of each.
+    storage: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if f.name != "storage"]
+
     def rows(self, steps: slice, rows_per_step: int) -> "Schedule":
         """The coefficients of ``steps``, each repeated for the ``rows_per_step`` frames of a slot."""
+        return Schedule(*(x[steps].repeat_interleave(rows_per_step, dim=0) for x in self.tensors()))
 
-        def pick(x: torch.Tensor) -> torch.Tensor:
-            return x[steps].repeat_interleave(rows_per_step, dim=0)
+    def clone(self) -> "Schedule":
+        """New buffers laid out as these (one storage when these have one)."""
+        if self.storage is None:
+            return Schedule(*(x.clone() for x in self.tensors()))
+        return self._views(self.storage.clone())
 
-        return Schedule(pick(self.timesteps), pick(self.alpha), pick(self.beta), pick(self.c_skip), pick(self.c_out))
+    def copy_(self, other: "Schedule") -> None:
+        """Copy ``other``'s values into these buffers: one copy when both share a layout."""
+        if self.storage is not None and other.storage is not None and self.storage.shape == other.storage.shape \
+                and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(self.tensors(), other.tensors())):
+            self.storage.copy_(other.storage)
+        else:
+            for mine, theirs in zip(self.tensors(), other.tensors()):
+                mine.copy_(theirs)
+
+    def _views(self, storage: torch.Tensor) -> "Schedule":
+        """The same tensors as views of ``storage``, a buffer laid out as ``self.storage``."""
+        base = self.storage.data_ptr()
+
+        def view(x: torch.Tensor) -> torch.Tensor:
+            start = x.data_ptr() - base
+            return storage[start:start + x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+
+        return Schedule(*(view(x) for x in self.tensors()), storage=storage)
+
+
+def _packed(parts: list[torch.Tensor]) -> Schedule:
+    """A CPU Schedule of ``parts`` whose tensors are views of one byte buffer (16-byte aligned)."""
+    spans, size = [], 0
+    for x in parts:
+        spans.append(size)
+        size += -(-x.numel() * x.element_size() // 16) * 16
+    storage = torch.empty(size, dtype=torch.uint8)
+    views = []
+    for x, start in zip(parts, spans):
+        view = storage[start:start + x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        view.copy_(x)
+        views.append(view)
+    return Schedule(*views, storage=storage)
 
 
 def make_schedule(
     timesteps: list[int], alphas_cumprod: torch.Tensor, device: torch.device, dtype: torch.dtype
 ) -> Schedule:
+    """``alphas_cumprod``: the scheduler's table, on the CPU (else each new schedule waits for the GPU)."""
     t = torch.tensor(timesteps, dtype=torch.long)
-    abar = alphas_cumprod.double()[t]
+    abar = alphas_cumprod.to("cpu", torch.float64)[t]
     c_skip, c_out = lcm_boundary_scalings(t.double())
 
     def col(x: torch.Tensor) -> torch.Tensor:
-        return x.view(-1, 1, 1, 1).to(device=device, dtype=dtype)
+        return x.view(-1, 1, 1, 1).to(dtype)
 
-    return Schedule(
-        timesteps=t.to(device),
-        alpha=col(abar.sqrt()),
-        beta=col((1 - abar).sqrt()),
-        c_skip=col(c_skip),
-        c_out=col(c_out),
-    )
+    host = _packed([t, col(abar.sqrt()), col((1 - abar).sqrt()), col(c_skip), col(c_out)])
+    return host._views(host.storage.to(device))  # one host-to-device copy

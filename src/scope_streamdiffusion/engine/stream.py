@@ -150,14 +150,15 @@ class StreamDiffusion:
         return torch.randn((steps, *self.latent_shape), generator=gen).to(self.device, self.dtype)
 
     def _schedule(self, timesteps: tuple[int, ...]):
-        # Cached: a modulated strength cycles through a few timestep sets, each a handful of
-        # host-to-device copies to build. Schedules are never written to.
+        # Cached: a strength modulated on every frame (beat sync) visits up to 1000 timestep sets per
+        # step count (one per first timestep), each a host-to-device copy and a dozen small CPU ops to
+        # build; each takes one 512-byte block of GPU memory. Schedules are never written to.
         sched = self._schedules.get(timesteps)
         if sched is not None:
             self._schedules.move_to_end(timesteps)
             return sched
-        sched = self._schedules[timesteps] = make_schedule(list(timesteps), self._alphas_cumprod, self.device, self.dtype)
-        while len(self._schedules) > 64:
+        sched = self._schedules[timesteps] = make_schedule(list(timesteps), self.models.alphas_cumprod, self.device, self.dtype)
+        while len(self._schedules) > 1024:
             self._schedules.popitem(last=False)
         return sched
 
