@@ -36,6 +36,8 @@
 #   bash scripts/bench-h200.sh 28  # R8: inductor fusion/tiling options on SD-Turbo img2img, kernel time by family
 #   bash scripts/bench-h200.sh 31  # R8: interrupted captures retried on the GPU; strength moved on every
 #                                  #     call (before/after one-buffer schedules); max_autotune_pointwise
+#   bash scripts/bench-h200.sh 32  # R8: part 31's capture check again; cuDNN's fused attention (PyTorch's pick)
+#                                  #     vs FlashAttention-2 (SDPA_WORKLOADS, default LCM and SD-Turbo)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -330,6 +332,26 @@ case "$part" in
   variants r8
   SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_pointwise=1 bench r7-max_autotune_pointwise 170 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   variants r7
+  ;;
+32)
+  # Round R8: the attention kernel. PyTorch picks cuDNN's fused attention on Hopper; the same with
+  # cuDNN's turned off (FlashAttention-2 then), through a sitecustomize that sets the flag before
+  # the bench starts. Each variant from its own cold inductor cache (the choice is compiled in).
+  mkdir -p /tmp/sdpa-flash
+  echo 'import torch; torch.backends.cuda.enable_cudnn_sdp(False)' > /tmp/sdpa-flash/sitecustomize.py
+  start=$SECONDS  # first, part 31's check again, with the cleanup after a failed capture reworked
+  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
+  echo "capture-retry exit $? after $((SECONDS - start)) s"; grep -E "^(INFO|DEBUG|WARNING|ERROR)|Error" "$OUT/capture-retry.log" | cut -c1-400 | head -20
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "phases"}); [print(p) for p in r["phases"]]' "$OUT/capture-retry.json"
+  for wl in ${SDPA_WORKLOADS:-sd15-lcm4-self sd-turbo-img2img}; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind-cudnn-$wl bench "r8-sdpa-cudnn-$wl" 140 --workloads $wl --modes compile --no-baseline --frames 150 --profile
+    PYTHONPATH=/tmp/sdpa-flash:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=/tmp/ind-flash-$wl \
+      bench "r8-sdpa-flash-$wl" 140 --workloads $wl --modes compile --no-baseline --frames 150 --profile
+  done
+  variants r8-sdpa
+  for f in "$OUT"/r8-sdpa-*.json; do
+    python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["results"][0].get("profile") or {}; print(sys.argv[1].split("/")[-1], [(k["name"][:90], k.get("ms_per_frame")) for k in p.get("top_kernels", []) if "att" in k["name"].lower() or "flash" in k["name"].lower() or "fmha" in k["name"].lower()][:4])' "$f"
+  done
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

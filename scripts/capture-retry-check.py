@@ -12,6 +12,7 @@ eagerly (``acceleration="none"``) in the same process. Prints one JSON report.
 """
 
 import json
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +24,8 @@ from scope_streamdiffusion.engine.inductor import cache_root
 from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
 
 INTERRUPTED_CALLS, CLEAN_CALLS = 6, 20
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+logging.getLogger("scope_streamdiffusion.engine.acceleration").setLevel(logging.DEBUG)
 wl = WORKLOADS["sd-turbo-img2img"]
 device = torch.device("cuda")
 folder, taesd = random_weight_model(wl.arch, cache_root() / "random-weights", device)
@@ -73,6 +76,7 @@ for steps in (1, 2, 3):
                        refused_syncs=interrupter.refused, refusals=sorted(interrupter.messages)[:3],
                        graphs=len(runner.graphs()), reserved_gb=round(torch.cuda.memory_reserved() / 1e9, 3)))
 report = dict(torch=torch.__version__, phases=phases, failed=runner.failed, max_abs_vs_none=round(worst, 5),
+              cleanups=dict(runner.cleanups), abandoned_graphs=len(runner._abandoned),
               ok=bool(runner.failed is None and all(p["interrupted"] > 0 and p["captures"] >= 1 for p in phases)
                       and len(runner.graphs()) == len(phases) and worst < 0.02))
 text = json.dumps(report, indent=1)

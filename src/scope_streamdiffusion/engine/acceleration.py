@@ -41,7 +41,7 @@ import os
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -199,7 +199,10 @@ class StepGraphs:
         # takes FX_TRACING, so holding FX_TRACING first could deadlock with a compilation elsewhere.
         self._modules_run = contextlib.nullcontext() if mode == "compile" else FX_TRACING
         self._steps_lock = threading.Lock()  # invalidate() comes from another thread
-        self._pool = None
+        self._pool = None  # the memory pool the step graphs share
+        self._capturing = None  # the graph being captured
+        self._abandoned: list = []  # graphs of failed captures the allocator may still refer to
+        self.cleanups: Counter = Counter()  # what cleaning up after failed captures found
 
     def invalidate(self) -> None:
         """Drop every captured graph (weights changed in place, e.g. a runtime LoRA scale).
@@ -306,27 +309,38 @@ class StepGraphs:
                 if stream is not None:
                     self._after_failed_capture(stream, engine.device)
                 raise
+            finally:
+                self._capturing = None
 
     def _after_failed_capture(self, stream, device) -> None:
         """Leave no trace of a capture that failed, so that the stream goes on and a later capture
         works. When its end fails (an interrupted capture), torch.cuda.graph leaves the capture
-        stream current for this thread, and torch before 2.12 also leaves the allocator recording
-        into the graphs' memory pool (the next capture into it would fail): undo both."""
+        stream current for this thread, and the allocator still recording into the graphs' memory
+        pool for it: a later capture into that pool fails ("already recording to mempool_id")."""
         with torch.cuda.device(device):  # set_stream also makes the stream's device current: only here
             torch.cuda.set_stream(stream)
-        if self._pool is None:
+        graph, pool = self._capturing, self._pool
+        if graph is None or pool is None:  # it failed before its capture began
             return
+        # Later captures go into a new pool whatever happens below (graphs already captured keep theirs).
+        self._pool = None
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
         try:
-            torch._C._cuda_endAllocateToPool(index, self._pool)
-        except Exception:  # noqa: BLE001 - not recording (the failure came earlier, or torch ended it)
+            torch._C._cuda_endAllocateToPool(index, pool)
+        except Exception as exc:  # noqa: BLE001 - not recording (torch ended it, or it never began)
+            self.cleanups["not recording"] += 1
+            logger.debug("the failed capture's pool was not recording: %s", exc)
+        else:
+            self.cleanups["recording ended"] += 1
+            try:  # recording was open, so nothing released what its start took: release it once
+                torch._C._cuda_releasePool(index, pool)
+            except Exception as exc:  # noqa: BLE001 - the capture's own error is the one to report
+                logger.debug("releasing the failed capture's pool: %s", exc)
             return
-        # Recording was still open, so nothing released what its start took: release it once.
-        try:
-            torch._C._cuda_releasePool(index, self._pool)
-        except Exception as exc:  # noqa: BLE001 - the capture's own error is the one to report
-            logger.debug("releasing the failed capture's pool: %s", exc)
+        # Its state unknown, the allocator may still hold a filter that reads this graph object:
+        # keep the object alive (a few bytes; bounded by the retries).
+        self._abandoned.append(graph)
 
     def _capture_step(self, st: _Static, engine, p, images, frames) -> None:
         saved = engine.state
@@ -348,7 +362,7 @@ class StepGraphs:
                 torch.cuda.synchronize()
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
+                graph = self._capturing = torch.cuda.CUDAGraph()
                 # thread_local: a background compilation's allocations and syncs do not break it.
                 with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                     st.output = self._step(st, engine, frames)
