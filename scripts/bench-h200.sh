@@ -38,6 +38,7 @@
 #                                  #     call (before/after one-buffer schedules); max_autotune_pointwise
 #   bash scripts/bench-h200.sh 32  # R8: part 31's capture check again; cuDNN's fused attention (PyTorch's pick)
 #                                  #     vs FlashAttention-2 (SDPA_WORKLOADS, default LCM and SD-Turbo)
+#   bash scripts/bench-h200.sh 33  # R8: part 30's Scope-style stream for 200 s with this round's code
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -352,6 +353,11 @@ case "$part" in
   for f in "$OUT"/r8-sdpa-*.json; do
     python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["results"][0].get("profile") or {}; print(sys.argv[1].split("/")[-1], [(k["name"][:90], k.get("ms_per_frame")) for k in p.get("top_kernels", []) if "att" in k["name"].lower() or "flash" in k["name"].lower() or "fmha" in k["name"].lower()][:4])' "$f"
   done
+  ;;
+33)
+  # Round R8: part 30's stream (cold cache, Scope-style calls, strength moved on every call) for
+  # 200 s with this round's code (one-buffer schedules, a new pool after a failed capture).
+  soak soak33 200 260
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
