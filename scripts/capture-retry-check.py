@@ -4,8 +4,8 @@ captured, as a background compilation's kernel benchmarks do; then it stops.
 
 For each shape (1, 2 and 3 steps, in turn): a few calls with the interrupter running, then calls
 without it. Expected: captures interrupted and tried again (``interrupted`` > 0), never given up
-(``failed`` stays None), every shape captured in the end (a capture after an interrupted one into
-the same memory pool works), and every output equal, within fp16 tolerance, to the same stream run
+(``failed`` stays None), every shape captured in the end (captures after an interrupted one
+work), and every output equal, within fp16 tolerance, to the same stream run
 eagerly (``acceleration="none"``) in the same process. Prints one JSON report.
 
     python3 scripts/capture-retry-check.py [out.json]

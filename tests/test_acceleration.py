@@ -916,6 +916,29 @@ def test_a_capture_interrupted_by_another_thread_is_tried_again(sd15_models, mon
     assert acc.capture_interrupted(RuntimeError("operation not permitted when stream is capturing"))
 
 
+def test_interruptions_give_up_once_too_many_failed_graphs_are_kept(sd15_models, monkeypatch, caplog):
+    """Each interrupted capture on CUDA keeps its graph object (the pinned-memory allocator still
+    refers to it, and every pinned allocation consults it): past MAX_ABANDONED an interruption turns
+    graphs off like any failed capture, however long a compilation keeps them coming."""
+    runner = acc.StepGraphs("cudagraph", use_graphs=True)
+    runner._abandoned = [object()] * acc.MAX_ABANDONED
+
+    def capture(st, engine, *args):
+        raise RuntimeError(INTERRUPTED)
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    sd15_models.extras["step_runner"] = runner
+    try:
+        engine = StreamDiffusion(sd15_models, width=64, height=64, settings=StreamSettings(num_inference_steps=1))
+        with caplog.at_level(logging.WARNING):
+            out = engine(make_frames(1)[0])
+    finally:
+        sd15_models.extras.pop("step_runner", None)
+    assert out.shape == (1, 3, 64, 64) and runner.interrupted == 0
+    assert "cudaErrorStreamCaptureInvalidated" in runner.failed
+    assert sum("running the step without graphs" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_interrupted_captures_are_counted_per_capture_and_not_while_compiling(tiny_sd15, sd15_models, monkeypatch):
     """Tries are counted per capture (shape, weights, eager or compiled): a compiled capture given up
     after five interruptions, then new weights, must not leave a count that makes the next eager

@@ -426,25 +426,44 @@ def test_sdxl_empty_negative_stays_zero_next_to_a_long_prompt(sdxl_models):
     assert not p.negative.embeds.any() and not p.negative.pooled.any()
 
 
-def test_schedule_is_one_buffer_copied_and_cloned_whole():
+@pytest.mark.parametrize("dtype,steps", [(torch.float16, 3), (torch.bfloat16, 50), (torch.float32, 1)])
+def test_schedule_is_one_buffer_copied_and_cloned_whole(dtype, steps):
+    from scope_streamdiffusion.engine.schedule import make_schedule, timesteps_from_strength
+
+    abar = torch.linspace(0.999, 0.005, 1000)
+    cpu = torch.device("cpu")
+    timesteps = timesteps_from_strength(1.0, steps)
+    sched = make_schedule(timesteps, abar, cpu, dtype)
+    t = torch.tensor(timesteps)
+    assert sched.timesteps.dtype == torch.long and sched.timesteps.tolist() == timesteps
+    assert sched.alpha.dtype == dtype and sched.alpha.shape == sched.c_out.shape == (steps, 1, 1, 1)
+    assert torch.equal(sched.alpha.flatten(), abar.double()[t].sqrt().to(dtype))
+    assert torch.equal(sched.beta.flatten(), (1 - abar.double()[t]).sqrt().to(dtype))
+    start, end = sched.storage.data_ptr(), sched.storage.data_ptr() + sched.storage.numel()
+    assert all(start <= x.data_ptr() < end and x.data_ptr() % 16 == 0 for x in sched.tensors())  # one buffer
+    static = sched.clone()
+    assert static.storage.data_ptr() != sched.storage.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(static.tensors(), sched.tensors()))
+    other = make_schedule(timesteps_from_strength(0.6, steps), abar, cpu, dtype)
+    other.storage[-1] = 0xAB  # padding after c_out (or its last byte): only a copy of the whole buffer moves it
+    static.copy_(other)
+    assert torch.equal(static.storage, other.storage)
+    assert all(torch.equal(a, b) for a, b in zip(static.tensors(), other.tensors()))
+    assert sched.timesteps.tolist() == timesteps  # the source is never written
+
+
+def test_schedule_copy_between_layouts_goes_field_by_field():
     from scope_streamdiffusion.engine.schedule import make_schedule
 
     abar = torch.linspace(0.999, 0.005, 1000)
-    sched = make_schedule([999, 749, 499], abar, torch.device("cpu"), torch.float16)
-    t = torch.tensor([999, 749, 499])
-    assert sched.timesteps.dtype == torch.long and sched.timesteps.tolist() == t.tolist()
-    assert torch.equal(sched.alpha.flatten(), abar.double()[t].sqrt().half())
-    assert torch.equal(sched.beta.flatten(), (1 - abar.double()[t]).sqrt().half())
-    assert sched.alpha.shape == sched.c_out.shape == (3, 1, 1, 1)
-    start, end = sched.storage.data_ptr(), sched.storage.data_ptr() + sched.storage.numel()
-    assert all(start <= x.data_ptr() < end for x in sched.tensors())  # views of one buffer
-    static = sched.clone()
-    assert static.storage.data_ptr() != sched.storage.data_ptr()
-    other = make_schedule([600, 400, 200], abar, torch.device("cpu"), torch.float16)
-    static.copy_(other)  # one copy of the buffer moves every field
-    assert all(torch.equal(a, b) for a, b in zip(static.tensors(), other.tensors()))
-    assert all(torch.equal(a, b) for a, b in zip(sched.tensors(), make_schedule([999, 749, 499], abar,
-                                                                                 torch.device("cpu"), torch.float16).tensors()))
-    rows = sched.rows(slice(1, 3), 2)  # a slice of it is its own tensors again
-    assert rows.storage is None and rows.timesteps.tolist() == [749, 749, 499, 499]
-    rows.clone().copy_(rows)
+    cpu = torch.device("cpu")
+    half, single = make_schedule([999], abar, cpu, torch.float16), make_schedule([499], abar, cpu, torch.float32)
+    assert half.storage.shape == single.storage.shape  # same bytes, other layout: no raw copy
+    half.copy_(single)
+    assert half.timesteps.tolist() == [499] and half.alpha.dtype == torch.float16
+    assert torch.equal(half.alpha, single.alpha.half()) and torch.equal(half.c_out, single.c_out.half())
+    rows = single.rows(slice(0, 1), 2)  # a slice is its own tensors again
+    assert rows.storage is None and rows.timesteps.tolist() == [499, 499]
+    target = make_schedule([999], abar, cpu, torch.float32).rows(slice(0, 1), 2).clone()
+    target.copy_(rows)
+    assert all(torch.equal(a, b) for a, b in zip(target.tensors(), rows.tensors()))

@@ -86,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="correctness: seed determinism, batch == sequential, agreement with 'none', no "
                              "re-capture/re-compile on runtime parameter changes")
     parser.add_argument("--modulate", action="store_true",
-                        help="move strength on every call as Scope's beat sync does (the workload's strength "
-                             "+- 0.25 on a sine, three decimals), passed with the frames as Scope passes it")
+                        help="move strength on every img2img call as Scope's beat sync does (the workload's "
+                             "strength +- 0.25 on a sine, three decimals), passed with the frames as Scope passes it")
     parser.add_argument("--profile", action="store_true", help="profile a few frames per mode (kernel time, top ops)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
@@ -239,15 +239,15 @@ class Runner:
 
 
 def _pipeline_call(pipe, wl: Workload, modulate: bool):
-    """One Scope call per group of frames; with ``modulate`` each call moves strength too."""
-    if not modulate:
+    """One Scope call per group of frames; with ``modulate`` each img2img call moves strength too."""
+    if not (modulate and wl.img2img):
         return (lambda group: pipe(video=group)) if wl.img2img else (lambda group: pipe())
     calls = itertools.count()
     base = wl.settings.get("strength", 1.0)
 
     def call(group):
         strength = round(min(base + 0.25 * math.sin(next(calls) / 7), 1.0), 3)
-        return pipe(video=group, strength=strength) if wl.img2img else pipe(strength=strength)
+        return pipe(video=group, strength=strength)
 
     return call
 
@@ -468,7 +468,7 @@ def run(args) -> int:
         none_ref = None
         for mode in (["diffusers"] if not args.no_baseline else []) + modes:
             row = dict(workload=name, mode=mode, model=model_id, arch=arch, width=width, height=height,
-                       strength_modulated=args.modulate and mode != "diffusers",
+                       strength_modulated=args.modulate and wl.img2img and mode != "diffusers",
                        source_size=f"{source_w}x{source_h}",
                        img2img=wl.img2img, target_fps=wl.target_fps, note=wl.note, **wl.settings)
             # The opt-ins and library switches a figure was measured under.

@@ -70,6 +70,9 @@ GRAPH_MODES = ("cudagraph", "compile", "background-compile", "tensorrt")
 MAX_GRAPHS = 16  # captured step graphs kept per pipeline (one per batch shape)
 CAPTURE_RETRIES = 4  # captures of one shape interrupted by another thread, retried before giving up
 MAX_RETRY_WAIT = 64  # calls between two tries at most
+# Failed captures whose graph objects are kept (see StepGraphs._after_failed_capture) before an
+# interruption counts as a failure: each leaves a filter that every pinned host allocation consults.
+MAX_ABANDONED = 16
 
 
 def capture_interrupted(exc: BaseException) -> bool:
@@ -200,8 +203,8 @@ class StepGraphs:
         self._modules_run = contextlib.nullcontext() if mode == "compile" else FX_TRACING
         self._steps_lock = threading.Lock()  # invalidate() comes from another thread
         self._pool = None  # the memory pool the step graphs share
-        self._capturing = None  # the graph being captured
-        self._abandoned: list = []  # graphs of failed captures the allocator may still refer to
+        self._capturing = None  # (graph, pool) of the capture under way
+        self._abandoned: list = []  # graphs of failed captures the allocators still refer to (<= MAX_ABANDONED)
         self.cleanups: Counter = Counter()  # what cleaning up after failed captures found
 
     def invalidate(self) -> None:
@@ -213,6 +216,9 @@ class StepGraphs:
             self._generation += 1
             self._steps.clear()
             self._retries.clear()
+            # Every graph of the pool goes: new captures take a new pool (torch asserts that a pool
+            # it is asked to share is still alive).
+            self._pool = None
             if self.compiler is not None:  # under the lock: a frame submits for one generation or the other
                 self.compiler.forget(self._generation)
 
@@ -315,32 +321,37 @@ class StepGraphs:
     def _after_failed_capture(self, stream, device) -> None:
         """Leave no trace of a capture that failed, so that the stream goes on and a later capture
         works. When its end fails (an interrupted capture), torch.cuda.graph leaves the capture
-        stream current for this thread, and the allocator still recording into the graphs' memory
-        pool for it: a later capture into that pool fails ("already recording to mempool_id")."""
+        stream current for this thread, and the allocators (device, and pinned host memory in recent
+        torch) still recording into the graphs' memory pool for it, through filters that refer to
+        the graph object: a later capture into that pool fails ("already recording to mempool_id")."""
         with torch.cuda.device(device):  # set_stream also makes the stream's device current: only here
             torch.cuda.set_stream(stream)
-        graph, pool = self._capturing, self._pool
-        if graph is None or pool is None:  # it failed before its capture began
+        if self._capturing is None:  # it failed before its capture began
             return
-        # Later captures go into a new pool whatever happens below (graphs already captured keep theirs).
-        self._pool = None
+        graph, pool = self._capturing
+        try:
+            graph.pool()  # raises unless the capture ended: then torch ended the recording too
+            return
+        except RuntimeError:
+            pass
+        # Later captures go into a new pool (graphs already captured keep theirs), and the graph
+        # object lives on: the host allocator's recording cannot be ended from Python.
+        if self._pool == pool:
+            self._pool = None
+        self._abandoned.append(graph)
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
         try:
             torch._C._cuda_endAllocateToPool(index, pool)
-        except Exception as exc:  # noqa: BLE001 - not recording (torch ended it, or it never began)
+        except Exception as exc:  # noqa: BLE001 - not recording (the failure came before it began)
             self.cleanups["not recording"] += 1
             logger.debug("the failed capture's pool was not recording: %s", exc)
-        else:
-            self.cleanups["recording ended"] += 1
-            try:  # recording was open, so nothing released what its start took: release it once
-                torch._C._cuda_releasePool(index, pool)
-            except Exception as exc:  # noqa: BLE001 - the capture's own error is the one to report
-                logger.debug("releasing the failed capture's pool: %s", exc)
             return
-        # Its state unknown, the allocator may still hold a filter that reads this graph object:
-        # keep the object alive (a few bytes; bounded by the retries).
-        self._abandoned.append(graph)
+        self.cleanups["recording ended"] += 1
+        try:  # recording was open, so nothing released what its start took: release it once
+            torch._C._cuda_releasePool(index, pool)
+        except Exception as exc:  # noqa: BLE001 - the capture's own error is the one to report
+            logger.debug("releasing the failed capture's pool: %s", exc)
 
     def _capture_step(self, st: _Static, engine, p, images, frames) -> None:
         saved = engine.state
@@ -362,9 +373,10 @@ class StepGraphs:
                 torch.cuda.synchronize()
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                graph = self._capturing = torch.cuda.CUDAGraph()
+                pool, graph = self._pool, torch.cuda.CUDAGraph()
+                self._capturing = (graph, pool)
                 # thread_local: a background compilation's allocations and syncs do not break it.
-                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
                     st.output = self._step(st, engine, frames)
                 torch.cuda.synchronize()
             st.graph = graph
@@ -457,7 +469,8 @@ class StepGraphs:
                     # A compilation running here is a known interrupter (its kernel benchmarks go on
                     # for seconds): such tries do not count towards giving up.
                     compiling_now = compiler is not None and compiler.busy
-                    if capture_interrupted(exc) and (attempts <= CAPTURE_RETRIES or compiling_now):
+                    if capture_interrupted(exc) and (attempts <= CAPTURE_RETRIES or compiling_now) \
+                            and len(self._abandoned) < MAX_ABANDONED:
                         # Another thread synchronised the device meanwhile: try again 2, 4, 8... calls later.
                         if compiling_now:
                             attempts = min(attempts, CAPTURE_RETRIES)

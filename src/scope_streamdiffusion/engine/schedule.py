@@ -16,7 +16,7 @@ Two ways to choose the timesteps:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,15 +65,16 @@ class Schedule:
     c_out: torch.Tensor
     # make_schedule's five tensors are views of this one byte buffer: a strength modulated on every
     # frame then costs one host-to-device copy to build a schedule and one copy to load it into the
-    # static buffers of a CUDA graph, not five of each.
+    # static buffers of a CUDA graph, not five of each. (Never dataclasses.replace() a field of a
+    # Schedule that has one: the storage would no longer hold it.)
     storage: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if f.name != "storage"]
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.timesteps, self.alpha, self.beta, self.c_skip, self.c_out
 
     def rows(self, steps: slice, rows_per_step: int) -> "Schedule":
         """The coefficients of ``steps``, each repeated for the ``rows_per_step`` frames of a slot."""
@@ -86,44 +87,44 @@ class Schedule:
         return self._views(self.storage.clone())
 
     def copy_(self, other: "Schedule") -> None:
-        """Copy ``other``'s values into these buffers: one copy when both share a layout."""
-        if self.storage is not None and other.storage is not None and self.storage.shape == other.storage.shape \
-                and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(self.tensors(), other.tensors())):
-            self.storage.copy_(other.storage)
+        """Copy ``other``'s values into these buffers: one copy when both share a layout (which
+        the step count and the dtype decide; runs on every call while strength moves)."""
+        mine, theirs = self.storage, other.storage
+        if mine is not None and theirs is not None and mine.shape == theirs.shape \
+                and self.timesteps.shape == other.timesteps.shape and self.alpha.dtype == other.alpha.dtype:
+            mine.copy_(theirs)
         else:
-            for mine, theirs in zip(self.tensors(), other.tensors()):
-                mine.copy_(theirs)
+            for a, b in zip(self.tensors(), other.tensors()):
+                a.copy_(b)
 
     def _views(self, storage: torch.Tensor) -> "Schedule":
         """The same tensors as views of ``storage``, a buffer laid out as ``self.storage``."""
         base = self.storage.data_ptr()
-
-        def view(x: torch.Tensor) -> torch.Tensor:
-            start = x.data_ptr() - base
-            return storage[start:start + x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-
-        return Schedule(*(view(x) for x in self.tensors()), storage=storage)
+        return Schedule(*(_view(storage, x.data_ptr() - base, x) for x in self.tensors()), storage=storage)
 
 
-def _packed(parts: list[torch.Tensor]) -> Schedule:
+def _view(storage: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``storage`` from ``start`` as a tensor of ``like``'s dtype and shape."""
+    return storage[start:start + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+
+
+def _packed(parts: list[torch.Tensor], pin: bool) -> Schedule:
     """A CPU Schedule of ``parts`` whose tensors are views of one byte buffer (16-byte aligned)."""
     spans, size = [], 0
     for x in parts:
         spans.append(size)
         size += -(-x.numel() * x.element_size() // 16) * 16
-    storage = torch.empty(size, dtype=torch.uint8)
-    views = []
-    for x, start in zip(parts, spans):
-        view = storage[start:start + x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+    storage = torch.zeros(size, dtype=torch.uint8, pin_memory=pin)
+    views = [_view(storage, start, x) for x, start in zip(parts, spans)]
+    for view, x in zip(views, parts):
         view.copy_(x)
-        views.append(view)
     return Schedule(*views, storage=storage)
 
 
 def make_schedule(
     timesteps: list[int], alphas_cumprod: torch.Tensor, device: torch.device, dtype: torch.dtype
 ) -> Schedule:
-    """``alphas_cumprod``: the scheduler's table, on the CPU (else each new schedule waits for the GPU)."""
+    """``alphas_cumprod``: the scheduler's table, on the CPU (a device table would cost a device sync)."""
     t = torch.tensor(timesteps, dtype=torch.long)
     abar = alphas_cumprod.to("cpu", torch.float64)[t]
     c_skip, c_out = lcm_boundary_scalings(t.double())
@@ -131,5 +132,8 @@ def make_schedule(
     def col(x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, 1, 1, 1).to(dtype)
 
-    host = _packed([t, col(abar.sqrt()), col((1 - abar).sqrt()), col(c_skip), col(c_out)])
-    return host._views(host.storage.to(device))  # one host-to-device copy
+    # Pinned on CUDA, so the copy does not wait for the work already queued on the GPU (the pinned
+    # block is not reused before the copy has run).
+    cuda = torch.device(device).type == "cuda"
+    host = _packed([t, col(abar.sqrt()), col((1 - abar).sqrt()), col(c_skip), col(c_out)], pin=cuda)
+    return host._views(host.storage.to(device, non_blocking=cuda))  # one host-to-device copy

@@ -152,7 +152,7 @@ class StreamDiffusion:
     def _schedule(self, timesteps: tuple[int, ...]):
         # Cached: a strength modulated on every frame (beat sync) visits up to 1000 timestep sets per
         # step count (one per first timestep), each a host-to-device copy and a dozen small CPU ops to
-        # build; each takes one 512-byte block of GPU memory. Schedules are never written to.
+        # build; each takes 0.5-2 KiB of GPU memory. Schedules are never written to.
         sched = self._schedules.get(timesteps)
         if sched is not None:
             self._schedules.move_to_end(timesteps)
