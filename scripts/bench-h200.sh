@@ -39,6 +39,7 @@
 #   bash scripts/bench-h200.sh 32  # R8: part 31's capture check again; cuDNN's fused attention (PyTorch's pick)
 #                                  #     vs FlashAttention-2 (SDPA_WORKLOADS, default LCM and SD-Turbo)
 #   bash scripts/bench-h200.sh 33  # R8: part 30's Scope-style stream for 200 s with this round's code
+#   bash scripts/bench-h200.sh 34  # R8: the capture check after the review's mending
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -358,6 +359,13 @@ case "$part" in
   # Round R8: part 30's stream (cold cache, Scope-style calls, strength moved on every call) for
   # 200 s with this round's code (one-buffer schedules, a new pool after a failed capture).
   soak soak33 200 260
+  ;;
+34)
+  # Round R8: the capture check once more after the review's mending (strength now moved per call).
+  start=$SECONDS
+  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
+  echo "capture-retry exit $? after $((SECONDS - start)) s"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "phases"}); [print(p) for p in r["phases"]]' "$OUT/capture-retry.json" || tail -30 "$OUT/capture-retry.log"
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

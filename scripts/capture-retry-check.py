@@ -3,7 +3,7 @@
 captured, as a background compilation's kernel benchmarks do; then it stops.
 
 For each shape (1, 2 and 3 steps, in turn): a few calls with the interrupter running, then calls
-without it. Expected: captures interrupted and tried again (``interrupted`` > 0), never given up
+without it; strength moves on every call. Expected: captures interrupted and tried again (``interrupted`` > 0), never given up
 (``failed`` stays None), every shape captured in the end (captures after an interrupted one
 work), and every output equal, within fp16 tolerance, to the same stream run
 eagerly (``acceleration="none"``) in the same process. Prints one JSON report.
@@ -13,6 +13,7 @@ eagerly (``acceleration="none"``) in the same process. Prints one JSON report.
 
 import json
 import logging
+import math
 import sys
 import threading
 from pathlib import Path
@@ -65,7 +66,9 @@ for steps in (1, 2, 3):
         if i == INTERRUPTED_CALLS:
             interrupter.stop.set()
             interrupter.join()
-        kwargs = dict(video=[frames[call % len(frames)]], num_inference_steps=steps, strength=0.7)
+        # Strength moved on every call, as Scope's beat sync does: a new schedule on most calls.
+        strength = round(0.6 + 0.25 * math.sin(call / 7), 3)
+        kwargs = dict(video=[frames[call % len(frames)]], num_inference_steps=steps, strength=strength)
         out = graph(**kwargs)["video"]
         expected = ref(**kwargs)["video"]
         worst = max(worst, float((out.float() - expected.float()).abs().max()))
