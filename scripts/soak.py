@@ -4,7 +4,8 @@ a given time, as an artist's session would: strength modulated on every call (be
 list sent with every call and changed every 2 s, guidance/delta every 5 s, a new seed every 15 s, 1 <-> 2 steps every 60 s (a new
 batch shape, compiled in the background), self-CFG at guidance 1.5 for one minute, webcam-size
 frames for one minute. Reports per 10-s window: fps, worst call, allocated/reserved VRAM, the
-process's resident memory, graphs held; exceptions are counted, never fatal; at the end, growth of
+process's resident memory, graphs held; for each call over 300 ms what it did (parameters sent,
+captures and their seconds, prompts encoded, whether a compilation ran); exceptions are counted, never fatal; at the end, growth of
 VRAM and resident memory between the end of the first pass over every setting and the end.
 
     python3 scripts/soak.py [seconds] [out.json] [acceleration]
@@ -68,7 +69,19 @@ runner = pipe.engine.models.extras.get("step_runner")
 compiler = getattr(runner, "compiler", None)
 frames = make_frames(8, wl.size, wl.size, device)
 webcam = make_frames(8, 480, 640, device, seed=1)  # a source size other than the stream's
-calls, errors, last = [], [], {}
+calls, errors, last, slow = [], [], {}, []
+SLOW_MS = 300
+encoder = pipe.engine.prompt_encoder
+
+
+def counters() -> dict:
+    """Running totals that tell what a call did: captures (and their seconds), interrupted
+    captures, prompts encoded, compilations finished."""
+    return dict(captures=getattr(runner, "captures", 0), capture_s=getattr(runner, "capture_seconds", 0.0),
+                interrupted=getattr(runner, "interrupted", 0), encoded=encoder.encode_count,
+                compiled=len(compiler.seconds) if compiler else 0)
+
+
 start = time.perf_counter()
 i = 0
 while time.perf_counter() - start < seconds:
@@ -76,6 +89,7 @@ while time.perf_counter() - start < seconds:
     kwargs = changes_at(t, i, last)
     last.update(kwargs)
     source = webcam if int(t // MINUTE) == 4 else frames
+    before = counters()
     t0 = time.perf_counter()
     try:
         out = pipe(video=[source[i % len(source)]], **kwargs)["video"]
@@ -87,6 +101,11 @@ while time.perf_counter() - start < seconds:
         errors.append((round(t, 1), f"{type(exc).__name__}: {exc}"[:300]))
         traceback.print_exc()
     calls.append((t, (time.perf_counter() - t0) * 1e3, bool(getattr(runner, "last_compiled", False))))
+    if calls[-1][1] > SLOW_MS and len(slow) < 100:  # what happened in a slow call, to tell its cause
+        after = counters()
+        slow.append(dict(t=round(t, 1), ms=round(calls[-1][1]), sent=sorted(kwargs),
+                         compiling=bool(compiler and compiler.busy),
+                         **{k: round(after[k] - before[k], 3) for k in after if after[k] != before[k]}))
     i += 1
     if i % 50 == 0 or time.perf_counter() - start >= seconds:
         calls[-1] += (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9, rss_mb(),
@@ -112,7 +131,8 @@ report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("accel
               step_without_graphs=getattr(runner, "failed", None),
               captures_interrupted=getattr(runner, "interrupted", 0),
               compilations_retried=getattr(compiler, "retried", 0),
-              peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3))
+              peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3),
+              slow_calls=slow)
 # Every setting above has been seen by the end of minute 5; growth after it would be a leak.
 settled = [w for w in windows if w["window_s"] >= 5 * MINUTE and w["rss_mb"] is not None]
 if len(settled) >= 2:
