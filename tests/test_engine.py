@@ -261,6 +261,18 @@ def test_prompt_blend_and_cache_is_bounded(sd15_models):
     assert enc.cache_len == enc.cache_size
 
 
+def test_schedules_for_every_strength_of_a_beat_stay_cached_and_the_cache_is_bounded(sd15_models):
+    """A strength moved on every frame visits one timestep set per first timestep (up to 1000 per
+    step count): all of them stay cached, so a long beat-synced stream stops building schedules."""
+    engine = engine_for(sd15_models)
+    first = {t: engine._schedule((t,)) for t in range(1000)}  # every 1-step set
+    assert all(engine._schedule((t,)) is first[t] for t in range(1000))  # cached, none rebuilt
+    for t in range(100):  # 2-step sets on top: the least recently used 1-step sets go
+        engine._schedule((999 - t, 499 - t // 2))
+    assert len(engine._schedules) == 1024
+    assert (0,) not in engine._schedules and (999,) in engine._schedules
+
+
 def test_similar_image_filter_skips_static_input(sd15_models):
     frame = make_frames(1)[0]
     engine = engine_for(sd15_models, similar_image_filter=True, similar_image_filter_threshold=0.9,
