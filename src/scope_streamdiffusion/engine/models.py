@@ -9,6 +9,7 @@ Every load failure becomes one :class:`ModelLoadError` naming the cause and the 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
 import os
@@ -238,7 +239,7 @@ def _set_attention(unet: torch.nn.Module, vae: torch.nn.Module, acceleration: st
     if acceleration != "xformers":
         return "none"
     try:
-        import xformers  # noqa: F401
+        importlib.import_module("xformers")  # present and loadable (its CUDA libraries too)
 
         if device.type != "cuda":
             raise RuntimeError("xformers needs a CUDA device")
@@ -329,10 +330,10 @@ def load_models(
             extras={"attention": attention, "source": source, "loras": loaded_loras},
         ), acceleration, stream_shape)
     except ModelLoadError:
-        del pipe
+        pipe = None  # the half-loaded weights go before the error is raised
         gc.collect()
         raise
     except Exception as exc:  # noqa: BLE001
-        del pipe
+        pipe = None  # the half-loaded weights go before the error is raised
         gc.collect()
         raise _load_error("model", model_id, exc) from exc

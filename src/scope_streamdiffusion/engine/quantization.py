@@ -8,6 +8,7 @@ and runtime LoRA adapters can't be used with it (their layers wrap the linear la
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -31,7 +32,7 @@ def fp8_unavailable(device: torch.device, loras=None) -> str | None:
     if torch.cuda.get_device_capability(device) < (8, 9):
         return f"{torch.cuda.get_device_name(device)} has no fp8 matrix units (compute capability 8.9+ needed)"
     try:
-        import torchao.quantization  # noqa: F401
+        importlib.import_module("torchao.quantization")
     except Exception as exc:  # noqa: BLE001 - missing or built for another torch
         return f"torchao is not importable ({type(exc).__name__}: {exc}); install it with: pip install torchao"
     return None

@@ -38,7 +38,7 @@ OUTPUT = "latent"
 def require_tensorrt():
     """Import tensorrt, or raise ONE clear ModelLoadError with the install command."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA library behind it
         from .models import ModelLoadError
 
@@ -46,8 +46,6 @@ def require_tensorrt():
             f"acceleration='tensorrt' needs NVIDIA TensorRT, which is not importable ({type(exc).__name__}: {exc}). "
             f"Fix: {INSTALL_HINT}; or choose acceleration='compile' (no extra install)."
         ) from exc
-    import tensorrt
-
     return tensorrt
 
 
