@@ -69,6 +69,13 @@ variants() {  # variants PREFIX: one line per PREFIX-*.json: fps, p50, start-up,
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; p=r.get("profile") or {}; print(sys.argv[1].split("/")[-1], r.get("fps_p50"), r.get("p50_ms"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"))' "$f"
   done
 }
+capture_check() {  # scripts/capture-retry-check.py, its log's messages and its report
+  local start=$SECONDS
+  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
+  echo "capture-retry exit $? after $((SECONDS - start)) s"
+  grep -E "^(INFO|DEBUG|WARNING|ERROR)|Traceback" "$OUT/capture-retry.log" | cut -c1-400 | head -20
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "phases"}); [print(p) for p in r["phases"]]' "$OUT/capture-retry.json" || tail -30 "$OUT/capture-retry.log"
+}
 soak() {  # soak NAME SECONDS TIMEOUT: scripts/soak.py from a cold inductor cache of its own, then its report
   local name=$1 secs=$2 limit=$3 start=$SECONDS
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name timeout "$limit" python3 scripts/soak.py "$secs" "$OUT/$name.json" > "$OUT/$name.log" 2>&1
@@ -322,9 +329,7 @@ case "$part" in
   # each new shape is captured); (2) strength moved on every call (--modulate, Scope's beat sync)
   # against fixed, and against the code before one-buffer schedules (PREV_SRC: that code's src/
   # with this bench.py); (3) the last inductor option of part 28.
-  start=$SECONDS
-  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
-  echo "capture-retry exit $? after $((SECONDS - start)) s"; tail -40 "$OUT/capture-retry.log" | cut -c1-300
+  capture_check
   bench r8-fixed 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300
   bench r8-modulated 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300 --modulate
   if [ -d "${PREV_SRC:-}" ]; then
@@ -341,10 +346,7 @@ case "$part" in
   # the bench starts. Each variant from its own cold inductor cache (the choice is compiled in).
   mkdir -p /tmp/sdpa-flash
   echo 'import torch; torch.backends.cuda.enable_cudnn_sdp(False)' > /tmp/sdpa-flash/sitecustomize.py
-  start=$SECONDS  # first, part 31's check again, with the cleanup after a failed capture reworked
-  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
-  echo "capture-retry exit $? after $((SECONDS - start)) s"; grep -E "^(INFO|DEBUG|WARNING|ERROR)|Error" "$OUT/capture-retry.log" | cut -c1-400 | head -20
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "phases"}); [print(p) for p in r["phases"]]' "$OUT/capture-retry.json"
+  capture_check  # first, part 31's check again, with the cleanup after a failed capture reworked
   for wl in ${SDPA_WORKLOADS:-sd15-lcm4-self sd-turbo-img2img}; do
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind-cudnn-$wl bench "r8-sdpa-cudnn-$wl" 140 --workloads $wl --modes compile --no-baseline --frames 150 --profile
     PYTHONPATH=/tmp/sdpa-flash:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=/tmp/ind-flash-$wl \
@@ -362,10 +364,7 @@ case "$part" in
   ;;
 34)
   # Round R8: the capture check once more after the review's mending (strength now moved per call).
-  start=$SECONDS
-  timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
-  echo "capture-retry exit $? after $((SECONDS - start)) s"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "phases"}); [print(p) for p in r["phases"]]' "$OUT/capture-retry.json" || tail -30 "$OUT/capture-retry.log"
+  capture_check
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
