@@ -40,6 +40,8 @@
 #                                  #     vs FlashAttention-2 (SDPA_WORKLOADS, default LCM and SD-Turbo)
 #   bash scripts/bench-h200.sh 33  # R8: part 30's Scope-style stream for 200 s with this round's code
 #   bash scripts/bench-h200.sh 34  # R8: the capture check after the review's mending
+#   bash scripts/bench-h200.sh 35  # R9: inductor's GEMM autotuning given most of a call; its per-GEMM tables
+#   bash scripts/bench-h200.sh 36  # R9: part 33's stream with slow calls recorded (what each one did)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -365,6 +367,21 @@ case "$part" in
 34)
   # Round R8: the capture check once more after the review's mending (strength now moved per call).
   capture_check
+  ;;
+35)
+  # Round R9: GEMM autotuning (max_autotune_gemm: Triton's GEMM templates timed against cuBLAS, with
+  # the pointwise work after a GEMM fused into the template) given most of the call (R3 gave it
+  # 190 s). Inductor prints a table per GEMM it times, so what it gains per GEMM shows even if the
+  # compilation does not finish. The default first, on the same machine.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-default bench r9-default 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-mag TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=all SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_gemm=1 \
+    bench r9-max_autotune_gemm ${MAG_LIMIT:-420} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  variants r9
+  python3 scripts/autotune-tables.py "$OUT/r9-max_autotune_gemm.log"
+  ;;
+36)
+  # Round R9: part 33's stream again, now that soak.py records what each call over 300 ms did.
+  soak soak36 200 260
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
