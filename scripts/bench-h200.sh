@@ -84,6 +84,7 @@ soak() {  # soak NAME SECONDS TIMEOUT: scripts/soak.py from a cold inductor cach
   echo "exit $? after $((SECONDS - start)) s"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("windows", "slow_calls")}); [print(w) for w in r["windows"]]; [print("slow", c) for c in r.get("slow_calls", [])[:25]]' "$OUT/$name.json" || tail -20 "$OUT/$name.log"
   grep -E "WARNING|Error" "$OUT/$name.log" | cut -c1-300 | head -20
+  echo "calls over 1 s with stacks: $(grep -c '^\^\^\^' "$OUT/$name.json.stacks.txt" 2>/dev/null)"
 }
 case "$part" in
 1|2|3) export SCOPE_STREAMDIFFUSION_INDUCTOR=$FROZEN ;;

@@ -4,9 +4,12 @@ a given time, as an artist's session would: strength modulated on every call (be
 list sent with every call and changed every 2 s, guidance/delta every 5 s, a new seed every 15 s, 1 <-> 2 steps every 60 s (a new
 batch shape, compiled in the background), self-CFG at guidance 1.5 for one minute, webcam-size
 frames for one minute. Reports per 10-s window: fps, worst call, allocated/reserved VRAM, the
-process's resident memory, graphs held; for each call over 300 ms what it did (parameters sent,
-captures and their seconds, prompts encoded, whether a compilation ran); exceptions are counted, never fatal; at the end, growth of
-VRAM and resident memory between the end of the first pass over every setting and the end.
+process's resident memory, graphs held, the machine's busy CPU cores; for each call over 300 ms what
+it did (parameters sent, captures and their seconds, prompts encoded, whether a compilation ran, the
+garbage collector's time in it); for each call over a second, every thread's Python stack once a
+second while it lasts (faulthandler: written without the GIL, so a thread holding it shows),
+in OUT.stacks.txt; exceptions are counted, never fatal; at the end, growth of VRAM and resident
+memory between the end of the first pass over every setting and the end.
 
     python3 scripts/soak.py [seconds] [out.json] [acceleration]
 
@@ -14,6 +17,8 @@ With a few seconds and a cold inductor cache it also checks a clean exit while t
 compilation runs: the last line says whether a compilation was still running at exit.
 """
 
+import faulthandler
+import gc
 import json
 import math
 import os
@@ -45,6 +50,23 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine: the compiler's workers are other processes."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+gc_pauses = []  # (start time in the stream, generation, ms): a full collection holds the GIL throughout
+
+
+def _gc_timer(phase, info, _started=[0.0]):
+    if phase == "start":
+        _started[0] = time.perf_counter()
+    else:
+        gc_pauses.append((_started[0] - start, info["generation"], (time.perf_counter() - _started[0]) * 1e3))
 
 
 def changes_at(t: float, call: int, last: dict) -> dict:
@@ -82,14 +104,17 @@ def counters() -> dict:
                 compiled=len(compiler.seconds) if compiler else 0)
 
 
+stacks = open((out_path or "soak.json") + ".stacks.txt", "w")
 start = time.perf_counter()
+gc.callbacks.append(_gc_timer)
 i = 0
 while time.perf_counter() - start < seconds:
     t = time.perf_counter() - start
     kwargs = changes_at(t, i, last)
     last.update(kwargs)
     source = webcam if int(t // MINUTE) == 4 else frames
-    before = counters()
+    before, gc_before = counters(), len(gc_pauses)
+    faulthandler.dump_traceback_later(1.0, repeat=True, file=stacks)
     t0 = time.perf_counter()
     try:
         out = pipe(video=[source[i % len(source)]], **kwargs)["video"]
@@ -100,18 +125,27 @@ while time.perf_counter() - start < seconds:
     except Exception as exc:  # noqa: BLE001 - counted: the stream goes on, as Scope's would
         errors.append((round(t, 1), f"{type(exc).__name__}: {exc}"[:300]))
         traceback.print_exc()
+    faulthandler.cancel_dump_traceback_later()
     calls.append((t, (time.perf_counter() - t0) * 1e3, bool(getattr(runner, "last_compiled", False))))
+    if calls[-1][1] > 1000:  # the stacks just dumped belong to this call
+        stacks.write(f"^^^ the call at {t:.1f} s took {calls[-1][1]:.0f} ms\n\n")
+        stacks.flush()
     if calls[-1][1] > SLOW_MS and len(slow) < 100:  # what happened in a slow call, to tell its cause
         after = counters()
+        gc_ms = sum(p[2] for p in gc_pauses[gc_before:])
         slow.append(dict(t=round(t, 1), ms=round(calls[-1][1]), sent=sorted(kwargs),
                          compiling=bool(compiler and compiler.busy),
+                         **({"gc_ms": round(gc_ms)} if gc_ms >= 1 else {}),
                          **{k: round(after[k] - before[k], 3) for k in after if after[k] != before[k]}))
     i += 1
     if i % 50 == 0 or time.perf_counter() - start >= seconds:
         calls[-1] += (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9, rss_mb(),
-                      len(runner.graphs()) if runner is not None else 0)
+                      len(runner.graphs()) if runner is not None else 0, cpu_jiffies())
 
+gc.callbacks.remove(_gc_timer)
+stacks.close()
 windows = []
+ncpu = os.cpu_count() or 1
 for w in range(int(seconds // 10) + 1):
     part = [c for c in calls if w * 10 <= c[0] < (w + 1) * 10]
     if not part:
@@ -123,6 +157,9 @@ for w in range(int(seconds // 10) + 1):
                         alloc_gb=round(mem[-1][3], 3) if mem else None,
                         reserved_gb=round(mem[-1][4], 3) if mem else None,
                         rss_mb=round(mem[-1][5]) if mem else None, graphs=mem[-1][6] if mem else None))
+    if len(mem) >= 2:  # busy cores between the window's first and last samples
+        (b0, t0), (b1, t1) = mem[0][7], mem[-1][7]
+        windows[-1]["cpu_cores_busy"] = round(ncpu * (b1 - b0) / max(t1 - t0, 1), 1)
 report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("acceleration"), calls=len(calls),
               errors=errors[:20], error_count=len(errors), windows=windows,
               graphs=len(runner.graphs()) if runner is not None else 0,
@@ -132,6 +169,8 @@ report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("accel
               captures_interrupted=getattr(runner, "interrupted", 0),
               compilations_retried=getattr(compiler, "retried", 0),
               peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3),
+              gc_pauses_over_50ms=[(round(t, 1), g, round(ms)) for t, g, ms in gc_pauses if ms > 50][:50],
+              gc_ms_total=round(sum(p[2] for p in gc_pauses)),
               slow_calls=slow)
 # Every setting above has been seen by the end of minute 5; growth after it would be a leak.
 settled = [w for w in windows if w["window_s"] >= 5 * MINUTE and w["rss_mb"] is not None]
