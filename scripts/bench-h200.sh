@@ -42,6 +42,7 @@
 #   bash scripts/bench-h200.sh 34  # R8: the capture check after the review's mending
 #   bash scripts/bench-h200.sh 35  # R9: inductor's GEMM autotuning given most of a call; its per-GEMM tables
 #   bash scripts/bench-h200.sh 36  # R9: part 33's stream with slow calls recorded (what each one did)
+#   bash scripts/bench-h200.sh 37  # R9: convolution autotuning alone (Triton's templates against cuDNN), then the default
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -379,6 +380,17 @@ case "$part" in
     bench r9-max_autotune_gemm ${MAG_LIMIT:-420} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   variants r9
   python3 scripts/autotune-tables.py "$OUT/r9-max_autotune_gemm.log"
+  ;;
+37)
+  # Round R9: part 35's GEMM autotuning does not finish in a call (about 10 s per GEMM shape; its
+  # tables also showed Triton's convolution templates ahead of cuDNN's by up to 2x in isolation).
+  # Convolutions alone: max_autotune with cuBLAS as the only GEMM choice (nothing to time there).
+  # Then the default on the same machine.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-conv TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=all TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN \
+    SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune=1 bench r9-conv-autotune ${CONV_LIMIT:-420} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  python3 scripts/autotune-tables.py "$OUT/r9-conv-autotune.log"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-default bench r9-default 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  variants r9
   ;;
 36)
   # Round R9: part 33's stream again, now that soak.py records what each call over 300 ms did.
