@@ -43,6 +43,7 @@
 #   bash scripts/bench-h200.sh 35  # R9: inductor's GEMM autotuning given most of a call; its per-GEMM tables
 #   bash scripts/bench-h200.sh 36  # R9: part 33's stream with slow calls recorded (what each one did)
 #   bash scripts/bench-h200.sh 37  # R9: convolution autotuning alone (Triton's templates against cuDNN), then the default
+#   bash scripts/bench-h200.sh 38  # R9: part 37 mended: Triton's GEMM templates off, its convolution templates timed
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -390,6 +391,17 @@ case "$part" in
     SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune=1 bench r9-conv-autotune ${CONV_LIMIT:-420} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   python3 scripts/autotune-tables.py "$OUT/r9-conv-autotune.log"
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-default bench r9-default 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  variants r9
+  ;;
+38)
+  # Round R9: part 37 timed no convolution: inductor offers Triton's convolution templates only when
+  # TRITON is among the GEMM backends. Here the GEMMs keep cuBLAS through a sitecustomize that turns
+  # Triton's GEMM templates off (this experiment only), and every convolution is timed.
+  mkdir -p /tmp/conv-only
+  echo 'import torch._inductor.kernel.mm as mm; mm.use_triton_template = lambda *a, **k: False' > /tmp/conv-only/sitecustomize.py
+  PYTHONPATH=/tmp/conv-only:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=/tmp/ind-conv-templates TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=all \
+    SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune=1 bench r9-conv-templates ${CONV_LIMIT:-480} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  python3 scripts/autotune-tables.py "$OUT/r9-conv-templates.log" | tail -50
   variants r9
   ;;
 36)
