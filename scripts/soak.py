@@ -6,10 +6,12 @@ batch shape, compiled in the background), self-CFG at guidance 1.5 for one minut
 frames for one minute. Reports per 10-s window: fps, worst call, allocated/reserved VRAM, the
 process's resident memory, graphs held, the machine's busy CPU cores; for each call over 300 ms what
 it did (parameters sent, captures and their seconds, prompts encoded, whether a compilation ran, the
-garbage collector's time in it); for each call over a second, every thread's Python stack once a
-second while it lasts (faulthandler: written without the GIL, so a thread holding it shows),
-in OUT.stacks.txt; exceptions are counted, never fatal; at the end, growth of VRAM and resident
-memory between the end of the first pass over every setting and the end.
+garbage collector's time in it); stalls: a watcher thread that wakes every 50 ms records each time
+it woke over 250 ms late (the GIL held that long, or the process stopped) with every thread's top
+frames just before and just after; exceptions are counted, never fatal; at the end, growth of VRAM
+and resident memory between the end of the first pass over every setting and the end.
+(faulthandler's timed dump of all threads would show the GIL's holder during the stall, but it reads
+other threads' frames while they run and crashed the process once, mid-dump, during a compilation.)
 
     python3 scripts/soak.py [seconds] [out.json] [acceleration]
 
@@ -17,13 +19,13 @@ With a few seconds and a cold inductor cache it also checks a clean exit while t
 compilation runs: the last line says whether a compilation was still running at exit.
 """
 
-import faulthandler
 import gc
 import json
 import math
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -69,6 +71,37 @@ def _gc_timer(phase, info, _started=[0.0]):
         gc_pauses.append((_started[0] - start, info["generation"], (time.perf_counter() - _started[0]) * 1e3))
 
 
+def top_frames(depth: int = 12) -> dict:
+    """Every thread's innermost frames, as text (frames are live: read them now, not later)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = {}
+    for ident, frame in sys._current_frames().items():
+        lines = []
+        while frame is not None and len(lines) < depth:
+            lines.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+            frame = frame.f_back
+        out[names.get(ident, str(ident))] = lines
+    return out
+
+
+stalls = []  # (start time in the stream, ms the watcher overslept, frames before, frames after)
+
+
+def watch(period: float = 0.05, late_ms: float = 250.0):
+    before = top_frames()
+    while not done.is_set():
+        t0 = time.perf_counter()
+        time.sleep(period)
+        over = (time.perf_counter() - t0 - period) * 1e3
+        after = top_frames()
+        if over > late_ms and len(stalls) < 40:
+            stalls.append(dict(t=round(t0 - start, 2), ms=round(over), before=before, after=after))
+        before = after
+
+
+done = threading.Event()
+
+
 def changes_at(t: float, call: int, last: dict) -> dict:
     """The parameters in force at second ``t`` (only those that differ from ``last`` are sent)."""
     minute = int(t // MINUTE)
@@ -104,9 +137,10 @@ def counters() -> dict:
                 compiled=len(compiler.seconds) if compiler else 0)
 
 
-stacks = open((out_path or "soak.json") + ".stacks.txt", "w")
 start = time.perf_counter()
 gc.callbacks.append(_gc_timer)
+watcher = threading.Thread(target=watch, name="soak-watcher", daemon=True)
+watcher.start()
 i = 0
 while time.perf_counter() - start < seconds:
     t = time.perf_counter() - start
@@ -114,7 +148,6 @@ while time.perf_counter() - start < seconds:
     last.update(kwargs)
     source = webcam if int(t // MINUTE) == 4 else frames
     before, gc_before = counters(), len(gc_pauses)
-    faulthandler.dump_traceback_later(1.0, repeat=True, file=stacks)
     t0 = time.perf_counter()
     try:
         out = pipe(video=[source[i % len(source)]], **kwargs)["video"]
@@ -125,11 +158,7 @@ while time.perf_counter() - start < seconds:
     except Exception as exc:  # noqa: BLE001 - counted: the stream goes on, as Scope's would
         errors.append((round(t, 1), f"{type(exc).__name__}: {exc}"[:300]))
         traceback.print_exc()
-    faulthandler.cancel_dump_traceback_later()
     calls.append((t, (time.perf_counter() - t0) * 1e3, bool(getattr(runner, "last_compiled", False))))
-    if calls[-1][1] > 1000:  # the stacks just dumped belong to this call
-        stacks.write(f"^^^ the call at {t:.1f} s took {calls[-1][1]:.0f} ms\n\n")
-        stacks.flush()
     if calls[-1][1] > SLOW_MS and len(slow) < 100:  # what happened in a slow call, to tell its cause
         after = counters()
         gc_ms = sum(p[2] for p in gc_pauses[gc_before:])
@@ -142,8 +171,9 @@ while time.perf_counter() - start < seconds:
         calls[-1] += (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9, rss_mb(),
                       len(runner.graphs()) if runner is not None else 0, cpu_jiffies())
 
+done.set()
+watcher.join()
 gc.callbacks.remove(_gc_timer)
-stacks.close()
 windows = []
 ncpu = os.cpu_count() or 1
 for w in range(int(seconds // 10) + 1):
@@ -171,7 +201,7 @@ report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("accel
               peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3),
               gc_pauses_over_50ms=[(round(t, 1), g, round(ms)) for t, g, ms in gc_pauses if ms > 50][:50],
               gc_ms_total=round(sum(p[2] for p in gc_pauses)),
-              slow_calls=slow)
+              slow_calls=slow, stalls=stalls)
 # Every setting above has been seen by the end of minute 5; growth after it would be a leak.
 settled = [w for w in windows if w["window_s"] >= 5 * MINUTE and w["rss_mb"] is not None]
 if len(settled) >= 2:
