@@ -4,11 +4,14 @@ The CUDA-graph capture, torch.compile and TensorRT themselves only run on a GPU 
 the figures and correctness tolerances measured there); here we test everything around them.
 """
 
+import gc
 import json
 import logging
 import shutil
 import sys
 import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -327,6 +330,78 @@ def test_background_compile_shortens_the_gil_switch_interval_while_it_runs():
         sys.setswitchinterval(before)
 
 
+class _Cycle:
+    """Cyclic garbage: only the collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_gc_paced_full_collections_scan_only_new_objects_and_nothing_is_kept():
+    """A full collection holds the GIL while it scans every tracked object (a compilation makes
+    millions: the stream stopped for up to 1.8 s on the GPU). While paced, the objects alive are
+    frozen again and again, so a full collection scans only newer ones; two compilers at once share
+    it; when the last ends, everything returns to the collector and the garbage made meanwhile is freed."""
+    from scope_streamdiffusion.engine import background_compile as bg
+
+    gc.collect()
+    assert gc.get_freeze_count() == 0
+    keep = [[] for _ in range(50_000)]  # long-lived objects the collector tracks, as a compiler's are
+    tracked = sum(len(gc.get_objects(generation=g)) for g in range(3))
+    with bg.gc_paced(every_s=0.05):
+        in_sight = sum(len(gc.get_objects(generation=g)) for g in range(3))
+        assert gc.get_freeze_count() >= 50_000 and in_sight < tracked // 10
+        cycle = _Cycle()
+        ref = weakref.ref(cycle)
+        later = [[] for _ in range(20_000)]
+        deadline = time.monotonic() + 30
+        while gc.get_freeze_count() < 70_000 and time.monotonic() < deadline:  # frozen again, in the background
+            time.sleep(0.01)
+        assert gc.get_freeze_count() >= 70_000
+        with bg.gc_paced(every_s=0.05):  # a second compiler
+            pass
+        assert gc.get_freeze_count() > 0  # the first still compiles
+        del cycle  # garbage now, but frozen while it was alive: out of the collector's sight until the end
+        gc.collect()
+        assert ref() is not None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None
+    with bg.gc_paced(every_s=3600):  # (no second freeze during this block)
+        young = _Cycle()  # garbage made and dropped between two freezes: young collections still free it
+        young_ref = weakref.ref(young)
+        del young
+        gc.collect(0)
+        assert young_ref() is None
+    del keep, later
+
+
+def test_background_compile_paces_the_collector_while_it_compiles():
+    """The compiler's thread holds the paced collector from its first job to its last."""
+    from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+
+    inside, release, frozen = threading.Event(), threading.Event(), []
+
+    def backend(gm, inputs):
+        frozen.append(gc.get_freeze_count())
+        inside.set()
+        release.wait(60)
+        return gm.forward
+
+    block = _Block()
+    compiler = BackgroundCompiler({"unet": block}, backend=backend)
+    recording = {}
+    with torch.no_grad(), compiler.running(False, recording):
+        block(torch.randn(2, 4))
+    assert gc.get_freeze_count() == 0
+    assert compiler.submit("shape", recording)
+    assert inside.wait(60)
+    assert gc.get_freeze_count() > 0
+    release.set()
+    compiler.wait(timeout=120)
+    assert compiler.ready == {"shape"} and frozen[0] > 0 and gc.get_freeze_count() == 0
+
+
 def test_background_compile_bookkeeping_partial_modules_routes_and_cancel():
     """Only the modules a step called are compiled (text-to-image never calls the encoder); a thread
     runs the compiled code only inside ``running(True)``; a dropped pipeline compiles nothing more;
@@ -374,9 +449,6 @@ def test_background_compile_a_dead_worker_fails_its_shapes_and_frees_its_models(
     """A compiler thread that dies (here: the cache folder cannot be made) fails what was queued,
     once, loudly, and a later shape starts a new thread; the modules are freed by reference counting
     (no cycle through the dispatcher), as with the other modes."""
-    import gc
-    import weakref
-
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
 
     caplog.set_level(logging.WARNING)
@@ -798,9 +870,6 @@ def test_frozen_weights_are_released_with_the_models():
     """With freezing, compiled code keeps the weights alive after their module is gone: the
     parameters and the generated code's frozen copies are freed when the module is collected, so
     reloading a compiled pipeline does not leak a copy of its UNet."""
-    import gc
-    import weakref
-
     import torch._inductor.config as inductor_config
 
     class Net(torch.nn.Module):  # (dynamo does not trace nn.Sequential's own forward)

@@ -20,7 +20,9 @@ eagerly; the frame thread never compiles.
 While the background thread compiles, Python's GIL switch interval is kept short: every PyTorch
 call of the frame thread releases the GIL, and taking it back from a thread busy in Python waits up
 to one interval (BENCHMARKS.md: with the default 5 ms the stream fell to ~10 fps while compiling,
-with 0.1 ms it keeps its speed). A process that exits meanwhile stops the thread first.
+with 0.1 ms it keeps its speed). Python's garbage collector is paced meanwhile (:func:`gc_paced`): its
+full collections scan only the objects made in the last second, not the compiler's millions (each
+stopped the stream for up to 1.8 s). A process that exits meanwhile stops the thread first.
 
 torch.fx tracing (AOTAutograd traces each module it compiles) is not safe beside module calls on
 other threads: it patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process and sets a
@@ -40,6 +42,7 @@ import atexit
 import contextlib
 import ctypes
 import functools
+import gc
 import logging
 import sys
 import threading
@@ -102,6 +105,62 @@ def _restore_switch_interval() -> None:
         _switch_users -= 1
         if _switch_users == 0 and _switch_saved is not None and sys.getswitchinterval() == _switch_set:
             sys.setswitchinterval(_switch_saved)
+
+
+# Python's garbage collector while a background compilation runs. A full collection holds the GIL
+# while it scans every tracked object, and a compilation piles up millions (dynamo's, FX's,
+# inductor's, sympy's): each one stopped the stream for 0.4-1.8 s, nine times in 100 s (BENCHMARKS.md,
+# R9 run 41). So the objects alive are frozen (gc.freeze: out of the collector's sight) every
+# GC_FREEZE_EVERY_S while a compiler runs, and a full collection scans only what is newer than that
+# (CPU, SD2.1's UNet: longest collection 1,058 -> 5 ms). Garbage that was alive at a freeze waits for
+# the end (+50 MB there); the unfreeze hands everything back, so the next full collection scans it once.
+# (A host that froze its own objects gets them unfrozen too: gc.unfreeze is all or nothing.)
+GC_FREEZE_EVERY_S = 1.0
+_gc_lock = threading.Lock()
+_gc_users = 0
+_gc_stop: threading.Event | None = None
+
+
+def _freeze_until(stop: threading.Event, every_s: float) -> None:
+    while not stop.wait(every_s):
+        with _gc_lock:  # never a freeze after the last user's unfreeze: nothing would unfreeze it
+            if stop.is_set():
+                return
+            gc.freeze()
+
+
+@contextlib.contextmanager
+def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
+    """Short full collections while the block runs (shared by concurrent compilers: the first in
+    starts the freezing, the last out unfreezes). What was frozen returns to the collector at the end."""
+    global _gc_users, _gc_stop
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_stop = threading.Event()
+            gc.freeze()
+            threading.Thread(target=_freeze_until, args=(_gc_stop, every_s), name="scope-streamdiffusion-gc",
+                             daemon=True).start()
+        _gc_users += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0:
+                _gc_stop.set()
+                gc.unfreeze()
+
+
+@contextlib.contextmanager
+def beside_stream():
+    """What a compiler thread holds while the stream runs beside it: a short GIL switch interval
+    and a paced garbage collector."""
+    _shorten_switch_interval()
+    try:
+        with gc_paced():
+            yield
+    finally:
+        _restore_switch_interval()
 
 
 class _Stopped(BaseException):
@@ -301,56 +360,57 @@ class BackgroundCompiler:
             thread.join(timeout)
 
     def _run(self) -> None:
+        with beside_stream():
+            try:
+                self._run_jobs()
+            except BaseException as exc:  # noqa: BLE001 - the thread ends: nothing may wait for it
+                with self._lock:
+                    self._abandon(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                    self.thread = None
+
+    def _run_jobs(self) -> None:
         from .acceleration import CAPTURE_RETRIES, capture_interrupted
         from .inductor import prepare_compilation
 
-        _shorten_switch_interval()
-        try:
-            mode = prepare_compilation()
-            while True:
-                with self._lock:
-                    if not self._jobs or self.cancel_event.is_set():
-                        self._pending.clear()
-                        self._jobs.clear()
-                        self.thread = None
-                        return
-                    key, specs, generation, attempts = self._jobs.pop(0)
-                start = time.perf_counter()
-                try:
-                    self._compile(specs, mode)
-                except Exception as exc:  # noqa: BLE001 - this shape stays eager, loudly (once)
-                    if capture_interrupted(exc) and attempts < CAPTURE_RETRIES:
-                        # The frame thread was capturing a graph while this ran the new code (whose
-                        # kernel benchmarks synchronise the device): the same again in a moment.
-                        with self._lock:
-                            self.retried += 1
-                            if generation == self.generation:  # else new weights meanwhile: dropped
-                                self._jobs.insert(0, (key, specs, generation, attempts + 1))
-                            else:
-                                self._pending.discard(key)
-                        self.cancel_event.wait(1.0 * (attempts + 1))
-                        continue
-                    error = f"{type(exc).__name__}: {exc}"
-                    self._warn("acceleration='background-compile': the background compilation failed (%s); this "
-                               "shape stays on CUDA graphs of the eager modules.", error[:300])
-                    with self._lock:
-                        self.failed[key] = error
-                        self._pending.discard(key)
-                    continue
-                with self._lock:
-                    self._pending.discard(key)
-                    if self.cancel_event.is_set() or generation != self.generation:
-                        continue  # dropped pipeline, or compiled for weights that changed meanwhile
-                    self.seconds[key] = time.perf_counter() - start
-                    self.ready.add(key)
-                logger.info("acceleration='background-compile': compiled in %.1f s; the stream moves to the "
-                            "compiled code.", self.seconds[key])
-        except BaseException as exc:  # noqa: BLE001 - the thread ends: nothing may wait for it
+        mode = prepare_compilation()
+        while True:
             with self._lock:
-                self._abandon(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-                self.thread = None
-        finally:
-            _restore_switch_interval()
+                if not self._jobs or self.cancel_event.is_set():
+                    self._pending.clear()
+                    self._jobs.clear()
+                    self.thread = None
+                    return
+                key, specs, generation, attempts = self._jobs.pop(0)
+            start = time.perf_counter()
+            try:
+                self._compile(specs, mode)
+            except Exception as exc:  # noqa: BLE001 - this shape stays eager, loudly (once)
+                if capture_interrupted(exc) and attempts < CAPTURE_RETRIES:
+                    # The frame thread was capturing a graph while this ran the new code (whose
+                    # kernel benchmarks synchronise the device): the same again in a moment.
+                    with self._lock:
+                        self.retried += 1
+                        if generation == self.generation:  # else new weights meanwhile: dropped
+                            self._jobs.insert(0, (key, specs, generation, attempts + 1))
+                        else:
+                            self._pending.discard(key)
+                    self.cancel_event.wait(1.0 * (attempts + 1))
+                    continue
+                error = f"{type(exc).__name__}: {exc}"
+                self._warn("acceleration='background-compile': the background compilation failed (%s); this "
+                           "shape stays on CUDA graphs of the eager modules.", error[:300])
+                with self._lock:
+                    self.failed[key] = error
+                    self._pending.discard(key)
+                continue
+            with self._lock:
+                self._pending.discard(key)
+                if self.cancel_event.is_set() or generation != self.generation:
+                    continue  # dropped pipeline, or compiled for weights that changed meanwhile
+                self.seconds[key] = time.perf_counter() - start
+                self.ready.add(key)
+            logger.info("acceleration='background-compile': compiled in %.1f s; the stream moves to the "
+                        "compiled code.", self.seconds[key])
 
     def _compile(self, specs: dict, mode) -> None:
         from .inductor import compiling
