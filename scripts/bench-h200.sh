@@ -84,7 +84,7 @@ soak() {  # soak NAME SECONDS TIMEOUT: scripts/soak.py from a cold inductor cach
   local name=$1 secs=$2 limit=$3 start=$SECONDS
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name timeout "$limit" python3 scripts/soak.py "$secs" "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("windows", "slow_calls", "stalls")}); [print(w) for w in r["windows"]]; [print("slow", c) for c in r.get("slow_calls", [])[:25]]; [print("stall", s["t"], s["ms"], {k: v[:3] for k, v in s["before"].items() if k != "soak-watcher"}) for s in r.get("stalls", [])[:10]]' "$OUT/$name.json" || tail -20 "$OUT/$name.log"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("windows", "slow_calls", "stalls")}); [print(w) for w in r["windows"]]; [print("slow", c) for c in r.get("slow_calls", [])[:25]]; [print("stall", s["t"], s["ms"], {k.split("#")[0]: v[:3] for k, v in s["before"].items() if not k.startswith("soak-watcher")}) for s in r.get("stalls", [])[:10]]' "$OUT/$name.json" || tail -20 "$OUT/$name.log"
   grep -E "WARNING|Error" "$OUT/$name.log" | cut -c1-300 | head -20
 }
 case "$part" in

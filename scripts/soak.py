@@ -56,7 +56,7 @@ def rss_mb() -> float:
 
 def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine: the compiler's workers are other processes."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]  # guest time is in user
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return sum(fields) - idle, sum(fields)
 
@@ -80,7 +80,7 @@ def top_frames(depth: int = 12) -> dict:
         while frame is not None and len(lines) < depth:
             lines.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
             frame = frame.f_back
-        out[names.get(ident, str(ident))] = lines
+        out[f"{names.get(ident, '?')}#{ident}"] = lines
     return out
 
 

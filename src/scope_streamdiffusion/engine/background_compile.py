@@ -20,9 +20,10 @@ eagerly; the frame thread never compiles.
 While the background thread compiles, Python's GIL switch interval is kept short: every PyTorch
 call of the frame thread releases the GIL, and taking it back from a thread busy in Python waits up
 to one interval (BENCHMARKS.md: with the default 5 ms the stream fell to ~10 fps while compiling,
-with 0.1 ms it keeps its speed). Python's garbage collector is paced meanwhile (:func:`gc_paced`): its
-full collections scan only the objects made in the last second, not the compiler's millions (each
-stopped the stream for up to 1.8 s). A process that exits meanwhile stops the thread first.
+with 0.1 ms it keeps its speed). Python's garbage collector is paced during each compilation
+(:func:`gc_paced`): its full collections scan only the objects made in the last second, not the
+compiler's millions (each stopped the stream for up to 1.8 s). A process that exits meanwhile stops
+the thread first.
 
 torch.fx tracing (AOTAutograd traces each module it compiles) is not safe beside module calls on
 other threads: it patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process and sets a
@@ -124,43 +125,42 @@ _gc_stop: threading.Event | None = None
 def _freeze_until(stop: threading.Event, every_s: float) -> None:
     while not stop.wait(every_s):
         with _gc_lock:  # never a freeze after the last user's unfreeze: nothing would unfreeze it
-            if stop.is_set():
+            if stop.is_set() or _gc_stop is not stop or _gc_users == 0:
                 return
             gc.freeze()
 
 
 @contextlib.contextmanager
 def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
-    """Short full collections while the block runs (shared by concurrent compilers: the first in
-    starts the freezing, the last out unfreezes). What was frozen returns to the collector at the end."""
+    """Short full collections while the block runs (one compilation: a bounded time). Shared by
+    concurrent compilers: the first in starts the freezing, the last out unfreezes, and what was
+    frozen returns to the collector. Without a thread to freeze from, the block runs unpaced."""
     global _gc_users, _gc_stop
     with _gc_lock:
         if _gc_users == 0:
-            _gc_stop = threading.Event()
-            gc.freeze()
-            threading.Thread(target=_freeze_until, args=(_gc_stop, every_s), name="scope-streamdiffusion-gc",
-                             daemon=True).start()
-        _gc_users += 1
+            stop = threading.Event()
+            try:
+                threading.Thread(target=_freeze_until, args=(stop, every_s), name="scope-streamdiffusion-gc",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # "can't start new thread": a compilation without pacing
+                logger.debug("garbage-collector pacing off: %s", exc)
+                paced = False
+            else:
+                _gc_stop, paced = stop, True
+                gc.freeze()
+        else:
+            paced = True
+        if paced:
+            _gc_users += 1
     try:
         yield
     finally:
-        with _gc_lock:
-            _gc_users -= 1
-            if _gc_users == 0:
-                _gc_stop.set()
-                gc.unfreeze()
-
-
-@contextlib.contextmanager
-def beside_stream():
-    """What a compiler thread holds while the stream runs beside it: a short GIL switch interval
-    and a paced garbage collector."""
-    _shorten_switch_interval()
-    try:
-        with gc_paced():
-            yield
-    finally:
-        _restore_switch_interval()
+        if paced:
+            with _gc_lock:
+                _gc_users -= 1
+                if _gc_users == 0:
+                    gc.unfreeze()  # first: nothing after it may be left frozen, even if interrupted
+                    _gc_stop.set()
 
 
 class _Stopped(BaseException):
@@ -360,13 +360,15 @@ class BackgroundCompiler:
             thread.join(timeout)
 
     def _run(self) -> None:
-        with beside_stream():
-            try:
-                self._run_jobs()
-            except BaseException as exc:  # noqa: BLE001 - the thread ends: nothing may wait for it
-                with self._lock:
-                    self._abandon(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-                    self.thread = None
+        _shorten_switch_interval()
+        try:
+            self._run_jobs()
+        except BaseException as exc:  # noqa: BLE001 - the thread ends: nothing may wait for it
+            with self._lock:
+                self._abandon(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                self.thread = None
+        finally:
+            _restore_switch_interval()
 
     def _run_jobs(self) -> None:
         from .acceleration import CAPTURE_RETRIES, capture_interrupted
@@ -383,7 +385,8 @@ class BackgroundCompiler:
                 key, specs, generation, attempts = self._jobs.pop(0)
             start = time.perf_counter()
             try:
-                self._compile(specs, mode)
+                with gc_paced():  # per compilation: garbage frozen meanwhile waits one compilation at most
+                    self._compile(specs, mode)
             except Exception as exc:  # noqa: BLE001 - this shape stays eager, loudly (once)
                 if capture_interrupted(exc) and attempts < CAPTURE_RETRIES:
                     # The frame thread was capturing a graph while this ran the new code (whose
