@@ -377,14 +377,19 @@ def test_gc_paced_full_collections_scan_only_new_objects_and_nothing_is_kept():
     del keep, later
 
 
-def test_gc_paced_without_a_thread_to_freeze_from_runs_unpaced(monkeypatch):
-    """A process at its thread limit compiles unpaced: nothing is frozen (nothing would unfreeze it)."""
+@pytest.mark.parametrize("case", ["no thread", "no GIL"])
+def test_gc_paced_runs_unpaced_without_a_thread_or_without_a_gil(monkeypatch, case):
+    """A process at its thread limit compiles unpaced: nothing is frozen (nothing would unfreeze it).
+    So does free-threaded Python, where a freeze visits the whole heap with every thread stopped."""
     from scope_streamdiffusion.engine import background_compile as bg
 
     def refuse(self):
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(bg.threading.Thread, "start", refuse)
+    if case == "no thread":
+        monkeypatch.setattr(bg.threading.Thread, "start", refuse)
+    else:
+        monkeypatch.setattr(bg.sys, "_is_gil_enabled", lambda: False, raising=False)
     seen = []
     with bg.gc_paced():
         seen.append(gc.get_freeze_count())

@@ -134,8 +134,13 @@ def _freeze_until(stop: threading.Event, every_s: float) -> None:
 def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
     """Short full collections while the block runs (one compilation: a bounded time). Shared by
     concurrent compilers: the first in starts the freezing, the last out unfreezes, and what was
-    frozen returns to the collector. Without a thread to freeze from, the block runs unpaced."""
+    frozen returns to the collector. Without a thread to freeze from, or without a GIL, the block
+    runs unpaced."""
     global _gc_users, _gc_stop
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        # Free-threaded Python: a freeze there visits the whole heap with every thread stopped.
+        yield
+        return
     with _gc_lock:
         if _gc_users == 0:
             stop = threading.Event()
