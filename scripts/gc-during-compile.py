@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from measure import GcPauses, rss_mb
 from scope_streamdiffusion.engine.background_compile import gc_paced
 
 kind = sys.argv[1] if len(sys.argv) > 1 else "sd21"
@@ -30,13 +31,6 @@ policy = sys.argv[2] if len(sys.argv) > 2 else "default"
 out_path = sys.argv[3] if len(sys.argv) > 3 else None
 torch.set_num_threads(1)
 sys.setswitchinterval(1e-4)  # as background-compile sets it while it compiles
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 if kind == "tiny":
@@ -53,18 +47,6 @@ else:
 inputs = (torch.randn(1, 4, size, size), torch.tensor([999]), torch.randn(1, 77, ctx))
 compiled = torch.compile(unet, dynamic=False)
 
-pauses = []  # (start s, generation, ms, objects collected)
-t_start = time.perf_counter()
-
-
-def on_gc(phase, info, _started=[0.0]):
-    if phase == "start":
-        _started[0] = time.perf_counter()
-    else:
-        pauses.append((round(_started[0] - t_start, 2), info["generation"],
-                       round((time.perf_counter() - _started[0]) * 1e3, 1), info["collected"]))
-
-
 result = {}
 
 
@@ -78,7 +60,8 @@ def compile_once():
 
 gc.collect()
 rss0 = rss_mb()
-gc.callbacks.append(on_gc)
+collector = GcPauses(time.perf_counter()).__enter__()
+pauses = collector.pauses
 worker = threading.Thread(target=compile_once, name="compile")
 worker.start()
 loop_ms = []
@@ -89,7 +72,7 @@ while worker.is_alive():  # the stream: small tensor work, one "frame" every ~2 
         x = torch.tanh(x @ x * 1e-2)
     time.sleep(0.002)
     loop_ms.append((time.perf_counter() - t0) * 1e3)
-gc.callbacks.remove(on_gc)
+collector.__exit__()
 loop_ms.sort()
 report = dict(
     kind=kind, policy=policy, python=sys.version.split()[0], torch=torch.__version__,
@@ -97,8 +80,8 @@ report = dict(
     loop_p50_ms=round(loop_ms[len(loop_ms) // 2], 2), loop_max_ms=round(loop_ms[-1], 1),
     loop_over_100ms=sum(ms > 100 for ms in loop_ms),
     full_collections=sum(g == 2 for _, g, _, _ in pauses),
-    gc_ms_total=round(sum(ms for _, _, ms, _ in pauses)), gc_max_ms=max((ms for _, _, ms, _ in pauses), default=0),
-    pauses_over_20ms=[p for p in pauses if p[2] > 20][:40],
+    gc_ms_total=round(sum(ms for _, _, ms, _ in pauses)), gc_max_ms=round(max((ms for _, _, ms, _ in pauses), default=0), 1),
+    pauses_over_20ms=[(round(t, 2), g, round(ms, 1), n) for t, g, ms, n in pauses if ms > 20][:40],
     tracked_objects_end=len(gc.get_objects()), frozen_end=gc.get_freeze_count(),
     rss_mb_start=round(rss0), rss_mb_end=round(rss_mb()),
 )

@@ -19,7 +19,6 @@ With a few seconds and a cold inductor cache it also checks a clean exit while t
 compilation runs: the last line says whether a compilation was still running at exit.
 """
 
-import gc
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from measure import GcPauses, rss_mb
 from scope_streamdiffusion.bench import WORKLOADS, make_frames, random_weight_model
 from scope_streamdiffusion.engine.inductor import cache_root
 from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
@@ -47,28 +47,11 @@ PROMPTS = ["a watercolor lighthouse at dusk", "neon city in the rain, cinematic"
            "a marble statue, studio light", "pixel art of a castle", "a charcoal sketch of a face"]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine: the compiler's workers are other processes."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]  # guest time is in user
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return sum(fields) - idle, sum(fields)
-
-
-gc_pauses = []  # (start time in the stream, generation, ms): a full collection holds the GIL throughout
-
-
-def _gc_timer(phase, info, _started=[0.0]):
-    if phase == "start":
-        _started[0] = time.perf_counter()
-    else:
-        gc_pauses.append((_started[0] - start, info["generation"], (time.perf_counter() - _started[0]) * 1e3))
 
 
 def top_frames(depth: int = 12) -> dict:
@@ -138,7 +121,8 @@ def counters() -> dict:
 
 
 start = time.perf_counter()
-gc.callbacks.append(_gc_timer)
+collector = GcPauses(start).__enter__()
+gc_pauses = collector.pauses
 watcher = threading.Thread(target=watch, name="soak-watcher", daemon=True)
 watcher.start()
 i = 0
@@ -173,7 +157,7 @@ while time.perf_counter() - start < seconds:
 
 done.set()
 watcher.join()
-gc.callbacks.remove(_gc_timer)
+collector.__exit__()
 windows = []
 ncpu = os.cpu_count() or 1
 for w in range(int(seconds // 10) + 1):
@@ -199,7 +183,7 @@ report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("accel
               captures_interrupted=getattr(runner, "interrupted", 0),
               compilations_retried=getattr(compiler, "retried", 0),
               peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3),
-              gc_pauses_over_50ms=[(round(t, 1), g, round(ms)) for t, g, ms in gc_pauses if ms > 50][:50],
+              gc_pauses_over_50ms=[(round(t, 1), g, round(ms)) for t, g, ms, _ in gc_pauses if ms > 50][:50],
               gc_ms_total=round(sum(p[2] for p in gc_pauses)),
               slow_calls=slow, stalls=stalls)
 # Every setting above has been seen by the end of minute 5; growth after it would be a leak.

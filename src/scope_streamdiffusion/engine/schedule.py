@@ -126,7 +126,7 @@ def make_schedule(
 ) -> Schedule:
     """``alphas_cumprod``: the scheduler's table, on the CPU (a device table would cost a device sync)."""
     t = torch.tensor(timesteps, dtype=torch.long)
-    abar = alphas_cumprod.to("cpu", torch.float64)[t]
+    abar = alphas_cumprod.to("cpu")[t].double()  # the steps' entries only (a cache miss runs this per call)
     c_skip, c_out = lcm_boundary_scalings(t.double())
 
     def col(x: torch.Tensor) -> torch.Tensor:
