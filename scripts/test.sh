@@ -23,8 +23,17 @@ make_env() {  # make_env DIR [extra pip specs...]
 run_suite() {  # run_suite DIR LABEL
   echo "== tests with $2 =="
   "$1/bin/python" -c "import diffusers, transformers, peft, compel, huggingface_hub as h; print('diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| huggingface_hub', h.__version__)"
-  HF_HUB_OFFLINE=1 SCOPE_STREAMDIFFUSION_CACHE="$PWD/.cache-test" "$1/bin/python" -m pytest -q -p no:cacheprovider "${@:3}"
+  # Everything the suite caches (tiny models, inductor's code) stays inside the checkout.
+  HF_HUB_OFFLINE=1 SCOPE_STREAMDIFFUSION_CACHE="$PWD/.cache-test" TORCHINDUCTOR_CACHE_DIR="$PWD/.cache-test/inductor" \
+    "$1/bin/python" -m pytest -q -p no:cacheprovider "${@:3}"
 }
+
+# The two environments take ~3 GB and the suite ~0.3 GB more: say so up front when the disk is short
+# (a full disk shows up later as an unrelated-looking I/O error inside some test).
+free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+if [ "${free_mb:-0}" -lt 4000 ]; then
+  echo "warning: only ${free_mb} MB free on this disk; the tests need about 4,000 MB (two environments)." >&2
+fi
 
 make_env .venv-test
 run_suite .venv-test "the latest releases" "$@"

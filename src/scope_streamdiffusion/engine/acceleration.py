@@ -391,6 +391,7 @@ class StepGraphs:
     def _eager(self, engine, p, images, frames: int) -> torch.Tensor:
         """The step without a graph. In compile mode, when the compiled modules themselves fail (the
         usual reason a capture failed), they run eagerly from then on instead of failing every frame."""
+        self.last_compiled = False
         with self._modules_run:
             return self._eager_step(engine, p, images, frames)
 
@@ -430,7 +431,6 @@ class StepGraphs:
             with self._modules_run, eager_stance() if self.mode == "compile" else contextlib.nullcontext():
                 return engine._denoise_eager(p, images, frames)
         if self.failed:
-            self.last_compiled = False
             return self._eager(engine, p, images, frames)
         key = self._key(p, images, frames)
         compiler = self.compiler
@@ -451,7 +451,6 @@ class StepGraphs:
             if retry is not None and self._calls < retry[1]:
                 # An interrupted capture waits a few calls: this one runs as the shape did before.
                 if st is None:
-                    self.last_compiled = False
                     return self._eager(engine, p, images, frames)
                 upgrade = False
         if st is None or upgrade:
@@ -479,7 +478,6 @@ class StepGraphs:
                         logger.info("acceleration=%r: a CUDA graph capture was interrupted (%s); trying again "
                                     "shortly.", self.mode, str(exc)[:200])
                         if st is None:
-                            self.last_compiled = False
                             return self._eager(engine, p, images, frames)
                         new = None  # this call: the shape's eager graph
                     elif new.compiled and (st is not None or not oom):
@@ -499,7 +497,6 @@ class StepGraphs:
                                        "graphs.", self.mode, self.failed[:300])
                         if compiler is not None:
                             compiler.cancel_event.set()  # nothing will use what it compiles
-                        self.last_compiled = False
                         return self._eager(engine, p, images, frames)
             if new is not None:
                 st = new
