@@ -396,6 +396,25 @@ def test_gc_paced_runs_unpaced_without_a_thread_or_without_a_gil(monkeypatch, ca
     assert seen == [0] and gc.get_freeze_count() == 0 and bg._gc_users == 0
 
 
+def test_gc_paced_leaves_a_hosts_own_frozen_objects_frozen():
+    """gc.unfreeze cannot tell whose objects it hands back: where the host froze some itself, the
+    compilation runs unpaced and the host's freeze stands afterwards."""
+    from scope_streamdiffusion.engine import background_compile as bg
+
+    gc.freeze()
+    try:
+        hosts = gc.get_freeze_count()
+        assert hosts > 0
+        with bg.gc_paced(every_s=0.01):
+            made = [_Cycle() for _ in range(1000)]  # would be frozen by a paced block's next freeze
+            time.sleep(0.2)
+            assert gc.get_freeze_count() == hosts
+        assert gc.get_freeze_count() == hosts and bg._gc_users == 0
+        del made
+    finally:
+        gc.unfreeze()
+
+
 def test_background_compile_paces_the_collector_while_it_compiles():
     """The compiler's thread paces the collector while it compiles, and stops when it is done."""
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler

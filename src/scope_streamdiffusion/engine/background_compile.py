@@ -115,7 +115,8 @@ def _restore_switch_interval() -> None:
 # GC_FREEZE_EVERY_S while a compiler runs, and a full collection scans only what is newer than that
 # (CPU, SD2.1's UNet: longest collection 1,058 -> 5 ms). Garbage that was alive at a freeze waits for
 # the end (+50 MB there); the unfreeze hands everything back, so the next full collection scans it once.
-# (A host that froze its own objects gets them unfrozen too: gc.unfreeze is all or nothing.)
+# gc.unfreeze is all or nothing: where the host froze objects of its own, compilations run unpaced
+# rather than hand the host's objects back to the collector.
 GC_FREEZE_EVERY_S = 1.0
 _gc_lock = threading.Lock()
 _gc_users = 0
@@ -134,15 +135,19 @@ def _freeze_until(stop: threading.Event, every_s: float) -> None:
 def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
     """Short full collections while the block runs (one compilation: a bounded time). Shared by
     concurrent compilers: the first in starts the freezing, the last out unfreezes, and what was
-    frozen returns to the collector. Without a thread to freeze from, or without a GIL, the block
-    runs unpaced."""
+    frozen returns to the collector. Without a thread to freeze from, without a GIL, or where the
+    host froze objects itself, the block runs unpaced."""
     global _gc_users, _gc_stop
     if not getattr(sys, "_is_gil_enabled", lambda: True)():
         # Free-threaded Python: a freeze there visits the whole heap with every thread stopped.
         yield
         return
     with _gc_lock:
-        if _gc_users == 0:
+        if _gc_users == 0 and gc.get_freeze_count():
+            # Frozen by the host (ours are all unfrozen when the last user leaves): keep them so.
+            logger.debug("garbage-collector pacing off: the process froze %d objects itself", gc.get_freeze_count())
+            paced = False
+        elif _gc_users == 0:
             stop = threading.Event()
             try:
                 threading.Thread(target=_freeze_until, args=(stop, every_s), name="scope-streamdiffusion-gc",
