@@ -248,6 +248,71 @@ def test_compel_weighting_and_long_prompts(sd15_models):
     assert torch.isfinite(out).all()
 
 
+PLAIN_TEXTS = ["a cat on a sofa", "portrait of a woman, oil painting, highly detailed, dramatic lighting, 8k",
+               "hyper-realistic it's a_b cat.and a dog, x.blend y, AND BREAK <lora:x:1> cat:1.2 café 日本",
+               "a, b,"]
+SYNTAX_TEXTS = ["a (cat)1.5 on a sofa", "a cat++ on a sofa", "a cat-- on a sofa", "a  cat", " a cat", "a,cat",
+                "a cat,, a dog", 'a ("cat", "dog").blend(1, 1)', "a cat\non a sofa", ""]
+
+
+def random_plain_texts(count: int, seed: int = 0) -> list[str]:
+    """Texts in PLAIN_PROMPT's grammar, punctuation-heavy (where a parser would differ if it did)."""
+    import random
+
+    from scope_streamdiffusion.engine.prompts import PLAIN_PROMPT
+
+    rng = random.Random(seed)
+    alphabet = list("abcxyzAZ019" * 2) + list(",,,---.:;!?'#@~*&^$%/<>={}|_`") + ["é", "日本", "—"]
+    texts = []
+    while len(texts) < count:
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 8))]
+        text = " ".join(words)
+        if PLAIN_PROMPT.fullmatch(text):
+            texts.append(text)
+    return texts
+
+
+def test_plain_prompts_skip_compels_parser_for_the_same_result(monkeypatch):
+    """compel's parser returns a plain prompt unchanged as one fragment of weight 1: the shortcut
+    builds exactly that without the parser, and leaves everything with syntax (or odd spacing) to it."""
+    from compel import Compel
+    from compel.prompt_parser import PromptParser
+
+    from scope_streamdiffusion.engine.prompts import PLAIN_PROMPT, compel_class
+
+    fast = compel_class()
+    for text in PLAIN_TEXTS + random_plain_texts(150):
+        assert PLAIN_PROMPT.fullmatch(text)
+        assert repr(fast.parse_prompt_string(text)) == repr(Compel.parse_prompt_string(text)), text
+    for text in SYNTAX_TEXTS:
+        assert not PLAIN_PROMPT.fullmatch(text), text
+        assert repr(fast.parse_prompt_string(text)) == repr(Compel.parse_prompt_string(text)), text
+    parsed = []
+    original = PromptParser.parse_conjunction
+    monkeypatch.setattr(PromptParser, "parse_conjunction", lambda self, text, **kw: parsed.append(text) or original(self, text, **kw))
+    for text in PLAIN_TEXTS + SYNTAX_TEXTS:
+        fast.parse_prompt_string(text)
+    assert parsed == SYNTAX_TEXTS
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_prompt_embeddings_are_compels_own(request, family):
+    """The same embeddings (and SDXL's pooled ones) as compel's own parse gives, bit for bit."""
+    from compel import Compel
+
+    engine = engine_for(request.getfixturevalue(f"{family}_models"))
+    enc = engine.prompt_encoder
+    texts = PLAIN_TEXTS + SYNTAX_TEXTS[:2]
+    ours = [enc.encode(t) for t in texts]
+    enc.clear()
+    enc._compel.__class__ = Compel  # the same encoder object, compel's parser for every text
+    for text, mine in zip(texts, ours):
+        theirs = enc.encode(text)
+        assert torch.equal(mine.embeds, theirs.embeds), text
+        assert (mine.pooled is None) == (family == "sd15")
+        assert mine.pooled is None or torch.equal(mine.pooled, theirs.pooled), text
+
+
 def test_prompt_blend_and_cache_is_bounded(sd15_models):
     engine = engine_for(sd15_models)
     enc = engine.prompt_encoder
