@@ -330,6 +330,12 @@ def test_background_compile_shortens_the_gil_switch_interval_while_it_runs():
         sys.setswitchinterval(before)
 
 
+def _in_generations(*objects):
+    """Whether each object is in the collector's generations (a frozen one is in none of them)."""
+    ids = {id(o) for o in gc.get_objects()}
+    return [id(o) in ids for o in objects]
+
+
 class _Cycle:
     """Cyclic garbage: only the collector frees it."""
 
@@ -351,14 +357,13 @@ def test_gc_paced_full_collections_scan_only_new_objects_and_nothing_is_kept():
     with bg.gc_paced(every_s=0.05):
         in_sight = sum(len(gc.get_objects(generation=g)) for g in range(3))
         assert gc.get_freeze_count() >= 50_000 and in_sight < tracked // 10
-        base = gc.get_freeze_count()
         cycle = _Cycle()
         ref = weakref.ref(cycle)
         later = [[] for _ in range(20_000)]
         deadline = time.monotonic() + 30
-        while gc.get_freeze_count() < base + 20_000 and time.monotonic() < deadline:  # frozen again, in the background
+        while any(_in_generations(cycle, later[-1])) and time.monotonic() < deadline:  # frozen again, in the background
             time.sleep(0.01)
-        assert gc.get_freeze_count() >= base + 20_000
+        assert _in_generations(cycle, *later) == [False] * 20_001
         with bg.gc_paced(every_s=0.05):  # a second compiler
             pass
         assert gc.get_freeze_count() > 0  # the first still compiles
@@ -403,23 +408,19 @@ def test_gc_paced_leaves_a_hosts_own_frozen_objects_frozen():
     is freed, which other threads of the test process may do at any time."""
     from scope_streamdiffusion.engine import background_compile as bg
 
-    def in_generations(*objects):
-        ids = {id(o) for o in gc.get_objects()}
-        return [id(o) in ids for o in objects]
-
     hosts = _Cycle()
     gc.freeze()
     try:
-        assert gc.get_freeze_count() > 0 and in_generations(hosts) == [False]
+        assert gc.get_freeze_count() > 0 and _in_generations(hosts) == [False]
         with bg.gc_paced(every_s=0.01):
             made = [_Cycle() for _ in range(1000)]  # a paced block's next freeze would take these
             time.sleep(0.2)
-            assert in_generations(hosts, *made) == [False] + [True] * len(made)
-        assert in_generations(hosts) == [False] and gc.get_freeze_count() > 0 and bg._gc_users == 0
+            assert _in_generations(hosts, *made) == [False] + [True] * len(made)
+        assert _in_generations(hosts) == [False] and gc.get_freeze_count() > 0 and bg._gc_users == 0
         del made
     finally:
         gc.unfreeze()
-    assert in_generations(hosts) == [True]
+    assert _in_generations(hosts) == [True]
 
 
 def test_background_compile_paces_the_collector_while_it_compiles():
