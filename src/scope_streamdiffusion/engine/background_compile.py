@@ -143,9 +143,10 @@ def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
         yield
         return
     with _gc_lock:
-        if _gc_users == 0 and gc.get_freeze_count():
-            # Frozen by the host (ours are all unfrozen when the last user leaves): keep them so.
-            logger.debug("garbage-collector pacing off: the process froze %d objects itself", gc.get_freeze_count())
+        # Frozen while no compilation runs: by the host (ours are all unfrozen when the last user leaves).
+        hosts = gc.get_freeze_count() if _gc_users == 0 else 0
+        if hosts:
+            logger.debug("garbage-collector pacing off: the process froze %d objects itself", hosts)
             paced = False
         elif _gc_users == 0:
             stop = threading.Event()
