@@ -114,7 +114,7 @@ def test_lora_that_does_not_fit_is_one_clear_error(tiny_sd15, tiny_sdxl, tmp_pat
     with pytest.raises(ModelLoadError, match=r"(?s)does not fit model.*SD1\.5.*Fix"):
         StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": str(sdxl_lora), "scale": 1.0}], **SIZE)
     gc.collect()
-    assert sum(type(o).__name__ == "UNet2DConditionModel" for o in gc.get_objects()) == unets  # nothing half-loaded
+    assert sum(type(o).__name__ == "UNet2DConditionModel" for o in gc.get_objects()) <= unets  # nothing half-loaded
     with pytest.raises(ModelLoadError, match=r"(?s)does not exist.*Fix"):
         StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": str(tmp_path / "gone.safetensors")}],
                                 **SIZE)

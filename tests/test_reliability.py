@@ -161,7 +161,7 @@ def test_a_lora_that_does_not_fit_fails_cleanly(tiny_sd15, tiny_sdxl, tmp_path):
         StreamDiffusionPipeline(model_id=str(tiny_sd15), use_lcm_lora=True, lcm_lora_id=str(lora), **SIZE)
     gc.collect()
     # Nothing half-loaded stays alive.
-    assert sum(1 for o in gc.get_objects() if type(o).__name__ == "UNet2DConditionModel") == unets_before
+    assert sum(1 for o in gc.get_objects() if type(o).__name__ == "UNet2DConditionModel") <= unets_before
 
 
 def test_out_of_memory_during_a_call_frees_the_stream_and_says_why(tiny_sd15):
@@ -227,4 +227,4 @@ def test_a_corrupt_model_fails_cleanly_without_leftovers(tiny_sd15, tmp_path):
         StreamDiffusionPipeline(model_id=str(broken), **SIZE)
     gc.collect()
     after = sum(1 for o in gc.get_objects() if type(o).__name__ in ("UNet2DConditionModel", "CLIPTextModel"))
-    assert after == before  # components loaded before the corrupt one are not kept alive
+    assert after <= before  # components loaded before the corrupt one are not kept alive
