@@ -60,7 +60,7 @@ def compile_once():
 
 gc.collect()
 rss0 = rss_mb()
-collector = GcPauses(time.perf_counter()).__enter__()
+collector = GcPauses(time.perf_counter()).start()
 pauses = collector.pauses
 worker = threading.Thread(target=compile_once, name="compile")
 worker.start()
@@ -72,7 +72,7 @@ while worker.is_alive():  # the stream: small tensor work, one "frame" every ~2 
         x = torch.tanh(x @ x * 1e-2)
     time.sleep(0.002)
     loop_ms.append((time.perf_counter() - t0) * 1e3)
-collector.__exit__()
+collector.stop()
 loop_ms.sort()
 report = dict(
     kind=kind, policy=policy, python=sys.version.split()[0], torch=torch.__version__,

@@ -27,9 +27,9 @@ class GcPauses:
             self.pauses.append((self._started - self.t0, info["generation"],
                                 (time.perf_counter() - self._started) * 1e3, info["collected"]))
 
-    def __enter__(self) -> "GcPauses":
+    def start(self) -> "GcPauses":
         gc.callbacks.append(self)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         gc.callbacks.remove(self)

@@ -50,7 +50,7 @@ PROMPTS = ["a watercolor lighthouse at dusk", "neon city in the rain, cinematic"
 def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine: the compiler's workers are other processes."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]  # guest time is in user
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
 
 
@@ -121,7 +121,7 @@ def counters() -> dict:
 
 
 start = time.perf_counter()
-collector = GcPauses(start).__enter__()
+collector = GcPauses(start).start()
 gc_pauses = collector.pauses
 watcher = threading.Thread(target=watch, name="soak-watcher", daemon=True)
 watcher.start()
@@ -157,7 +157,7 @@ while time.perf_counter() - start < seconds:
 
 done.set()
 watcher.join()
-collector.__exit__()
+collector.stop()
 windows = []
 ncpu = os.cpu_count() or 1
 for w in range(int(seconds // 10) + 1):
