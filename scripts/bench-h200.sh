@@ -44,6 +44,8 @@
 #   bash scripts/bench-h200.sh 36  # R9: part 33's stream with slow calls recorded (what each one did)
 #   bash scripts/bench-h200.sh 37  # R9: convolution autotuning alone (Triton's templates against cuDNN), then the default
 #   bash scripts/bench-h200.sh 38  # R9: part 37 mended: Triton's GEMM templates off, its convolution templates timed
+#   bash scripts/bench-h200.sh 39  # R10: part 36's stream with gc pacing on over start-up's frozen objects;
+#                                  #     the CPU check of pacing (gc-during-compile.py) on the same machine
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -406,6 +408,16 @@ case "$part" in
 36)
   # Round R9: part 33's stream again, now that soak.py records what each call over 300 ms did.
   soak soak36 200 260
+  ;;
+39)
+  # Round R10: run 42 (part 36 with gc pacing) showed the long collections unchanged: that machine's
+  # python3 starts with 375 objects frozen, which pacing took for a host's heap. Both checks again.
+  python3 -c 'import gc; print("frozen at start-up:", gc.get_freeze_count())'
+  python3 -I -S -c 'import gc; print("frozen at start-up, -I -S:", gc.get_freeze_count())'
+  soak soak39 200 260
+  start=$SECONDS; timeout 200 python3 scripts/gc-during-compile.py sd21 paced "$OUT/gc-paced.json" > "$OUT/gc-paced.log" 2>&1
+  echo "gc-during-compile exit $? after $((SECONDS - start)) s"
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if not isinstance(v, list)})' "$OUT/gc-paced.json" || tail -5 "$OUT/gc-paced.log"
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

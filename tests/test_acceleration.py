@@ -423,6 +423,29 @@ def test_gc_paced_leaves_a_hosts_own_frozen_objects_frozen():
     assert _in_generations(hosts) == [True]
 
 
+def test_gc_paced_paces_over_a_few_objects_frozen_at_start_up(monkeypatch):
+    """A few objects frozen before any compilation (an interpreter's start-up froze 375 on a GPU
+    machine) are not a host's heap: pacing stays on, and they return to the collector at the end
+    with everything frozen meanwhile. A host's heap (over HOST_FROZEN_MAX) is the test above. (The
+    test process can only freeze its whole heap: the limit is raised to that heap's size.)"""
+    from scope_streamdiffusion.engine import background_compile as bg
+
+    early = [_Cycle() for _ in range(300)]
+    gc.freeze()
+    try:
+        assert _in_generations(*early) == [False] * 300
+        monkeypatch.setattr(bg, "HOST_FROZEN_MAX", gc.get_freeze_count() + 1000)
+        with bg.gc_paced(every_s=0.01):
+            made = [_Cycle() for _ in range(1000)]
+            deadline = time.monotonic() + 30
+            while any(_in_generations(made[0], made[-1])) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _in_generations(made[0], made[-1]) == [False, False]  # paced: frozen in the background
+        assert _in_generations(*early, made[0], made[-1]) == [True] * 302 and bg._gc_users == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_background_compile_paces_the_collector_while_it_compiles():
     """The compiler's thread paces the collector while it compiles, and stops when it is done."""
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler

@@ -115,9 +115,13 @@ def _restore_switch_interval() -> None:
 # GC_FREEZE_EVERY_S while a compiler runs, and a full collection scans only what is newer than that
 # (CPU, SD2.1's UNet: longest collection 1,058 -> 5 ms). Garbage that was alive at a freeze waits for
 # the end (+50 MB there); the unfreeze hands everything back, so the next full collection scans it once.
-# gc.unfreeze is all or nothing: where the host froze objects of its own, compilations run unpaced
-# rather than hand the host's objects back to the collector.
+# gc.unfreeze is all or nothing: where the host froze a heap of its own (a server before it forks
+# workers), compilations run unpaced rather than hand that heap back to the collector. A few hundred
+# objects frozen before any of this (375 at start-up on the GPU machine of R10, before our package is
+# imported) are not a host's heap: pacing stays on and they return to the collector at the end,
+# which costs nothing (BENCHMARKS.md R10: counting those as a host's turned pacing off there).
 GC_FREEZE_EVERY_S = 1.0
+HOST_FROZEN_MAX = 10_000
 _gc_lock = threading.Lock()
 _gc_users = 0
 _gc_stop: threading.Event | None = None
@@ -136,7 +140,7 @@ def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
     """Short full collections while the block runs (one compilation: a bounded time). Shared by
     concurrent compilers: the first in starts the freezing, the last out unfreezes, and what was
     frozen returns to the collector. Without a thread to freeze from, without a GIL, or where the
-    host froze objects itself, the block runs unpaced."""
+    host froze more than :data:`HOST_FROZEN_MAX` objects itself, the block runs unpaced."""
     global _gc_users, _gc_stop
     if not getattr(sys, "_is_gil_enabled", lambda: True)():
         # Free-threaded Python: a freeze there visits the whole heap with every thread stopped.
@@ -145,7 +149,7 @@ def gc_paced(every_s: float = GC_FREEZE_EVERY_S):
     with _gc_lock:
         # Frozen while no compilation runs: by the host (ours are all unfrozen when the last user leaves).
         hosts = gc.get_freeze_count() if _gc_users == 0 else 0
-        if hosts:
+        if hosts > HOST_FROZEN_MAX:
             logger.debug("garbage-collector pacing off: the process froze %d objects itself", hosts)
             paced = False
         elif _gc_users == 0:
