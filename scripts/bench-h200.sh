@@ -46,6 +46,7 @@
 #   bash scripts/bench-h200.sh 38  # R9: part 37 mended: Triton's GEMM templates off, its convolution templates timed
 #   bash scripts/bench-h200.sh 39  # R10: part 36's stream with gc pacing on over start-up's frozen objects;
 #                                  #     the CPU check of pacing (gc-during-compile.py) on the same machine
+#   bash scripts/bench-h200.sh 40  # R10: the Scope-style stream for 450 s with the final code (cold cache)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -418,6 +419,10 @@ case "$part" in
   start=$SECONDS; timeout 200 python3 scripts/gc-during-compile.py sd21 paced "$OUT/gc-paced.json" > "$OUT/gc-paced.log" 2>&1
   echo "gc-during-compile exit $? after $((SECONDS - start)) s"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if not isinstance(v, list)})' "$OUT/gc-paced.json" || tail -5 "$OUT/gc-paced.log"
+  ;;
+40)
+  # Round R10: the longest stream a call allows, with the paced collector engaged (cold cache).
+  soak soak40 450 540
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
