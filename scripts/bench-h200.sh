@@ -47,6 +47,7 @@
 #   bash scripts/bench-h200.sh 39  # R10: part 36's stream with gc pacing on over start-up's frozen objects;
 #                                  #     the CPU check of pacing (gc-during-compile.py) on the same machine
 #   bash scripts/bench-h200.sh 40  # R10: the Scope-style stream for 450 s with the final code (cold cache)
+#   bash scripts/bench-h200.sh 41  # R10: bfloat16 against float16 (SD-Turbo img2img, compile)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -423,6 +424,12 @@ case "$part" in
 40)
   # Round R10: the longest stream a call allows, with the paced collector engaged (cold cache).
   soak soak40 450 540
+  ;;
+41)
+  # Round R10: bfloat16 (cuDNN and cuBLAS pick other kernels for it), then float16 on the same machine.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-bf16 bench r10-bf16 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile --dtype bfloat16
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind-fp16 bench r10-fp16 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
+  variants r10
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
