@@ -42,7 +42,7 @@
 #   bash scripts/bench-h200.sh 34  # R8: the capture check after the review's mending
 #   bash scripts/bench-h200.sh 35  # R9: inductor's GEMM autotuning given most of a call; its per-GEMM tables
 #   bash scripts/bench-h200.sh 36  # R9: part 33's stream with slow calls recorded (what each one did)
-#   bash scripts/bench-h200.sh 37  # R9: convolution autotuning alone (Triton's templates against cuDNN), then the default
+#   bash scripts/bench-h200.sh 37  # R9: max_autotune with cuBLAS the only GEMM choice (it timed no convolution), then the default
 #   bash scripts/bench-h200.sh 38  # R9: part 37 mended: Triton's GEMM templates off, its convolution templates timed
 #   bash scripts/bench-h200.sh 39  # R10: part 36's stream with gc pacing on over start-up's frozen objects;
 #                                  #     the CPU check of pacing (gc-during-compile.py) on the same machine
@@ -322,7 +322,7 @@ case "$part" in
   soak soak30 150 200
   ;;
 28)
-  # Round R7: inductor options that change fusion and tiling, not autotuning (which does not compile
+  # Round R8: inductor options that change fusion and tiling, not autotuning (which does not compile
   # in time): each against the default on the same machine, from one shared cache (options are part
   # of its key, so each variant compiles cold).
   python3 -c 'import tensorrt' 2>&1 | tail -1; pip list 2>/dev/null | grep -i -E "tensorrt|onnx" || echo "no tensorrt/onnx packages"
