@@ -336,6 +336,13 @@ def _in_generations(*objects):
     return [id(o) in ids for o in objects]
 
 
+def _wait_until_frozen(*objects, timeout_s: float = 30.0) -> None:
+    """Wait (bounded) for a paced block's background thread to freeze these objects."""
+    deadline = time.monotonic() + timeout_s
+    while any(_in_generations(*objects)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class _Cycle:
     """Cyclic garbage: only the collector frees it."""
 
@@ -367,9 +374,7 @@ def test_gc_paced_full_collections_scan_only_new_objects_and_nothing_is_kept(unf
         cycle = _Cycle()
         ref = weakref.ref(cycle)
         later = [[] for _ in range(20_000)]
-        deadline = time.monotonic() + 30
-        while any(_in_generations(cycle, later[-1])) and time.monotonic() < deadline:  # frozen again, in the background
-            time.sleep(0.01)
+        _wait_until_frozen(cycle, later[-1])  # frozen again, in the background
         assert _in_generations(cycle, *later) == [False] * 20_001
         with bg.gc_paced(every_s=0.05):  # a second compiler
             pass
@@ -445,9 +450,7 @@ def test_gc_paced_paces_over_a_few_objects_frozen_at_start_up(monkeypatch):
         monkeypatch.setattr(bg, "HOST_FROZEN_MAX", gc.get_freeze_count() + 1000)
         with bg.gc_paced(every_s=0.01):
             made = [_Cycle() for _ in range(1000)]
-            deadline = time.monotonic() + 30
-            while any(_in_generations(made[0], made[-1])) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            _wait_until_frozen(made[0], made[-1])
             assert _in_generations(made[0], made[-1]) == [False, False]  # paced: frozen in the background
         assert _in_generations(*early, made[0], made[-1]) == [True] * 302 and bg._gc_users == 0
     finally:

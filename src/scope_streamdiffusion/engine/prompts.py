@@ -67,8 +67,8 @@ def blend(items: list[tuple[PromptEmbeds, float]], method: str, pad: PromptEmbed
 
 # A plain prompt: words without compel's syntax characters (a hyphen only inside a word), one space
 # apart, a comma only at a word's end. compel's parser returns such a text unchanged as one fragment
-# of weight 1 (checked against compel 2.1 and 2.5 by tests/test_engine.py), but takes 10-50 ms of
-# CPU for it (pyparsing): the host time of a new prompt in a live stream, more than its encoding.
+# of weight 1 (checked against compel 2.1 and 2.5 by tests/test_engine.py), but takes 37-50 ms of
+# CPU for it (pyparsing; scripts/prompt-miss.py): the host time of a new prompt in a live stream.
 _WORD = r"(?:[^\s()\[\]+\-\\\",]|(?<=[^\W_])-(?=[^\W_]))+"
 PLAIN_PROMPT = re.compile(rf"{_WORD},?(?: {_WORD},?)*")
 
