@@ -48,6 +48,9 @@
 #                                  #     the CPU check of pacing (gc-during-compile.py) on the same machine
 #   bash scripts/bench-h200.sh 40  # R10: the Scope-style stream for 450 s with the final code (cold cache)
 #   bash scripts/bench-h200.sh 41  # R10: bfloat16 against float16 (SD-Turbo img2img, compile)
+#   bash scripts/bench-h200.sh 42  # R11: TAESD's ReLUs fused into its convolutions vs separate (SD-Turbo)
+#   bash scripts/bench-h200.sh 43  # R11: the same for SDXL-Turbo 1024²; the default in a 200-s Scope-style stream
+#   bash scripts/bench-h200.sh 44  # R11: the same A/B for SD1.5 LCM 4-step
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -75,6 +78,14 @@ bg_summary() {  # bg_summary OUT_STEM: the lines of a background-compile-timelin
 variants() {  # variants PREFIX: one line per PREFIX-*.json: fps, p50, start-up, graph alone, kernels, families
   for f in "$OUT"/"$1"-*.json; do
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; p=r.get("profile") or {}; print(sys.argv[1].split("/")[-1], r.get("fps_p50"), r.get("p50_ms"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"))' "$f"
+  done
+}
+rows() {  # rows PREFIX: every result row and check of PREFIX-*.json (several workloads or modes per file)
+  for f in "$OUT"/"$1"-*.json; do
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); n=sys.argv[1].split("/")[-1]
+for r in d["results"]:
+    p=r.get("profile") or {}; print(n, r["workload"], r["mode"], r.get("fps_p50"), r.get("p50_ms"), r.get("p99_ms"), r.get("peak_vram_gb"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"), r.get("error"))
+for c in d.get("checks", []): print(n, "check", c)' "$f"
   done
 }
 capture_check() {  # scripts/capture-retry-check.py, its log's messages and its report
@@ -430,6 +441,32 @@ case "$part" in
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-bf16 bench r10-bf16 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile --dtype bfloat16
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-fp16 bench r10-fp16 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   variants r10
+  ;;
+42)
+  # Round R11: TAESD's ReLUs inside its convolutions (engine/taesd.py, the default) against the
+  # separate ops (SCOPE_STREAMDIFFUSION_FUSE_TAESD=0), alternated on one machine; --check of the default.
+  python3 scripts/taesd-fused-conv.py "$OUT/taesd-512.json" 512 > "$OUT/taesd-512.log" 2>&1; grep -E "^(stock|fused)-" "$OUT/taesd-512.log"
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-a-sep 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  bench r11-b-fused 150 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-c-sep 90 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  bench r11-d-fused 90 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  rows r11
+  ;;
+43)
+  # Round R11: the same for SDXL-Turbo 1024² (TAESD-XL); then the default (background-compile)
+  # with the fused ops in part 40's Scope-style stream for 200 s, cold cache.
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-e-sdxl-sep 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile
+  bench r11-f-sdxl-fused 110 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile --check
+  rows r11
+  soak r11-soak 200 240
+  ;;
+44)
+  # Round R11: the same A/B for SD1.5 LCM 4-step (self-CFG, stream batch of 4).
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-g-lcm-sep 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  bench r11-h-lcm-fused 90 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-i-lcm-sep 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  bench r11-j-lcm-fused 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  rows r11
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

@@ -20,12 +20,15 @@ make_env() {  # make_env DIR [extra pip specs...]
   "$dir/bin/python" -m pip install -q --no-deps open_clip_torch
 }
 
-run_suite() {  # run_suite DIR LABEL
+run_suite() {  # run_suite DIR LABEL [pytest args...]
   echo "== tests with $2 =="
   "$1/bin/python" -c "import diffusers, transformers, peft, compel, huggingface_hub as h; print('diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| huggingface_hub', h.__version__)"
-  # Everything the suite caches (tiny models, inductor's code) stays inside the checkout.
-  HF_HUB_OFFLINE=1 SCOPE_STREAMDIFFUSION_CACHE="$PWD/.cache-test" TORCHINDUCTOR_CACHE_DIR="$PWD/.cache-test/inductor" \
-    "$1/bin/python" -m pytest -q -p no:cacheprovider "${@:3}"
+  # Everything a pass caches or writes (tiny models, inductor's code, temporary folders) stays inside
+  # the checkout, in a folder of its own: the two passes run at the same time.
+  local cache="$PWD/.cache-test/${1#.}"
+  mkdir -p "$cache"
+  HF_HUB_OFFLINE=1 SCOPE_STREAMDIFFUSION_CACHE="$cache" TORCHINDUCTOR_CACHE_DIR="$cache/inductor" \
+    "$1/bin/python" -m pytest -q -p no:cacheprovider --basetemp="$cache/tmp" "${@:3}"
 }
 
 # The two environments take ~3 GB and the suite ~0.3 GB more: say so up front when the disk is short
@@ -36,9 +39,24 @@ if [ "${free_mb:-0}" -lt 4000 ]; then
 fi
 
 make_env .venv-test
-run_suite .venv-test "the latest releases" "$@"
+pins_log=.cache-test/scope-pins.log
 if [ "${SKIP_SCOPE_PINS:-0}" != "1" ]; then
-  make_env .venv-test-scope-pins $SCOPE_PINS
-  # The 2,000-frame soak measures our own code, not the libraries: it runs in the first pass only.
-  run_suite .venv-test-scope-pins "Scope's pinned versions" -m "not slow" "$@"
+  # The second pass runs beside the first (each test process uses one thread; the suite's machines
+  # have two cores), into a log printed when both are done. The 2,000-frame soak measures our own
+  # code, not the libraries: it runs in the first pass only.
+  mkdir -p .cache-test
+  ( make_env .venv-test-scope-pins $SCOPE_PINS
+    run_suite .venv-test-scope-pins "Scope's pinned versions" -m "not slow" "$@" ) > "$pins_log" 2>&1 &
+  pins=$!
+fi
+latest=0
+run_suite .venv-test "the latest releases" "$@" || latest=$?
+pinned=0
+if [ -n "${pins:-}" ]; then
+  wait "$pins" || pinned=$?
+  cat "$pins_log"
+fi
+if [ "$latest" != 0 ] || [ "$pinned" != 0 ]; then
+  echo "FAILED: latest releases exit $latest, Scope's pins exit $pinned" >&2
+  exit 1
 fi

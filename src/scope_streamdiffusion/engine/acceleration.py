@@ -62,6 +62,7 @@ from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
+from .taesd import fuse_relus
 
 logger = logging.getLogger(__name__)
 
@@ -595,6 +596,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode != "tensorrt" and not fp8 and not runtime_loras \
             and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
         models.extras["fused_projections"] = fuse_projections(models.unet)
+    # TAESD's ReLUs inside its convolutions: -0.23 ms per 512² frame on an H200 (taesd.py).
+    if os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_TAESD", "1") != "0":
+        models.extras["fused_taesd_relus"] = fuse_relus(models.vae)
     options, compiler = {}, None
     if mode == "compile":
         if fp8:
