@@ -16,7 +16,8 @@ what it computes in ~5), so real time needs the host out of the loop:
 * ``"background-compile"``: each batch shape runs as ``"cudagraph"`` at once while a background
   thread compiles the modules for it, then as ``"compile"`` (:mod:`.background_compile`): compile's
   speed without its blocking start, and no stop when the shape changes.
-* In all of them, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`).
+* In all of them, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`),
+  and TAESD's ReLUs run inside its convolutions (:mod:`.taesd`).
 * ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
   same whole-step CUDA graph.
 * ``"auto"`` (the default): ``"background-compile"`` on CUDA (``"cudagraph"`` without Triton),
