@@ -597,7 +597,7 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode != "tensorrt" and not fp8 and not runtime_loras \
             and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
         models.extras["fused_projections"] = fuse_projections(models.unet)
-    # TAESD's ReLUs inside its convolutions: -0.23 ms per 512² frame on an H200 (taesd.py).
+    # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_TAESD", "1") != "0":
         models.extras["fused_taesd_relus"] = fuse_relus(models.vae)
     options, compiler = {}, None

@@ -3,14 +3,15 @@
 TAESD's blocks are conv -> ReLU -> conv -> ReLU -> conv, + input, ReLU, at 64 channels up to the
 frame's full size. Compiled or not, each convolution is a cuDNN call and each ReLU (or add + ReLU) a
 separate kernel that reads and writes the whole activation again. cuDNN runs a convolution, its bias,
-a residual add and the ReLU as one kernel: on an H200 TAESD's encoder + decoder at 512² go from 1.48 to
-1.25 ms per frame, compiled and replayed from a CUDA graph (BENCHMARKS.md, R11). The weights are the
-same modules' (state-dict keys unchanged); the result differs from the separate ops by rounding only
-(the convolution's sum is not rounded to fp16 before the add and the ReLU).
+a residual add and the ReLU as one kernel: on an H200 TAESD's encoder + decoder at 512² go from 1.46 to
+1.25 ms per frame, compiled and replayed from a CUDA graph, and the pipeline gains 1.5-2.7% fps
+(BENCHMARKS.md, R11). The weights are the same modules' (state-dict keys unchanged); the result
+differs from the separate ops by rounding only (the convolution's sum is not rounded to fp16 before
+the add and the ReLU).
 
 Applied in the graph modes (``acceleration.accelerate``); ``SCOPE_STREAMDIFFUSION_FUSE_TAESD=0``
-keeps the separate ops. Off CUDA, or where cuDNN cannot take the tensors, the op computes the same
-thing with the separate ops.
+keeps the separate ops. Off CUDA, or where cuDNN cannot take the tensors (bfloat16), the op computes
+the same thing with the separate ops.
 """
 
 from typing import Optional
@@ -25,21 +26,24 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-@torch.library.custom_op("scope_streamdiffusion::conv3x3_relu", mutates_args=())
-def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``relu(conv2d(x, weight, bias, padding=1) + residual)`` (no residual: ``relu(conv2d(...))``)."""
+def _separate_ops(x, weight, bias, residual):
     out = F.conv2d(x, weight, bias, padding=1)
     if residual is not None:
         out = out + residual
     return F.relu(out).contiguous(memory_format=_layout(x))
 
 
+@torch.library.custom_op("scope_streamdiffusion::conv3x3_relu", mutates_args=())
+def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, padding=1) + residual)`` (no residual: ``relu(conv2d(...))``)."""
+    return _separate_ops(x, weight, bias, residual)
+
+
 @conv3x3_relu.register_kernel("cuda")
 def _conv3x3_relu_cudnn(x, weight, bias, residual):
-    if not torch.backends.cudnn.is_acceptable(x):  # cuDNN off or the dtype not its own: the separate ops
-        out = F.conv2d(x, weight, bias, padding=1)
-        return F.relu(out if residual is None else out + residual).contiguous(memory_format=_layout(x))
+    if not torch.backends.cudnn.is_acceptable(x):  # cuDNN off, or bfloat16 (not among its fused dtypes)
+        return _separate_ops(x, weight, bias, residual)
     if residual is None:
         out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [1, 1], [1, 1], 1)
     else:
