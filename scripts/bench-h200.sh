@@ -51,6 +51,7 @@
 #   bash scripts/bench-h200.sh 42  # R11: TAESD's ReLUs fused into its convolutions vs separate (SD-Turbo)
 #   bash scripts/bench-h200.sh 43  # R11: the same for SDXL-Turbo 1024²; the default in a 200-s Scope-style stream
 #   bash scripts/bench-h200.sh 44  # R11: the same A/B for SD1.5 LCM 4-step
+#   bash scripts/bench-h200.sh 45  # R11: the same A/B in cudagraph, all four workloads
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -466,6 +467,16 @@ case "$part" in
   bench r11-h-lcm-fused 90 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
   SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-i-lcm-sep 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
   bench r11-j-lcm-fused 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  rows r11
+  ;;
+45)
+  # Round R11: the same A/B in `cudagraph` (eager kernels in the step graph: what `auto` runs while it
+  # compiles, and where Triton is missing), all four workloads, alternated.
+  W=sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self,sdxl-turbo-1024
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-k-cg-sep 150 --workloads $W --modes cudagraph --no-baseline --frames 100
+  bench r11-l-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100 --check
+  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-m-cg-sep 100 --workloads $W --modes cudagraph --no-baseline --frames 100
+  bench r11-n-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100
   rows r11
   ;;
 9)
