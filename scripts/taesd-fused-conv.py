@@ -5,7 +5,9 @@ full 512x512 resolution. Under inductor the convolutions are cuDNN calls and eac
 a separate memory-bound kernel over the whole activation. cuDNN can run them as one kernel
 (torch.cudnn_convolution_relu / cudnn_convolution_add_relu). This measures TAESD's encoder + decoder
 (random weights, fp16, channels_last, one 512x512 frame) replayed from a CUDA graph: stock eager,
-stock compiled (as the pipeline runs it), and the fused form, eager and compiled (as a custom op).
+stock compiled (as the pipeline ran it until R11), and the fused form, eager and compiled (as a
+custom op). The probe that led to engine/taesd.py, kept as it ran (its ops are its own, written
+before that module); bench-h200.sh parts 42-45 measure the package's code in the pipeline.
 
     python3 scripts/taesd-fused-conv.py OUT.json [SIZE]
 """
