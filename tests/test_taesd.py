@@ -68,13 +68,16 @@ def test_the_ops_fake_has_the_real_outputs_layout(residual, layout):
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on CPU needs a C++ compiler")
-def test_fused_taesd_compiles_to_the_same_frames(tiny_taesd):
-    stock = AutoencoderTiny.from_pretrained(str(tiny_taesd)).eval()
+@pytest.mark.parametrize("frozen", [False, True], ids=["default", "frozen weights"])
+def test_fused_taesd_compiles_to_the_same_frames(tiny_taesd, frozen):
+    import torch._inductor.config as inductor_config
+
+    stock = AutoencoderTiny.from_pretrained(str(tiny_taesd)).eval().requires_grad_(False)
     fused = copy.deepcopy(stock)
     assert fuse_relus(fused) == 4 + 4 + 1
     decoder = torch.compile(fused.decoder, fullgraph=True)  # the op traces: no graph break around it
     latents = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad(), inductor_config.patch({"freezing": frozen}):
         torch.testing.assert_close(decoder(latents), stock.decoder(latents), rtol=1e-5, atol=1e-5)
 
 
