@@ -45,10 +45,11 @@ def test_fused_taesd_computes_the_same_frames_with_the_same_weights(channels_las
     assert fuse_relus(fused) == 0  # nothing left to fuse a second time
 
 
-def test_other_vaes_are_left_as_they_are():
-    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
-    before = [type(m) for m in vae.modules()]
-    assert fuse_relus(vae) == 0 and [type(m) for m in vae.modules()] == before
+def test_other_vaes_and_bfloat16_are_left_as_they_are():
+    for vae in (AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4),
+                AutoencoderTiny().to(torch.bfloat16)):  # cuDNN fuses float16 and float32 only
+        before = [type(m) for m in vae.modules()]
+        assert fuse_relus(vae) == 0 and [type(m) for m in vae.modules()] == before
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -10,8 +10,8 @@ differs from the separate ops by rounding only (the convolution's sum is not rou
 the add and the ReLU).
 
 Applied in the graph modes (``acceleration.accelerate``); ``SCOPE_STREAMDIFFUSION_FUSE_TAESD=0``
-keeps the separate ops. Off CUDA, or where cuDNN cannot take the tensors (bfloat16), the op computes
-the same thing with the separate ops.
+keeps the separate ops, and so does a bfloat16 TAESD (cuDNN fuses float16 and float32). Off CUDA,
+or where cuDNN is turned off, the op computes the same thing with the separate ops.
 """
 
 from typing import Optional
@@ -42,7 +42,7 @@ def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 @conv3x3_relu.register_kernel("cuda")
 def _conv3x3_relu_cudnn(x, weight, bias, residual):
-    if not torch.backends.cudnn.is_acceptable(x):  # cuDNN off, or bfloat16 (not among its fused dtypes)
+    if not torch.backends.cudnn.is_acceptable(x):  # cuDNN turned off, or a dtype it does not fuse
         return _separate_ops(x, weight, bias, residual)
     if residual is None:
         out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [1, 1], [1, 1], 1)
@@ -97,7 +97,9 @@ def _fusable_block(module) -> bool:
 
 def fuse_relus(vae: torch.nn.Module) -> int:
     """Fuse the ReLUs of a TAESD (``AutoencoderTiny``) into its convolutions, in place; returns how many
-    places were fused (0 for any other VAE, which is left as it is)."""
+    places were fused (0 for any other VAE, or a bfloat16 one, which cuDNN does not fuse: left as it is)."""
+    if next(vae.parameters()).dtype not in (torch.float16, torch.float32):
+        return 0
     fused = 0
     for coder in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
         layers = getattr(coder, "layers", None)
