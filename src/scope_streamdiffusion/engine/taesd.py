@@ -67,7 +67,7 @@ class FusedTinyBlock(torch.nn.Module):
 
     def __init__(self, block: torch.nn.Module):
         super().__init__()
-        self.conv, self.skip, self.fuse = block.conv, block.skip, block.fuse
+        self.conv, self.skip = block.conv, block.skip  # the same modules: the same state-dict keys
 
     def forward(self, x):
         conv1, _, conv2, _, conv3 = self.conv
@@ -98,12 +98,12 @@ def _fusable_block(module) -> bool:
 def fuse_relus(vae: torch.nn.Module) -> int:
     """Fuse the ReLUs of a TAESD (``AutoencoderTiny``) into its convolutions, in place; returns how many
     places were fused (0 for any other VAE, or a bfloat16 one, which cuDNN does not fuse: left as it is)."""
-    if next(vae.parameters()).dtype not in (torch.float16, torch.float32):
+    if type(vae).__name__ != "AutoencoderTiny" or next(vae.parameters()).dtype not in (torch.float16, torch.float32):
         return 0
     fused = 0
-    for coder in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
+    for coder in (vae.encoder, vae.decoder):
         layers = getattr(coder, "layers", None)
-        if type(vae).__name__ != "AutoencoderTiny" or not isinstance(layers, torch.nn.Sequential):
+        if not isinstance(layers, torch.nn.Sequential):
             continue
         for i, layer in enumerate(list(layers)):
             if _fusable_block(layer):
