@@ -52,6 +52,7 @@
 #   bash scripts/bench-h200.sh 43  # R11: the same for SDXL-Turbo 1024²; the default in a 200-s Scope-style stream
 #   bash scripts/bench-h200.sh 44  # R11: the same A/B for SD1.5 LCM 4-step
 #   bash scripts/bench-h200.sh 45  # R11: the same A/B in cudagraph, all four workloads
+#   bash scripts/bench-h200.sh 46  # R11: --check and profile of the final code (SD-Turbo, compile)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -477,6 +478,12 @@ case "$part" in
   bench r11-l-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100 --check
   SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-m-cg-sep 100 --workloads $W --modes cudagraph --no-baseline --frames 100
   bench r11-n-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100
+  rows r11
+  ;;
+46)
+  # Round R11: the final code (the fused op's output channels_last when its input or weight is):
+  # --check against none and the profile's memset/copy, SD-Turbo, compile.
+  bench r11-o-final 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
   rows r11
   ;;
 9)
