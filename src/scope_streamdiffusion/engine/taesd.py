@@ -20,20 +20,20 @@ import torch
 import torch.nn.functional as F
 
 
-def _layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+def _layout(x: torch.Tensor) -> torch.memory_format:
     """The output's layout, the same for the real op and its fake (inductor plans with the fake's
-    strides): channels_last when the input or the weight is, as cuDNN's own choice (no copy then)."""
-    def nhwc(t):
-        return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-    return torch.channels_last if nhwc(x) or nhwc(weight) else torch.contiguous_format
+    strides): the input's, as in R11's A/B runs. (Following the weight too, as cuDNN would, measured
+    once on another machine: 0.07 ms less of layout copies per 512² frame, 0.12 ms more in inductor's
+    kernels around the op; BENCHMARKS.md, R11 run 51.)"""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _separate_ops(x, weight, bias, residual):
     out = F.conv2d(x, weight, bias, padding=1)
     if residual is not None:
         out = out + residual
-    return F.relu(out).contiguous(memory_format=_layout(x, weight))
+    return F.relu(out).contiguous(memory_format=_layout(x))
 
 
 @torch.library.custom_op("scope_streamdiffusion::conv3x3_relu", mutates_args=())
@@ -51,12 +51,12 @@ def _conv3x3_relu_cudnn(x, weight, bias, residual):
         out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [1, 1], [1, 1], 1)
     else:
         out = torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, [1, 1], [1, 1], [1, 1], 1)
-    return out.contiguous(memory_format=_layout(x, weight))
+    return out.contiguous(memory_format=_layout(x))
 
 
 @conv3x3_relu.register_fake
 def _conv3x3_relu_fake(x, weight, bias, residual):
-    return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=_layout(x, weight))
+    return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=_layout(x))
 
 
 def _is_plain_3x3(conv) -> bool:
