@@ -52,7 +52,7 @@
 #   bash scripts/bench-h200.sh 43  # R11: the same for SDXL-Turbo 1024²; the default in a 200-s Scope-style stream
 #   bash scripts/bench-h200.sh 44  # R11: the same A/B for SD1.5 LCM 4-step
 #   bash scripts/bench-h200.sh 45  # R11: the same A/B in cudagraph, all four workloads
-#   bash scripts/bench-h200.sh 46  # R11: --check and profile of the final code (SD-Turbo, compile)
+#   bash scripts/bench-h200.sh 46  # R11: a variant (the op's output layout following the weight too), reverted
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -481,8 +481,8 @@ case "$part" in
   rows r11
   ;;
 46)
-  # Round R11: the final code (the fused op's output channels_last when its input or weight is):
-  # --check against none and the profile's memset/copy, SD-Turbo, compile.
+  # Round R11: a variant, since reverted (the fused op's output channels_last when its input or its
+  # weight is): --check against none and the profile's memset/copy, SD-Turbo, compile.
   bench r11-o-final 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
   rows r11
   ;;

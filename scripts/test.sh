@@ -48,12 +48,16 @@ if [ "${SKIP_SCOPE_PINS:-0}" != "1" ]; then
   ( make_env .venv-test-scope-pins $SCOPE_PINS
     run_suite .venv-test-scope-pins "Scope's pinned versions" -m "not slow" "$@" ) > "$pins_log" 2>&1 &
   pins=$!
+  # Interrupted or failed early: the second pass stops too (a background job ignores Ctrl-C).
+  trap 'if [ -n "${pins:-}" ]; then pkill -TERM -P "$pins" 2>/dev/null; kill "$pins" 2>/dev/null; fi' EXIT
+  trap 'exit 130' INT TERM
 fi
 latest=0
 run_suite .venv-test "the latest releases" "$@" || latest=$?
 pinned=0
 if [ -n "${pins:-}" ]; then
   wait "$pins" || pinned=$?
+  pins=
   cat "$pins_log"
 fi
 if [ "$latest" != 0 ] || [ "$pinned" != 0 ]; then

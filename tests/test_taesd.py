@@ -56,7 +56,9 @@ def test_other_vaes_and_bfloat16_are_left_as_they_are():
 @pytest.mark.parametrize("layouts", [(torch.contiguous_format,) * 2, (torch.channels_last,) * 2,
                                      (torch.contiguous_format, torch.channels_last)], ids=["nchw", "nhwc", "mixed"])
 def test_the_ops_fake_has_the_real_outputs_layout(residual, layouts):
-    """Inductor plans buffers from the fake op's strides: they must be the real op's (the input's layout)."""
+    """Inductor plans buffers from the fake op's strides: they must be the real op's (the input's layout).
+    Here the real op is the CPU's; the cuDNN kernel ends in the same layout step, and its compiled runs
+    on the GPU (BENCHMARKS.md, R11, --check) would show a mismatch as wrong frames."""
     x = torch.randn(2, 8, 6, 10).contiguous(memory_format=layouts[0])
     w, b = torch.randn(8, 8, 3, 3).contiguous(memory_format=layouts[1]), torch.randn(8)
     z = torch.randn(2, 8, 6, 10).contiguous(memory_format=layouts[0]) if residual else None

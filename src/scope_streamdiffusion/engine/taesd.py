@@ -9,6 +9,8 @@ a residual add and the ReLU as one kernel: on an H200 TAESD's encoder + decoder 
 differs from the separate ops by rounding only (the convolution's sum is not rounded to fp16 before
 the add and the ReLU).
 
+Inference only: the op has no autograd formula (the models load without gradients), and the fused
+blocks read their convolutions' weights directly (hooks on those convolutions do not run).
 Applied in the graph modes (``acceleration.accelerate``); ``SCOPE_STREAMDIFFUSION_FUSE_TAESD=0``
 keeps the separate ops, and so does a bfloat16 TAESD (cuDNN fuses float16 and float32). Off CUDA,
 or where cuDNN is turned off, the op computes the same thing with the separate ops.
