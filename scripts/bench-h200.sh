@@ -77,12 +77,7 @@ bg_summary() {  # bg_summary OUT_STEM: the lines of a background-compile-timelin
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])' \
     "$1.json" || tail -5 "$1.log"
 }
-variants() {  # variants PREFIX: one line per PREFIX-*.json: fps, p50, start-up, graph alone, kernels, families
-  for f in "$OUT"/"$1"-*.json; do
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; p=r.get("profile") or {}; print(sys.argv[1].split("/")[-1], r.get("fps_p50"), r.get("p50_ms"), r.get("startup_s"), p.get("graph_replay_ms_per_call"), p.get("kernel_ms_per_frame"), p.get("kernel_launches_per_frame"), p.get("kernel_kinds"))' "$f"
-  done
-}
-rows() {  # rows PREFIX: every result row and check of PREFIX-*.json (several workloads or modes per file)
+rows() {  # rows PREFIX: every result row (fps, p50, p99, VRAM, start-up, graph alone, kernels, families) and check of PREFIX-*.json
   for f in "$OUT"/"$1"-*.json; do
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); n=sys.argv[1].split("/")[-1]
 for r in d["results"]:
@@ -343,7 +338,7 @@ case "$part" in
   for opt in aggressive_fusion triton.prefer_nd_tiling triton.tile_reductions; do
     SCOPE_STREAMDIFFUSION_INDUCTOR=$opt=1 bench "r7-$opt" 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   done
-  variants r7
+  rows r7
   ;;
 31)
   # Round R8: (1) interrupted captures retried on a GPU (a thread synchronising the device while
@@ -357,9 +352,9 @@ case "$part" in
     PYTHONPATH=/tmp/site:$PREV_SRC bench r8-modulated-prev 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300 --modulate
   fi
   bench r8-fixed-again 70 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 300
-  variants r8
+  rows r8
   SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_pointwise=1 bench r7-max_autotune_pointwise 170 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
-  variants r7
+  rows r7
   ;;
 32)
   # Round R8: the attention kernel. PyTorch picks cuDNN's fused attention on Hopper; the same with
@@ -373,7 +368,7 @@ case "$part" in
     PYTHONPATH=/tmp/sdpa-flash:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=/tmp/ind-flash-$wl \
       bench "r8-sdpa-flash-$wl" 140 --workloads $wl --modes compile --no-baseline --frames 150 --profile
   done
-  variants r8-sdpa
+  rows r8-sdpa
   for f in "$OUT"/r8-sdpa-*.json; do
     python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["results"][0].get("profile") or {}; print(sys.argv[1].split("/")[-1], [(k["name"][:90], k.get("ms_per_frame")) for k in p.get("top_kernels", []) if "att" in k["name"].lower() or "flash" in k["name"].lower() or "fmha" in k["name"].lower()][:4])' "$f"
   done
@@ -395,7 +390,7 @@ case "$part" in
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-default bench r9-default 110 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-mag TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=all SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune_gemm=1 \
     bench r9-max_autotune_gemm ${MAG_LIMIT:-420} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
-  variants r9
+  rows r9
   python3 scripts/autotune-tables.py "$OUT/r9-max_autotune_gemm.log"
   ;;
 37)
@@ -407,7 +402,7 @@ case "$part" in
     SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune=1 bench r9-conv-autotune ${CONV_LIMIT:-420} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   python3 scripts/autotune-tables.py "$OUT/r9-conv-autotune.log"
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-default bench r9-default 130 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
-  variants r9
+  rows r9
   ;;
 38)
   # Round R9: part 37 timed no convolution: inductor offers Triton's convolution templates only when
@@ -418,7 +413,7 @@ case "$part" in
   PYTHONPATH=/tmp/conv-only:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=/tmp/ind-conv-templates TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=all \
     SCOPE_STREAMDIFFUSION_INDUCTOR=max_autotune=1 bench r9-conv-templates ${CONV_LIMIT:-480} --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
   python3 scripts/autotune-tables.py "$OUT/r9-conv-templates.log" | tail -50
-  variants r9
+  rows r9
   ;;
 36)
   # Round R9: part 33's stream again, now that soak.py records what each call over 300 ms did.
@@ -442,7 +437,7 @@ case "$part" in
   # Round R10: bfloat16 (cuDNN and cuBLAS pick other kernels for it), then float16 on the same machine.
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-bf16 bench r10-bf16 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile --dtype bfloat16
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind-fp16 bench r10-fp16 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 150 --profile
-  variants r10
+  rows r10
   ;;
 42)
   # Round R11: TAESD's ReLUs inside its convolutions (engine/taesd.py, the default) against the
