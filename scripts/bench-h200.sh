@@ -53,6 +53,12 @@
 #   bash scripts/bench-h200.sh 44  # R11: the same A/B for SD1.5 LCM 4-step
 #   bash scripts/bench-h200.sh 45  # R11: the same A/B in cudagraph, all four workloads
 #   bash scripts/bench-h200.sh 46  # R11: a variant (the op's output layout following the weight too), reverted
+#   bash scripts/bench-h200.sh 47  # R12: shared time-embedding / prompt key-value projections vs separate (SD-Turbo)
+#   bash scripts/bench-h200.sh 48  # R12: the same A/B for SD1.5 LCM 4-step
+#   bash scripts/bench-h200.sh 49  # R12: the same A/B for SDXL-Turbo 1024² (not run)
+#   bash scripts/bench-h200.sh 50  # R12: part 48's LCM --check and A/B again; SDXL-Turbo 1024² --check
+#   bash scripts/bench-h200.sh 51  # R12: the A/B inside one process (LCM, SD-Turbo img2img)
+#   bash scripts/bench-h200.sh 52  # R12: --check of LCM with shared projections; the in-process A/B for txt2img
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -474,6 +480,54 @@ case "$part" in
   SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-m-cg-sep 100 --workloads $W --modes cudagraph --no-baseline --frames 100
   bench r11-n-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100
   rows r11
+  ;;
+47)
+  # Round R12: the time-embedding and prompt key/value projections each as one GEMM
+  # (engine/projections.py, the default) against separate GEMMs (SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0),
+  # alternated on one machine; --check of the default.
+  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-a-sep 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  bench r12-b-shared 170 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
+  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-c-sep 80 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  bench r12-d-shared 80 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  rows r12
+  ;;
+48)
+  # Round R12: the same A/B for SD1.5 LCM 4-step (self-CFG, stream batch of 4), then SDXL-Turbo 1024².
+  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-e-lcm-sep 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  bench r12-f-lcm-shared 100 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
+  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-g-lcm-sep 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  bench r12-h-lcm-shared 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  rows r12
+  ;;
+49)
+  # Round R12: the same A/B for SDXL-Turbo 1024² (70 key/value projections shared), --check of the default.
+  bench r12-i-sdxl-shared 250 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile --check
+  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-j-sdxl-sep 250 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile
+  rows r12
+  ;;
+50)
+  # Round R12, run after part 48 on the same machine (whose --check ran out of time while compiling):
+  # --check of LCM with shared projections, the LCM A/B once more, SDXL-Turbo 1024² with --check.
+  bench r12-k-lcm-shared 90 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
+  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-l-lcm-sep 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  bench r12-m-lcm-shared 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  bench r12-i-sdxl-shared 280 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile --check
+  rows r12
+  ;;
+51)
+  # Round R12: the same A/B inside one process (scripts/ab-same-process.py: both pipelines loaded,
+  # their calls timed in alternating blocks), SD1.5 LCM 4-step then SD-Turbo img2img.
+  for wl in sd15-lcm4-self sd-turbo-img2img; do
+    start=$SECONDS; timeout 270 python3 scripts/ab-same-process.py "$OUT/r12-ab-$wl.json" $wl SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS 0 1 6 100 > "$OUT/r12-ab-$wl.log" 2>&1
+    echo "$wl exit $? after $((SECONDS - start)) s"; grep -E "^(0|1|\{)|Error" "$OUT/r12-ab-$wl.log" | cut -c1-300
+  done
+  ;;
+52)
+  # Round R12: --check of SD1.5 LCM 4-step with the shared projections (parts 48 and 50 ran out of
+  # time compiling it); the in-process A/B for SD-Turbo txt2img.
+  bench r12-n-lcm-shared 250 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 100 --check
+  start=$SECONDS; timeout 160 python3 scripts/ab-same-process.py "$OUT/r12-ab-sd-turbo-txt2img.json" sd-turbo-txt2img SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS 0 1 6 100 > "$OUT/r12-ab-sd-turbo-txt2img.log" 2>&1
+  echo "txt2img exit $? after $((SECONDS - start)) s"; grep -E "^(0|1|\{)|Error" "$OUT/r12-ab-sd-turbo-txt2img.log" | cut -c1-300
   ;;
 46)
   # Round R11: a variant, since reverted (the fused op's output channels_last when its input or its

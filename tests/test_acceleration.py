@@ -165,7 +165,9 @@ def test_fused_attention_projections_compute_the_same_frames(tmp_path, family, r
 
 
 def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd15, tiny_lcm_lora, monkeypatch):
-    """Runtime LoRA adapters sit on the separate q/k/v layers: fusing would silently drop them."""
+    """Runtime LoRA adapters sit on the separate q/k/v (and time-embedding) layers: fusing or
+    sharing would silently drop them."""
+    from scope_streamdiffusion.engine.projections import SharedInputMember
     from scope_streamdiffusion.testing.tiny_models import LORA_WEIGHT_NAME
 
     monkeypatch.setattr(acc, "resolve_acceleration", lambda requested, device: "cudagraph")  # a graph mode on CPU
@@ -175,14 +177,20 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
                              acceleration="cudagraph", **kw)
         names = {type(p).__name__ for p in models.unet.attn_processors.values()}
         assert bool(models.extras.get("fused_projections")) == (names == {"FusedAttnProcessor2_0"})
-        return bool(models.extras.get("fused_projections"))
+        shared = models.extras.get("shared_projections") or {}
+        members = sum(isinstance(m, SharedInputMember) for m in models.unet.modules())
+        assert members == sum(shared.values())
+        return bool(models.extras.get("fused_projections")), sorted(shared)
 
     lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
-    assert fused()
-    assert fused(loras=lora, lora_merge_mode="permanent_merge")  # merged into the weights first
-    assert not fused(loras=lora, lora_merge_mode="runtime_peft")
+    assert fused() == (True, ["prompt", "time"])
+    assert fused(loras=lora, lora_merge_mode="permanent_merge") == (True, ["prompt", "time"])  # merged first
+    assert fused(loras=lora, lora_merge_mode="runtime_peft") == (False, [])
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS", "0")
+    assert fused() == (True, [])
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_FUSE_QKV", "0")
-    assert not fused()
+    monkeypatch.delenv("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS")
+    assert fused() == (False, ["time"])  # the prompt's key/value sharing builds on the fused layers
 
 
 class _CountingBackend:

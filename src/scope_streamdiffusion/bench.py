@@ -486,7 +486,8 @@ def run(args) -> int:
                     call = _pipeline_call(pipe, wl, args.modulate)
                     models = pipe.engine.models
                     extra = dict(acceleration=models.extras.get("acceleration"), unet_params=_unique_numel(models.unet),
-                        fp8_linear_layers=models.extras.get("fp8_linear_layers"))
+                        fp8_linear_layers=models.extras.get("fp8_linear_layers"),
+                        shared_projections=models.extras.get("shared_projections"))
                     if arch:
                         from .testing.architectures import PARAM_COUNTS, resolve_kind
 

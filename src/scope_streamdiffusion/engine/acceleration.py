@@ -16,8 +16,9 @@ what it computes in ~5), so real time needs the host out of the loop:
 * ``"background-compile"``: each batch shape runs as ``"cudagraph"`` at once while a background
   thread compiles the modules for it, then as ``"compile"`` (:mod:`.background_compile`): compile's
   speed without its blocking start, and no stop when the shape changes.
-* In all of them, each attention's query/key/value projections run as one GEMM (:func:`fuse_projections`),
-  and TAESD's ReLUs run inside its convolutions (:mod:`.taesd`).
+* In all of them, each attention's query/key/value projections run as one GEMM, so do all the
+  time-embedding projections and all the prompt key/value projections (:mod:`.projections`), and
+  TAESD's ReLUs run inside its convolutions (:mod:`.taesd`).
 * ``"tensorrt"``: the UNet runs as a TensorRT engine (see :mod:`.tensorrt_export`), inside the
   same whole-step CUDA graph.
 * ``"auto"`` (the default): ``"background-compile"`` on CUDA (``"cudagraph"`` without Triton),
@@ -59,6 +60,7 @@ from .inductor import (
     release_weights_with,
 )
 from .lora import has_runtime_adapters
+from .projections import fuse_projections, share_conditioning_projections
 from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
@@ -526,42 +528,6 @@ class StepGraphs:
         return out.clone()
 
 
-def fuse_projections(unet) -> bool:
-    """One GEMM for each self-attention's query, key and value (and each cross-attention's key and
-    value) instead of three (two): fewer, fuller kernels at one frame. Not with runtime LoRA adapters
-    (they sit on the separate projections). False where the model has no such attention."""
-    try:
-        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
-    except ImportError:
-        return False
-    processors = getattr(unet, "attn_processors", {})
-    if not processors or any("Added" in type(p).__name__ for p in processors.values()):
-        return False  # added KV projections (not in SD/SDXL UNets): diffusers cannot fuse them
-    # What UNet2DConditionModel.fuse_qkv_projections() does, one attention at a time: diffusers
-    # copies the weights into the fused layer and keeps the separate ones (+1.3 GB for SDXL in fp16).
-    # Here the separate ones become views of the fused weights at once, so memory never holds both
-    # for more than one layer, and whatever still reads them (LoRA tooling, unfusing) sees the same values.
-    unet.original_attn_processors = processors
-    for module in unet.modules():
-        if not isinstance(module, Attention):
-            continue
-        module.fuse_projections(fuse=True)
-        if module.is_cross_attention:
-            fused, parts = module.to_kv, [module.to_k, module.to_v]
-        else:
-            fused, parts = module.to_qkv, [module.to_q, module.to_k, module.to_v]
-        fused.requires_grad_(False)
-        for name in ("weight", "bias"):
-            whole = getattr(fused, name)
-            if whole is None:
-                continue
-            rows = whole.data.split([getattr(part, name).shape[0] for part in parts])
-            for part, view in zip(parts, rows):
-                setattr(part, name, torch.nn.Parameter(view, requires_grad=False))
-    unet.set_attn_processor(FusedAttnProcessor2_0())
-    return True
-
-
 def _background_compiler(models, options: dict):
     """``"background-compile"``: the compiler that moves each step shape to compiled code later."""
     from .background_compile import BackgroundCompiler
@@ -589,14 +555,16 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode not in GRAPH_MODES:
         return models
     torch.backends.cudnn.benchmark = True
-    # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200
-    # (BENCHMARKS.md, R4). SCOPE_STREAMDIFFUSION_FUSE_QKV=0 keeps them apart. TensorRT fuses its own;
-    # fp8 (an experiment) was measured on the separate projections.
+    # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200 (BENCHMARKS.md,
+    # R4); the time-embedding and prompt key/value projections as one GEMM each: -0.15 to -0.20 ms (R12).
+    # SCOPE_STREAMDIFFUSION_FUSE_QKV=0 / _SHARE_PROJECTIONS=0 keep them apart. TensorRT fuses its own;
+    # fp8 (an experiment) was measured on the separate projections; runtime LoRAs sit on them.
     fp8 = mode == "compile" and fp8_requested()
-    runtime_loras = has_runtime_adapters(models.extras.get("loras"))  # they sit on the separate projections
-    if mode != "tensorrt" and not fp8 and not runtime_loras \
-            and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
+    rewrite = mode != "tensorrt" and not fp8 and not has_runtime_adapters(models.extras.get("loras"))
+    if rewrite and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
         models.extras["fused_projections"] = fuse_projections(models.unet)
+    if rewrite and os.environ.get("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS", "1") != "0":
+        models.extras["shared_projections"] = share_conditioning_projections(models.unet)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_TAESD", "1") != "0":
         models.extras["fused_taesd_relus"] = fuse_relus(models.vae)
