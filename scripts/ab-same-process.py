@@ -1,6 +1,7 @@
 """A/B of a load-time switch inside ONE process on the GPU: two pipelines of one workload, loaded
-with an environment variable set to each of two values, their calls timed in alternating blocks,
-so that what differs between processes and machines (host speed, clocks) is shared by both.
+with an environment variable set to each of two values, their calls timed in alternating blocks
+(A B, B A, A B, ...), so that what differs between processes and machines (host speed, clocks) is
+shared by both.
 
     python3 scripts/ab-same-process.py OUT.json WORKLOAD VAR VALUE_A VALUE_B [BLOCKS] [CALLS]
 
@@ -14,54 +15,68 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from scope_streamdiffusion import bench
+from scope_streamdiffusion.engine.inductor import cache_root
 
-out_path, workload, var, a, b = sys.argv[1:6]
-blocks = int(sys.argv[6]) if len(sys.argv) > 6 else 6
-calls = int(sys.argv[7]) if len(sys.argv) > 7 else 100
-parser = bench.add_arguments(argparse.ArgumentParser())
-args = parser.parse_args(["--random-weights", "--workloads", workload, "--modes", "compile", "--no-baseline"])
-device = torch.device("cuda")
-wl = bench.WORKLOADS[workload]
-runner = bench.Runner(args, device, "float16")
-from scope_streamdiffusion.engine.inductor import cache_root  # noqa: E402
 
-folder, taesd = bench.random_weight_model(bench._resolve_arch(wl, "auto"), cache_root() / "random-weights", device)
-frames = bench.make_frames(8, wl.size, wl.size, device)
-pipes, report = {}, dict(workload=workload, var=var, blocks=[], graph_alone_ms={}, extras={})
-for value in (a, b):
+def load(workload: str, var: str, value: str, frames) -> tuple:
+    """A compiled pipeline of ``workload`` loaded with ``var=value``, warmed up: (call, pipeline)."""
     os.environ[var] = value
-    t0 = time.perf_counter()
-    pipe = runner.pipeline(workload, wl, str(folder), str(taesd), "compile", wl.size, wl.size)
+    args = bench.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--random-weights", "--workloads", workload, "--modes", "compile", "--no-baseline"])
+    wl = bench.WORKLOADS[workload]
+    folder, taesd = bench.random_weight_model(bench._resolve_arch(wl, "auto"), cache_root() / "random-weights",
+                                              torch.device("cuda"))
+    pipe = bench.Runner(args, torch.device("cuda"), "float16").pipeline(
+        workload, wl, str(folder), str(taesd), "compile", wl.size, wl.size)
     call = bench._pipeline_call(pipe, wl, False)
     for i in range(5):
-        call([frames[i % 8]])
+        call([frames[i % len(frames)]])
     torch.cuda.synchronize()
-    pipes[value] = call
-    report["extras"][value] = {k: v for k, v in pipe.engine.models.extras.items() if isinstance(v, (bool, int, str, dict))}
-    report["graph_alone_ms"][value] = bench._graph_replay_ms(pipe, device)
-    print(value, "ready in", round(time.perf_counter() - t0, 1), "s; graph alone", report["graph_alone_ms"][value], flush=True)
-for block in range(blocks):
-    for value in ((a, b) if block % 2 == 0 else (b, a)):
-        call, total, host = pipes[value], [], []
-        for i in range(calls):
-            t0 = time.perf_counter()
-            call([frames[i % 8]])
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            total.append((t2 - t0) * 1e3)
-            host.append((t1 - t0) * 1e3)
-        row = dict(block=block, value=value, p50_ms=round(statistics.median(total), 3),
-                   host_p50_ms=round(statistics.median(host), 3), fps_p50=round(1e3 / statistics.median(total), 1))
-        report["blocks"].append(row)
-        print(row, flush=True)
-for value in (a, b):
-    rows = [r for r in report["blocks"] if r["value"] == value]
-    report[f"median_of_blocks_{value}"] = dict(p50_ms=statistics.median(r["p50_ms"] for r in rows),
-                                              host_p50_ms=statistics.median(r["host_p50_ms"] for r in rows))
-    print(value, report[f"median_of_blocks_{value}"])
-json.dump(report, open(out_path, "w"), indent=2, default=str)
+    return call, pipe
+
+
+def time_block(call, frames, calls: int) -> dict:
+    total, host = [], []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        call([frames[i % len(frames)]])
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        total.append((time.perf_counter() - t0) * 1e3)
+        host.append((t1 - t0) * 1e3)
+    p50 = statistics.median(total)
+    return dict(p50_ms=round(p50, 3), host_p50_ms=round(statistics.median(host), 3), fps_p50=round(1e3 / p50, 1))
+
+
+def main(out_path: str, workload: str, var: str, a: str, b: str, blocks: int = 6, calls: int = 100) -> None:
+    size = bench.WORKLOADS[workload].size
+    frames = bench.make_frames(8, size, size, torch.device("cuda"))
+    calls_by_value, report = {}, dict(workload=workload, var=var, blocks=[], graph_alone_ms={}, extras={})
+    for value in (a, b):
+        t0 = time.perf_counter()
+        calls_by_value[value], pipe = load(workload, var, value, frames)
+        extras = pipe.engine.models.extras
+        report["extras"][value] = {k: v for k, v in extras.items() if isinstance(v, (bool, int, str, dict))}
+        report["graph_alone_ms"][value] = bench._graph_replay_ms(pipe, torch.device("cuda"))
+        print(value, "ready in", round(time.perf_counter() - t0, 1), "s; graph alone",
+              report["graph_alone_ms"][value], flush=True)
+    for block in range(blocks):
+        for value in ((a, b) if block % 2 == 0 else (b, a)):
+            row = dict(block=block, value=value, **time_block(calls_by_value[value], frames, calls))
+            report["blocks"].append(row)
+            print(row, flush=True)
+    for value in (a, b):
+        rows = [r for r in report["blocks"] if r["value"] == value]
+        report[f"median_of_blocks_{value}"] = dict(p50_ms=statistics.median(r["p50_ms"] for r in rows),
+                                                  host_p50_ms=statistics.median(r["host_p50_ms"] for r in rows))
+        print(value, report[f"median_of_blocks_{value}"])
+    Path(out_path).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6], *(int(n) for n in sys.argv[6:8]))

@@ -481,6 +481,12 @@ case "$part" in
   bench r11-n-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100
   rows r11
   ;;
+46)
+  # Round R11: a variant, since reverted (the fused op's output channels_last when its input or its
+  # weight is): --check against none and the profile's memset/copy, SD-Turbo, compile.
+  bench r11-o-final 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
+  rows r11
+  ;;
 47)
   # Round R12: the time-embedding and prompt key/value projections each as one GEMM
   # (engine/projections.py, the default) against separate GEMMs (SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0),
@@ -528,12 +534,6 @@ case "$part" in
   bench r12-n-lcm-shared 250 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 100 --check
   start=$SECONDS; timeout 160 python3 scripts/ab-same-process.py "$OUT/r12-ab-sd-turbo-txt2img.json" sd-turbo-txt2img SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS 0 1 6 100 > "$OUT/r12-ab-sd-turbo-txt2img.log" 2>&1
   echo "txt2img exit $? after $((SECONDS - start)) s"; grep -E "^(0|1|\{)|Error" "$OUT/r12-ab-sd-turbo-txt2img.log" | cut -c1-300
-  ;;
-46)
-  # Round R11: a variant, since reverted (the fused op's output channels_last when its input or its
-  # weight is): --check against none and the profile's memset/copy, SD-Turbo, compile.
-  bench r11-o-final 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
-  rows r11
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

@@ -223,14 +223,17 @@ class _Block(torch.nn.Module):  # defined here: dynamo compiles its forward (tor
         return self.linear(x).relu() * 2
 
 
-def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd15_models):
+@pytest.mark.parametrize("projections", ["separate", "fused and shared"])
+def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd15_models, projections):
     """background-compile: each new batch shape runs at once with the eager modules (here without
     graphs, on the CPU) while a thread compiles them for it; the next step of that shape runs the
-    compiled code, which the frame thread never compiles itself; same frames as eager throughout."""
+    compiled code, which the frame thread never compiles itself; same frames as eager throughout,
+    also with the graph modes' projection rewrites (whose shared results live on the UNet)."""
     from torch._dynamo.utils import counters
 
     from scope_streamdiffusion.engine import load_models
     from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+    from scope_streamdiffusion.engine.projections import fuse_projections, share_conditioning_projections
 
     settings = StreamSettings(num_inference_steps=2, cfg_type=CfgType.SELF, guidance_scale=1.2)
     frames = make_frames(9)
@@ -240,6 +243,8 @@ def test_background_compile_each_shape_eager_at_once_then_compiled(tiny_sd15, sd
     expected += [reference(f) for f in frames[6:]]
 
     models = load_models(str(tiny_sd15), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=False)
+    if projections != "separate":
+        assert fuse_projections(models.unet) and share_conditioning_projections(models.unet)
     modules = {"unet": models.unet, "vae.encoder": models.vae.encoder, "vae.decoder": models.vae.decoder}
     # dynamo's own graphs, run as traced (inductor's code generation takes minutes on 2 CPU cores here):
     # what is tested here is which code runs where; inductor itself runs in the test below and on the GPU.

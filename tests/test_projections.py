@@ -106,7 +106,8 @@ def test_a_unet_call_that_raises_leaves_nothing_behind():
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_torch_compile_traces_one_graph_with_one_gemm_per_shared_input(family):
-    """What inductor gets from dynamo: no graph break, and the shared layers' GEMMs are one each."""
+    """What inductor gets from dynamo: no graph break, no recompilation for new inputs, and the
+    shared layers' GEMMs are one each."""
     import torch._dynamo
 
     linears = (torch._C._nn.linear, F.linear)
@@ -122,6 +123,9 @@ def test_torch_compile_traces_one_graph_with_one_gemm_per_shared_input(family):
         unet.compile(backend=backend, dynamic=False)
         with torch.no_grad():
             out = unet(sample, t, **kwargs).sample
+            # New tensors of the same shapes, as every frame brings: no recompilation (guards hold).
+            other_sample, other_t, other_kwargs = _unet_inputs(family, seed=1)
+            unet(other_sample, other_t, **other_kwargs)
         unet._compiled_call_impl = None
         return graphs, out
 

@@ -556,7 +556,7 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         return models
     torch.backends.cudnn.benchmark = True
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200 (BENCHMARKS.md,
-    # R4); the time-embedding and prompt key/value projections as one GEMM each: -0.15 to -0.20 ms (R12).
+    # R4); the time-embedding and prompt key/value projections as one GEMM each: -0.11 to -0.21 ms (R12).
     # SCOPE_STREAMDIFFUSION_FUSE_QKV=0 / _SHARE_PROJECTIONS=0 keep them apart. TensorRT fuses its own;
     # fp8 (an experiment) was measured on the separate projections; runtime LoRAs sit on them.
     fp8 = mode == "compile" and fp8_requested()

@@ -10,8 +10,9 @@ than their arithmetic. Two rewrites, both applied at load by :func:`.acceleratio
   GEMMs + 22 SiLUs and 16 GEMMs become two GEMMs and one SiLU in SD2.1, 70 key/value GEMMs become
   one in SDXL.
 
-Both keep the separate layers' weights as views of the fused ones (one copy in memory, state-dict
-keys unchanged), and both are left out with runtime LoRA adapters (they sit on the separate layers).
+Both keep the separate layers' weights as views of the fused ones (one copy in memory, the
+separate layers' state-dict keys kept), and both are left out with runtime LoRA adapters (they sit
+on the separate layers).
 """
 
 from __future__ import annotations
@@ -72,13 +73,16 @@ class SharedInputProjection(torch.nn.Module):
 
     def __init__(self, layers: list[torch.nn.Linear], act: torch.nn.Module | None = None):
         super().__init__()
-        weight = torch.cat([layer.weight.detach() for layer in layers])
-        has_bias = layers[0].bias is not None
-        self.whole = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
-        self.whole.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if has_bias:
-            self.whole.bias = torch.nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]),
-                                                 requires_grad=False)
+        first = layers[0]
+        rows = sum(layer.out_features for layer in layers)
+        # Built on "meta", then given empty storage that the layers' weights are copied into one at
+        # a time (_share): never two full copies in memory.
+        self.whole = torch.nn.Linear(first.in_features, rows, bias=first.bias is not None, device="meta")
+        for name in ("weight", "bias"):
+            if getattr(first, name) is not None:
+                like = getattr(first, name)
+                empty = torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+                setattr(self.whole, name, torch.nn.Parameter(empty, requires_grad=False))
         self.act = act
         self.active = False
         self.memo: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,7 +96,9 @@ class SharedInputProjection(torch.nn.Module):
     def columns(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         # (input, result) in one attribute, read once: used only for the very tensor it was computed
         # from, so a call on another thread (the background compiler runs the model too) or with
-        # another input computes its own.
+        # another input computes its own. (A compiled call also writes back active=False at its end,
+        # which can make a concurrent eager call's remaining members compute their own: slower once,
+        # never wrong.)
         memo = self.memo
         if memo is None or memo[0] is not x:
             memo = self.memo = (x, self.whole(self.act(x) if self.act is not None else x))
@@ -102,31 +108,38 @@ class SharedInputProjection(torch.nn.Module):
 class SharedInputMember(torch.nn.Linear):
     """One of a :class:`SharedInputProjection`'s layers; its own weights are views of the shared ones."""
 
-    def __init__(self, layer: torch.nn.Linear, start: int, act: torch.nn.Module | None):
+    def __init__(self, layer: torch.nn.Linear, shared: SharedInputProjection, start: int):
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         self.weight, self.bias = layer.weight, layer.bias
-        self.start, self.stop, self.act = start, start + layer.out_features, act
-        self._shared: tuple[SharedInputProjection] = ()  # a tuple: not a submodule of each member
+        self.start, self.stop, self.act = start, start + layer.out_features, shared.act
+        self._shared: tuple[SharedInputProjection, ...] = (shared,)  # a tuple: not a submodule of each member
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._shared and self._shared[0].active:
+        if self._shared[0].active:
             return self._shared[0].columns(x, self.start, self.stop)
         return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)
 
 
-def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None) -> int:
-    """Replace ``owner.<attr>`` for each (owner, attr) by members of one shared projection."""
+def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None, rebind=None) -> int:
+    """Replace ``owner.<attr>`` for each (owner, attr) by members of one shared projection, moving
+    each layer's weights into the shared storage (then ``rebind(owner)``, for other views of them)."""
     layers = [getattr(owner, attr) for owner, attr in owners]
     kinds = {(layer.in_features, layer.bias is None, layer.weight.dtype, layer.weight.device) for layer in layers}
     if len(layers) < 2 or len(kinds) != 1:
         return 0
     shared = SharedInputProjection(layers, act)
-    _views_of(shared.whole, layers)
     start = 0
     for (owner, attr), layer in zip(owners, layers):
-        member = SharedInputMember(layer, start, act)
-        member._shared = (shared,)
+        for param in ("weight", "bias"):
+            whole = getattr(shared.whole, param)
+            if whole is not None:
+                view = whole.data[start:start + layer.out_features]
+                view.copy_(getattr(layer, param).detach())
+                setattr(layer, param, torch.nn.Parameter(view, requires_grad=False))
+        member = SharedInputMember(layer, shared, start)
         setattr(owner, attr, member)
+        if rebind is not None:
+            rebind(owner)  # before the next layer: the old storage goes now
         start = member.stop
     unet.add_module(name, shared)
     # always_call: a call that raises still clears the result, so nothing stale outlives a call.
@@ -135,38 +148,47 @@ def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None)
     return len(layers)
 
 
+def _share_time_projections(unet) -> int:
+    """Every ResNet's time-embedding projection (SiLU, then its linear layer) as one GEMM: in a
+    ``UNet2DConditionModel`` call every ResNet receives the same time embedding."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D) and isinstance(m.time_emb_proj, torch.nn.Linear)
+               and not m.skip_time_act]
+    if len({repr(m.nonlinearity) for m in resnets}) != 1:  # one activation, the same settings
+        return 0
+    count = _share(unet, "time_projections", [(m, "time_emb_proj") for m in resnets], resnets[0].nonlinearity)
+    if count:
+        for m in resnets:
+            m.skip_time_act = True  # the SiLU runs once, in the shared projection
+    return count
+
+
+def _share_prompt_projections(unet) -> int:
+    """Every cross-attention's key/value projection (fused by :func:`fuse_projections`) as one GEMM:
+    every cross-attention receives the same ``encoder_hidden_states`` (those with a ``norm_cross``
+    of their own, none in SD/SDXL, are left alone)."""
+    from diffusers.models.attention_processor import Attention
+
+    owners = [(m, "to_kv") for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention
+              and isinstance(getattr(m, "to_kv", None), torch.nn.Linear) and m.norm_cross is None]
+    # The separate key and value layers are views of to_kv's weights: make them views of the new storage.
+    return _share(unet, "prompt_projections", owners, rebind=lambda attn: _views_of(attn.to_kv, [attn.to_k, attn.to_v]))
+
+
 def share_conditioning_projections(unet) -> dict[str, int]:
     """One GEMM for all ResNets' time-embedding projections and one for all cross-attentions'
-    key/value projections (after :func:`fuse_projections`), for diffusers' ``UNet2DConditionModel``.
+    key/value projections (after :func:`fuse_projections`), for diffusers' ``UNet2DConditionModel``;
+    once per UNet, after its last ``.to()`` (a move copies each parameter on its own, so the
+    separate layers would no longer be views of the shared weights).
 
     Returns how many layers each shared projection took ({} where none applies). Exactly the same
-    function: in that UNet every ResNet receives the same time embedding and every cross-attention
-    the same ``encoder_hidden_states`` (no per-attention ``norm_cross`` in SD/SDXL; attentions with
-    one are left alone)."""
+    function, up to the GEMMs' rounding."""
     try:
         from diffusers import UNet2DConditionModel
-        from diffusers.models.attention_processor import Attention
-        from diffusers.models.resnet import ResnetBlock2D
     except ImportError:
         return {}
     if type(unet) is not UNet2DConditionModel or any(hasattr(unet, n) for n in ("time_projections", "prompt_projections")):
         return {}
-    shared = {}
-    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D) and isinstance(m.time_emb_proj, torch.nn.Linear)
-               and not m.skip_time_act]
-    acts = {type(m.nonlinearity) for m in resnets}
-    if len(acts) == 1:
-        act = resnets[0].nonlinearity
-        count = _share(unet, "time_projections", [(m, "time_emb_proj") for m in resnets], act)
-        if count:
-            for m in resnets:
-                m.skip_time_act = True  # the SiLU runs once, in the shared projection
-            shared["time"] = count
-    kv_owners = [(m, "to_kv") for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention
-                 and isinstance(getattr(m, "to_kv", None), torch.nn.Linear) and m.norm_cross is None]
-    count = _share(unet, "prompt_projections", kv_owners)
-    if count:
-        for attn, _ in kv_owners:  # the separate key and value layers: views of the new storage too
-            _views_of(attn.to_kv, [attn.to_k, attn.to_v])
-        shared["prompt"] = count
-    return shared
+    counts = dict(time=_share_time_projections(unet), prompt=_share_prompt_projections(unet))
+    return {name: count for name, count in counts.items() if count}
