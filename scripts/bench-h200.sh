@@ -498,7 +498,7 @@ case "$part" in
   rows r12
   ;;
 48)
-  # Round R12: the same A/B for SD1.5 LCM 4-step (self-CFG, stream batch of 4), then SDXL-Turbo 1024².
+  # Round R12: the same A/B for SD1.5 LCM 4-step (self-CFG, stream batch of 4).
   SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-e-lcm-sep 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
   bench r12-f-lcm-shared 100 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
   SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-g-lcm-sep 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
