@@ -83,6 +83,14 @@ bg_summary() {  # bg_summary OUT_STEM: the lines of a background-compile-timelin
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ("load_s","first_call_ms","compile_s","failed","peak_vram_gb","vs_none_max_abs","compiled_at_end","switch_interval_after")}); [print(ph, r[ph]) for ph in ("first","changed") if ph in r]; print("windows", [(w["window_s"], w["fps_p50"], w["max_ms"], w["kinds"]) for w in r["windows"]])' \
     "$1.json" || tail -5 "$1.log"
 }
+alternate() {  # alternate VAR "A1 B1 A2 B2" "4 LIMITS" MODES FIRST_B_MODES ARGS...: an A/B on one machine,
+  # A with VAR=0 (the switch off), B the default, in the order A B A B; the first B also runs --check.
+  local var=$1 names=($2) limits=($3) modes=$4 first_b_modes=$5; shift 5
+  ( export "$var=0"; bench "${names[0]}" "${limits[0]}" --modes "$modes" "$@" )
+  bench "${names[1]}" "${limits[1]}" --modes "$first_b_modes" "$@" --check
+  ( export "$var=0"; bench "${names[2]}" "${limits[2]}" --modes "$modes" "$@" )
+  bench "${names[3]}" "${limits[3]}" --modes "$modes" "$@"
+}
 rows() {  # rows PREFIX: every result row (fps, p50, p99, VRAM, start-up, graph alone, kernels, families) and check of PREFIX-*.json
   for f in "$OUT"/"$1"-*.json; do
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); n=sys.argv[1].split("/")[-1]
@@ -449,10 +457,8 @@ case "$part" in
   # Round R11: TAESD's ReLUs inside its convolutions (engine/taesd.py, the default) against the
   # separate ops (SCOPE_STREAMDIFFUSION_FUSE_TAESD=0), alternated on one machine; --check of the default.
   python3 scripts/taesd-fused-conv.py "$OUT/taesd-512.json" 512 > "$OUT/taesd-512.log" 2>&1; grep -E "^(stock|fused)-" "$OUT/taesd-512.log"
-  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-a-sep 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
-  bench r11-b-fused 150 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
-  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-c-sep 90 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
-  bench r11-d-fused 90 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  alternate SCOPE_STREAMDIFFUSION_FUSE_TAESD "r11-a-sep r11-b-fused r11-c-sep r11-d-fused" "200 150 90 90" compile none,compile \
+    --workloads sd-turbo-img2img,sd-turbo-txt2img --no-baseline --frames 150 --profile
   rows r11
   ;;
 43)
@@ -465,20 +471,16 @@ case "$part" in
   ;;
 44)
   # Round R11: the same A/B for SD1.5 LCM 4-step (self-CFG, stream batch of 4).
-  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-g-lcm-sep 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  bench r11-h-lcm-fused 90 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
-  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-i-lcm-sep 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  bench r11-j-lcm-fused 60 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  alternate SCOPE_STREAMDIFFUSION_FUSE_TAESD "r11-g-lcm-sep r11-h-lcm-fused r11-i-lcm-sep r11-j-lcm-fused" "150 90 60 60" \
+    compile compile --workloads sd15-lcm4-self --no-baseline --frames 150 --profile
   rows r11
   ;;
 45)
   # Round R11: the same A/B in `cudagraph` (eager kernels in the step graph: what `auto` runs while it
   # compiles, and where Triton is missing), all four workloads, alternated.
   W=sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self,sdxl-turbo-1024
-  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-k-cg-sep 150 --workloads $W --modes cudagraph --no-baseline --frames 100
-  bench r11-l-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100 --check
-  SCOPE_STREAMDIFFUSION_FUSE_TAESD=0 bench r11-m-cg-sep 100 --workloads $W --modes cudagraph --no-baseline --frames 100
-  bench r11-n-cg-fused 100 --workloads $W --modes cudagraph --no-baseline --frames 100
+  alternate SCOPE_STREAMDIFFUSION_FUSE_TAESD "r11-k-cg-sep r11-l-cg-fused r11-m-cg-sep r11-n-cg-fused" "150 100 100 100" \
+    cudagraph cudagraph --workloads $W --no-baseline --frames 100
   rows r11
   ;;
 46)
@@ -491,18 +493,14 @@ case "$part" in
   # Round R12: the time-embedding and prompt key/value projections each as one GEMM
   # (engine/projections.py, the default) against separate GEMMs (SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0),
   # alternated on one machine; --check of the default.
-  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-a-sep 200 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
-  bench r12-b-shared 170 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
-  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-c-sep 80 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
-  bench r12-d-shared 80 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  alternate SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS "r12-a-sep r12-b-shared r12-c-sep r12-d-shared" "200 170 80 80" \
+    compile none,compile --workloads sd-turbo-img2img,sd-turbo-txt2img --no-baseline --frames 150 --profile
   rows r12
   ;;
 48)
   # Round R12: the same A/B for SD1.5 LCM 4-step (self-CFG, stream batch of 4).
-  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-e-lcm-sep 150 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  bench r12-f-lcm-shared 100 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
-  SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS=0 bench r12-g-lcm-sep 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  bench r12-h-lcm-shared 50 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  alternate SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS "r12-e-lcm-sep r12-f-lcm-shared r12-g-lcm-sep r12-h-lcm-shared" "150 100 50 50" \
+    compile compile --workloads sd15-lcm4-self --no-baseline --frames 150 --profile
   rows r12
   ;;
 49)

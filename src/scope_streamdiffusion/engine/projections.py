@@ -75,14 +75,12 @@ class SharedInputProjection(torch.nn.Module):
         super().__init__()
         first = layers[0]
         rows = sum(layer.out_features for layer in layers)
-        # Built on "meta", then given empty storage that the layers' weights are copied into one at
-        # a time (_share): never two full copies in memory.
-        self.whole = torch.nn.Linear(first.in_features, rows, bias=first.bias is not None, device="meta")
+        # Empty storage that _share copies the layers' weights into one at a time: never two full
+        # copies in memory.
         for name in ("weight", "bias"):
-            if getattr(first, name) is not None:
-                like = getattr(first, name)
-                empty = torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
-                setattr(self.whole, name, torch.nn.Parameter(empty, requires_grad=False))
+            like = getattr(first, name)
+            empty = None if like is None else torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            self.register_parameter(name, None if empty is None else torch.nn.Parameter(empty, requires_grad=False))
         self.act = act
         self.active = False
         self.memo: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -101,7 +99,7 @@ class SharedInputProjection(torch.nn.Module):
         # never wrong.)
         memo = self.memo
         if memo is None or memo[0] is not x:
-            memo = self.memo = (x, self.whole(self.act(x) if self.act is not None else x))
+            memo = self.memo = (x, F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias))
         return memo[1][..., start:stop]
 
 
@@ -131,7 +129,7 @@ def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None,
     start = 0
     for (owner, attr), layer in zip(owners, layers):
         for param in ("weight", "bias"):
-            whole = getattr(shared.whole, param)
+            whole = getattr(shared, param)
             if whole is not None:
                 view = whole.data[start:start + layer.out_features]
                 view.copy_(getattr(layer, param).detach())
