@@ -3,7 +3,9 @@ with an environment variable set to each of two values, their calls timed in alt
 (A B, B A, A B, ...), so that what differs between processes and machines (host speed, clocks) is
 shared by both.
 
-    python3 scripts/ab-same-process.py OUT.json WORKLOAD VAR VALUE_A VALUE_B [BLOCKS] [CALLS]
+    python3 scripts/ab-same-process.py OUT.json WORKLOAD VAR VALUE_A VALUE_B [BLOCKS] [CALLS] [MODE]
+
+VAR ``env`` sets several variables per side: VALUE_A / VALUE_B are ``NAME=VALUE,NAME=VALUE``.
 
 Per block: p50 of a call (frames in, frames out, synchronised), and of its host part alone (until
 the pipeline returns, before the device is synchronised); once per pipeline: the step graph alone.
@@ -23,16 +25,17 @@ from scope_streamdiffusion import bench
 from scope_streamdiffusion.engine.inductor import cache_root
 
 
-def load(workload: str, var: str, value: str, frames) -> tuple:
-    """A compiled pipeline of ``workload`` loaded with ``var=value``, warmed up: (call, pipeline)."""
-    os.environ[var] = value
+def load(workload: str, var: str, value: str, frames, mode: str = "compile") -> tuple:
+    """A pipeline of ``workload`` in ``mode`` loaded with ``var=value``, warmed up: (call, pipeline)."""
+    for name, setting in ([item.split("=", 1) for item in value.split(",")] if var == "env" else [(var, value)]):
+        os.environ[name] = setting
     args = bench.add_arguments(argparse.ArgumentParser()).parse_args(
-        ["--random-weights", "--workloads", workload, "--modes", "compile", "--no-baseline"])
+        ["--random-weights", "--workloads", workload, "--modes", mode, "--no-baseline"])
     wl = bench.WORKLOADS[workload]
     folder, taesd = bench.random_weight_model(bench._resolve_arch(wl, "auto"), cache_root() / "random-weights",
                                               torch.device("cuda"))
     pipe = bench.Runner(args, torch.device("cuda"), "float16").pipeline(
-        workload, wl, str(folder), str(taesd), "compile", wl.size, wl.size)
+        workload, wl, str(folder), str(taesd), mode, wl.size, wl.size)
     call = bench._pipeline_call(pipe, wl, False)
     for i in range(5):
         call([frames[i % len(frames)]])
@@ -53,13 +56,14 @@ def time_block(call, frames, calls: int) -> dict:
     return dict(p50_ms=round(p50, 3), host_p50_ms=round(statistics.median(host), 3), fps_p50=round(1e3 / p50, 1))
 
 
-def main(out_path: str, workload: str, var: str, a: str, b: str, blocks: int = 6, calls: int = 100) -> None:
+def main(out_path: str, workload: str, var: str, a: str, b: str, blocks: int = 6, calls: int = 100,
+         mode: str = "compile") -> None:
     size = bench.WORKLOADS[workload].size
     frames = bench.make_frames(8, size, size, torch.device("cuda"))
-    calls_by_value, report = {}, dict(workload=workload, var=var, blocks=[], graph_alone_ms={}, extras={})
+    calls_by_value, report = {}, dict(workload=workload, mode=mode, var=var, blocks=[], graph_alone_ms={}, extras={})
     for value in (a, b):
         t0 = time.perf_counter()
-        calls_by_value[value], pipe = load(workload, var, value, frames)
+        calls_by_value[value], pipe = load(workload, var, value, frames, mode)
         extras = pipe.engine.models.extras
         report["extras"][value] = {k: v for k, v in extras.items() if isinstance(v, (bool, int, str, dict))}
         report["graph_alone_ms"][value] = bench._graph_replay_ms(pipe, torch.device("cuda"))
@@ -79,4 +83,4 @@ def main(out_path: str, workload: str, var: str, a: str, b: str, blocks: int = 6
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6], *(int(n) for n in sys.argv[6:8]))
+    main(*sys.argv[1:6], *(int(n) for n in sys.argv[6:8]), *sys.argv[8:9])

@@ -58,6 +58,16 @@
 #   bash scripts/bench-h200.sh 49  # R12: the same A/B for SDXL-Turbo 1024² (not run)
 #   bash scripts/bench-h200.sh 50  # R12: part 48's LCM --check and A/B again; SDXL-Turbo 1024² --check
 #   bash scripts/bench-h200.sh 51  # R12: the A/B inside one process (LCM, SD-Turbo img2img)
+#   bash scripts/bench-h200.sh 53  # R13: TAESD's decoder upsamplings three ways (scripts/kernel-trace.py); the
+#                                  #     folded ones against the separate in one process (txt2img); kernel traces
+#   bash scripts/bench-h200.sh 55  # R13: in one process: TAESD's 3-channel convolutions padded (txt2img, img2img);
+#                                  #     inductor's split reductions off (txt2img, LCM)
+#   bash scripts/bench-h200.sh 56  # R13: --check and profile of the new defaults (SD-Turbo, SD1.5 LCM)
+#   bash scripts/bench-h200.sh 57  # R13: in one process, R12's TAESD against R13's (all three rewrites), each workload
+#   bash scripts/bench-h200.sh 58  # R13: part 57 in cudagraph (what auto runs while it compiles)
+#   bash scripts/bench-h200.sh 54  # R13: TAESD's first/last convolutions padded (scripts/conv-shapes.py); in one
+#                                  #     process: the decoder's input laid out as its weights (txt2img, LCM), the
+#                                  #     folded upsamplings (img2img)
 #   bash scripts/bench-h200.sh 52  # R12: --check of LCM with shared projections; the in-process A/B for txt2img
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
@@ -90,6 +100,11 @@ alternate() {  # alternate VAR "A1 B1 A2 B2" "4 LIMITS" MODES FIRST_B_MODES ARGS
   bench "${names[1]}" "${limits[1]}" --modes "$first_b_modes" "$@" --check
   ( export "$var=0"; bench "${names[2]}" "${limits[2]}" --modes "$modes" "$@" )
   bench "${names[3]}" "${limits[3]}" --modes "$modes" "$@"
+}
+ab() {  # ab NAME SECONDS WORKLOAD VAR [A B]: VAR=A (0) against VAR=B (1) inside one process (scripts/ab-same-process.py)
+  local name=$1 limit=$2 workload=$3 var=$4 a=${5:-0} b=${6:-1} start=$SECONDS; echo "=== $name: $workload $var $a $b"
+  timeout "$limit" python3 scripts/ab-same-process.py "$OUT/$name.json" "$workload" "$var" "$a" "$b" 6 100 > "$OUT/$name.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"; grep -E "^($a|$b|\{)|Error" "$OUT/$name.log" | cut -c1-300
 }
 rows() {  # rows PREFIX: every result row (fps, p50, p99, VRAM, start-up, graph alone, kernels, families) and check of PREFIX-*.json
   for f in "$OUT"/"$1"-*.json; do
@@ -532,6 +547,56 @@ case "$part" in
   bench r12-n-lcm-shared 250 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 100 --check
   start=$SECONDS; timeout 160 python3 scripts/ab-same-process.py "$OUT/r12-ab-sd-turbo-txt2img.json" sd-turbo-txt2img SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS 0 1 6 100 > "$OUT/r12-ab-sd-turbo-txt2img.log" 2>&1
   echo "txt2img exit $? after $((SECONDS - start)) s"; grep -E "^(0|1|\{)|Error" "$OUT/r12-ab-sd-turbo-txt2img.log" | cut -c1-300
+  ;;
+53)
+  # Round R13: the TAESD decoder alone three ways, then the in-process A/B of the folded upsamplings
+  # (SD-Turbo txt2img), then kernel traces (compiled and eager) of SD-Turbo txt2img and SD1.5 LCM.
+  start=$SECONDS; timeout 150 python3 scripts/kernel-trace.py decoder "$OUT/r13-trace" sd-turbo-txt2img > "$OUT/r13-decoder.log" 2>&1
+  echo "decoder exit $? after $((SECONDS - start)) s"; grep -vE "^\s*$" "$OUT/r13-decoder.log" | grep -E "^(as-is|transposed|sub-pixel|\{)|Error" | cut -c1-300
+  ab r13-ab-fold-sd-turbo-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES
+  start=$SECONDS; timeout 180 python3 scripts/kernel-trace.py trace "$OUT/r13-trace" sd-turbo-txt2img sd15-lcm4-self > "$OUT/r13-trace.log" 2>&1
+  echo "traces exit $? after $((SECONDS - start)) s"; grep -E "traced|failed|Error" "$OUT/r13-trace.log" | cut -c1-300
+  ;;
+54)
+  # Round R13: cuDNN's time for TAESD's first and last convolutions and padded variants; then in-process
+  # A/Bs: the decoder's input laid out as its weights (txt2img, LCM), the folded upsamplings (img2img).
+  for size in 512 1024; do timeout 60 python3 scripts/conv-shapes.py "$OUT/r13-conv-shapes-$size.json" $size > "$OUT/r13-conv-shapes-$size.log" 2>&1; echo "conv shapes $size exit $?"; done
+  python3 -c "import json,sys; [print(s, json.load(open(f'$OUT/r13-conv-shapes-{s}.json'))) for s in (512, 1024)]" 2>&1 | cut -c1-900
+  ab r13-ab-layout-sd-turbo-txt2img 150 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT
+  ab r13-ab-fold-sd-turbo-img2img 150 sd-turbo-img2img SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES
+  ab r13-ab-layout-sd15-lcm4-self 200 sd15-lcm4-self SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT
+  ;;
+55)
+  # Round R13, in-process A/Bs: TAESD's 3-channel convolutions padded; inductor's split reductions
+  # (each GroupNorm is 3-4 kernels, its reduction split in stages) off.
+  ab r13-ab-pad-sd-turbo-txt2img 120 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS
+  ab r13-ab-split-sd-turbo-txt2img 190 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_INDUCTOR split_reductions=1 split_reductions=0
+  ab r13-ab-pad-sd-turbo-img2img 60 sd-turbo-img2img SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS
+  ab r13-ab-split-sd15-lcm4-self 190 sd15-lcm4-self SCOPE_STREAMDIFFUSION_INDUCTOR split_reductions=1 split_reductions=0
+  ;;
+56)
+  # Round R13: --check and --profile of the new defaults (TAESD's decoder input laid out as its weights,
+  # its upsamplings folded, its 3-channel convolutions padded).
+  bench r13-a-sd-turbo 270 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
+  bench r13-b-lcm 250 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
+  rows r13
+  ;;
+57)
+  # Round R13: R12's code against R13's defaults in one process (the three TAESD rewrites off / on).
+  off=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=0,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=0
+  on=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=1,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=1,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=1
+  ab r13-ab-all-sd-turbo-img2img 130 sd-turbo-img2img env $off $on
+  ab r13-ab-all-sd-turbo-txt2img 60 sd-turbo-txt2img env $off $on
+  ab r13-ab-all-sd15-lcm4-self 150 sd15-lcm4-self env $off $on
+  ;;
+58)
+  # Round R13: part 57's A/B in cudagraph (eager kernels in the step graph), 6 blocks of 100 calls.
+  off=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=0,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=0
+  on=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=1,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=1,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=1
+  for wl in sd-turbo-img2img sd-turbo-txt2img sd15-lcm4-self; do
+    start=$SECONDS; timeout 80 python3 scripts/ab-same-process.py "$OUT/r13-ab-cg-$wl.json" $wl env $off $on 6 100 cudagraph > "$OUT/r13-ab-cg-$wl.log" 2>&1
+    echo "$wl exit $? after $((SECONDS - start)) s"; grep -E "ready|p50_ms': [0-9.]*, 'host_p50_ms': [0-9.]*}$|Error" "$OUT/r13-ab-cg-$wl.log" | cut -c1-200
+  done
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

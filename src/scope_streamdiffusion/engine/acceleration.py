@@ -65,7 +65,7 @@ from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
-from .taesd import fuse_relus
+from .taesd import fold_upsamples, fuse_relus, pad_thin_convs
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +567,15 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["shared_projections"] = share_conditioning_projections(models.unet)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_TAESD", "1") != "0":
-        models.extras["fused_taesd_relus"] = fuse_relus(models.vae)
+        # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).
+        models.extras["fused_taesd_relus"] = fuse_relus(
+            models.vae, input_layout=os.environ.get("SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT", "1") != "0")
+    # TAESD's decoder upsamplings + convolutions as transposed convolutions (BENCHMARKS.md, R13).
+    if os.environ.get("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES", "1") != "0":
+        models.extras["folded_taesd_upsamples"] = fold_upsamples(models.vae)
+    # ... and its 3-channel first and last convolutions padded (R13).
+    if os.environ.get("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS", "1") != "0":
+        models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae)
     options, compiler = {}, None
     if mode == "compile":
         if fp8:

@@ -1,4 +1,7 @@
-"""TAESD (diffusers' ``AutoencoderTiny``) with each ReLU run inside the convolution before it.
+"""TAESD (diffusers' ``AutoencoderTiny``) rewritten for the GPU: each ReLU run inside the convolution
+before it (:func:`fuse_relus`), each 2x upsampling + convolution of the decoder as one transposed
+convolution (:func:`fold_upsamples`), and the 3-channel convolutions at either end padded to shapes
+cuDNN runs fast (:func:`pad_thin_convs`).
 
 TAESD's blocks are conv -> ReLU -> conv -> ReLU -> conv, + input, ReLU, at 64 channels up to the
 frame's full size. Compiled or not, each convolution is a cuDNN call and each ReLU (or add + ReLU) a
@@ -82,13 +85,22 @@ class FusedTinyBlock(torch.nn.Module):
 
 
 class FusedConvReLU(torch.nn.Module):
-    """A 3x3 convolution followed by a ReLU, as one op; holds the convolution's own parameters."""
+    """A 3x3 convolution followed by a ReLU, as one op; holds the convolution's own parameters.
 
-    def __init__(self, conv: torch.nn.Conv2d):
+    With ``input_layout`` the input is first laid out as the weight is: the decoder's first layer
+    receives the stream's latents NCHW, and since the op's output keeps its input's layout, the whole
+    first stage of the decoder (ten convolutions at 64x64 for 512x512) would otherwise run NCHW with
+    channels_last weights: cuDNN then copies each input to NHWC and each output back (on an H200 20
+    copies, ~0.07 ms per frame; BENCHMARKS.md, R13). One copy of the 4-channel input replaces them."""
+
+    def __init__(self, conv: torch.nn.Conv2d, input_layout: bool = False):
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
+        self.input_layout = _layout(conv.weight) if input_layout else None
 
     def forward(self, x):
+        if self.input_layout is not None:
+            x = x.contiguous(memory_format=self.input_layout)
         return conv3x3_relu(x, self.weight, self.bias, None)
 
 
@@ -100,9 +112,10 @@ def _fusable_block(module) -> bool:
             and all(isinstance(a, torch.nn.ReLU) for a in convs[1::2]) and isinstance(module.fuse, torch.nn.ReLU))
 
 
-def fuse_relus(vae: torch.nn.Module) -> int:
+def fuse_relus(vae: torch.nn.Module, input_layout: bool = True) -> int:
     """Fuse the ReLUs of a TAESD (``AutoencoderTiny``) into its convolutions, in place; returns how many
-    places were fused (0 for any other VAE, or a bfloat16 one, which cuDNN does not fuse: left as it is)."""
+    places were fused (0 for any other VAE, or a bfloat16 one, which cuDNN does not fuse: left as it is).
+    ``input_layout``: the decoder's first layer lays its input out as its weight (:class:`FusedConvReLU`)."""
     if type(vae).__name__ != "AutoencoderTiny" or next(vae.parameters()).dtype not in (torch.float16, torch.float32):
         return 0
     fused = 0
@@ -115,6 +128,126 @@ def fuse_relus(vae: torch.nn.Module) -> int:
                 layers[i] = FusedTinyBlock(layer)
                 fused += 1
             elif isinstance(layer, torch.nn.ReLU) and i > 0 and _is_plain_3x3(layers[i - 1]):
-                layers[i - 1], layers[i] = FusedConvReLU(layers[i - 1]), torch.nn.Identity()  # index kept
+                layers[i - 1], layers[i] = FusedConvReLU(layers[i - 1], input_layout), torch.nn.Identity()  # index kept
                 fused += 1
     return fused
+
+
+# ----- the decoder's upsampling -----------------------------------------------------------------
+# Along one axis, nearest 2x upsampling then a 3-tap convolution (zero padding 1) gives output 2m
+# x[m-1] * w0 + x[m] * (w1 + w2) and output 2m+1 x[m] * (w0 + w1) + x[m+1] * w2: a stride-2
+# transposed convolution with 4 taps (padding 1) whose taps are w2, w1 + w2, w0 + w1, w0.
+_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def upsampled_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``conv_transpose2d`` weights (in, out, 4, 4) equal to nearest 2x upsampling then ``conv2d``
+    with ``weight`` (out, in, 3, 3), padding 1; the taps summed in float32 at least, in ``weight``'s layout."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    taps = torch.tensor(_TAPS, dtype=wide, device=weight.device)
+    folded = torch.einsum("kr,ls,oirs->iokl", taps, taps, weight.detach().to(wide)).to(weight.dtype)
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return folded.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class UpsampledConv(torch.nn.Module):
+    """``nn.Upsample(scale_factor=2)`` (nearest) then a 3x3 convolution, as one stride-2 transposed
+    convolution: 16 multiply-adds per output instead of 36, and no 4x larger upsampled copy.
+
+    Keeps the convolution's own parameters (the same state-dict keys); the transposed weights are
+    derived once, here (TAESD's weights do not change after loading: no LoRA reaches the VAE)."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.register_buffer("transposed_weight", upsampled_conv_weight(conv.weight), persistent=False)
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.transposed_weight, self.bias, stride=2, padding=1)
+
+
+def _is_nearest_2x(module) -> bool:
+    return (isinstance(module, torch.nn.Upsample) and module.mode == "nearest" and module.size is None
+            and module.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)))
+
+
+def fold_upsamples(vae: torch.nn.Module) -> int:
+    """Each nearest 2x upsampling followed by a plain 3x3 convolution in a TAESD's decoder becomes
+    one :class:`UpsampledConv` (in place; the upsampling's index keeps an ``nn.Identity``). Returns
+    how many (0 for any other VAE). The same function up to rounding (the taps' sums)."""
+    if type(vae).__name__ != "AutoencoderTiny":
+        return 0
+    layers = getattr(getattr(vae, "decoder", None), "layers", None)
+    if not isinstance(layers, torch.nn.Sequential):
+        return 0
+    folded = 0
+    for i in range(len(layers) - 1):
+        if _is_nearest_2x(layers[i]) and _is_plain_3x3(layers[i + 1]):
+            layers[i], layers[i + 1] = torch.nn.Identity(), UpsampledConv(layers[i + 1])
+            folded += 1
+    return folded
+
+
+# ----- the 3-channel convolutions at either end -------------------------------------------------
+# The encoder's first convolution (3 -> 64 channels) and the decoder's last (64 -> 3) run at the
+# frame's full size, and with 3 channels on one side cuDNN picks kernels without shared memory. On an
+# H200 at 512x512 (BENCHMARKS.md, R13): 64 -> 3 takes 62 us, 64 -> 32 41 us; 3 -> 64 36 us, 4 -> 64
+# 28 us, and compiled, the first convolution's bias is a separate 26-us pass over its 64-channel
+# output (inductor takes biases out of convolutions to fuse them with what follows; what follows
+# here is the fused block, which it cannot fuse into).
+PADDED_OUT_CHANNELS = 32
+
+
+class BiasChannelConv(torch.nn.Module):
+    """A 3x3 convolution (padding 1) whose bias rides on an extra input channel of ones, read by the
+    kernel's centre tap only (always inside the frame, so the sum is exactly the bias): no separate
+    bias pass, and 4 input channels instead of 3. Keeps the convolution's parameters (state-dict keys)."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        w = conv.weight.detach()
+        padded = torch.zeros((w.shape[0], w.shape[1] + 1, 3, 3), dtype=w.dtype, device=w.device)
+        padded[:, :-1] = w
+        padded[:, -1, 1, 1] = conv.bias.detach()
+        self.register_buffer("padded_weight", padded.contiguous(memory_format=_layout(w)), persistent=False)
+
+    def forward(self, x):
+        ones = torch.ones_like(x[:, :1])
+        return F.conv2d(torch.cat([x, ones], dim=1), self.padded_weight, None, padding=1)
+
+
+class PaddedOutConv(torch.nn.Module):
+    """A 3x3 convolution (padding 1) to few channels, run to ``PADDED_OUT_CHANNELS`` (zero weights)
+    and sliced, its bias added after. Keeps the convolution's parameters (state-dict keys)."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        w = conv.weight.detach()
+        padded = torch.zeros((PADDED_OUT_CHANNELS, *w.shape[1:]), dtype=w.dtype, device=w.device)
+        padded[:w.shape[0]] = w
+        self.register_buffer("padded_weight", padded.contiguous(memory_format=_layout(w)), persistent=False)
+
+    def forward(self, x):
+        out = F.conv2d(x, self.padded_weight, None, padding=1)[:, :self.weight.shape[0]]
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def pad_thin_convs(vae: torch.nn.Module) -> int:
+    """A TAESD's first encoder convolution (3 input channels, a bias) becomes a :class:`BiasChannelConv`
+    and its last decoder convolution (3 output channels) a :class:`PaddedOutConv`, in place. Returns
+    how many (0 for any other VAE). The same function up to rounding (summation order)."""
+    if type(vae).__name__ != "AutoencoderTiny":
+        return 0
+    padded = 0
+    layers = getattr(getattr(vae, "encoder", None), "layers", None)
+    if isinstance(layers, torch.nn.Sequential) and _is_plain_3x3(layers[0]) and layers[0].in_channels < 4 \
+            and layers[0].bias is not None:
+        layers[0] = BiasChannelConv(layers[0])
+        padded += 1
+    layers = getattr(getattr(vae, "decoder", None), "layers", None)
+    if isinstance(layers, torch.nn.Sequential) and _is_plain_3x3(layers[-1]) and layers[-1].out_channels < 8:
+        layers[-1] = PaddedOutConv(layers[-1])
+        padded += 1
+    return padded
