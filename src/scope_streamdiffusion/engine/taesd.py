@@ -90,7 +90,7 @@ class FusedConvReLU(torch.nn.Module):
     With ``input_layout`` the input is first laid out as the weight is: the decoder's first layer
     receives the stream's latents NCHW, and since the op's output keeps its input's layout, the whole
     first stage of the decoder (ten convolutions at 64x64 for 512x512) would otherwise run NCHW with
-    channels_last weights: cuDNN then copies each input to NHWC and each output back (on an H200 20
+    channels_last weights: cuDNN then copies each input to NHWC and each output back (on an H200 23
     copies, ~0.07 ms per frame; BENCHMARKS.md, R13). One copy of the 4-channel input replaces them."""
 
     def __init__(self, conv: torch.nn.Conv2d, input_layout: bool = False):
