@@ -58,17 +58,17 @@
 #   bash scripts/bench-h200.sh 49  # R12: the same A/B for SDXL-Turbo 1024² (not run)
 #   bash scripts/bench-h200.sh 50  # R12: part 48's LCM --check and A/B again; SDXL-Turbo 1024² --check
 #   bash scripts/bench-h200.sh 51  # R12: the A/B inside one process (LCM, SD-Turbo img2img)
+#   bash scripts/bench-h200.sh 52  # R12: --check of LCM with shared projections; the in-process A/B for txt2img
 #   bash scripts/bench-h200.sh 53  # R13: TAESD's decoder upsamplings three ways (scripts/kernel-trace.py); the
 #                                  #     folded ones against the separate in one process (txt2img); kernel traces
+#   bash scripts/bench-h200.sh 54  # R13: TAESD's first/last convolutions padded (scripts/conv-shapes.py); in one
+#                                  #     process: the decoder's input laid out as its weights (txt2img, LCM), the
+#                                  #     folded upsamplings (img2img)
 #   bash scripts/bench-h200.sh 55  # R13: in one process: TAESD's 3-channel convolutions padded (txt2img, img2img);
 #                                  #     inductor's split reductions off (txt2img, LCM)
 #   bash scripts/bench-h200.sh 56  # R13: --check and profile of the new defaults (SD-Turbo, SD1.5 LCM)
 #   bash scripts/bench-h200.sh 57  # R13: in one process, R12's TAESD against R13's (all three rewrites), each workload
 #   bash scripts/bench-h200.sh 58  # R13: part 57 in cudagraph (what auto runs while it compiles)
-#   bash scripts/bench-h200.sh 54  # R13: TAESD's first/last convolutions padded (scripts/conv-shapes.py); in one
-#                                  #     process: the decoder's input laid out as its weights (txt2img, LCM), the
-#                                  #     folded upsamplings (img2img)
-#   bash scripts/bench-h200.sh 52  # R12: --check of LCM with shared projections; the in-process A/B for txt2img
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -101,9 +101,9 @@ alternate() {  # alternate VAR "A1 B1 A2 B2" "4 LIMITS" MODES FIRST_B_MODES ARGS
   ( export "$var=0"; bench "${names[2]}" "${limits[2]}" --modes "$modes" "$@" )
   bench "${names[3]}" "${limits[3]}" --modes "$modes" "$@"
 }
-ab() {  # ab NAME SECONDS WORKLOAD VAR [A B]: VAR=A (0) against VAR=B (1) inside one process (scripts/ab-same-process.py)
-  local name=$1 limit=$2 workload=$3 var=$4 a=${5:-0} b=${6:-1} start=$SECONDS; echo "=== $name: $workload $var $a $b"
-  timeout "$limit" python3 scripts/ab-same-process.py "$OUT/$name.json" "$workload" "$var" "$a" "$b" 6 100 > "$OUT/$name.log" 2>&1
+ab() {  # ab NAME SECONDS WORKLOAD VAR [A B [MODE]]: VAR=A (0) against VAR=B (1) inside one process (scripts/ab-same-process.py)
+  local name=$1 limit=$2 workload=$3 var=$4 a=${5:-0} b=${6:-1} mode=${7:-compile} start=$SECONDS; echo "=== $name: $workload $var $a $b $mode"
+  timeout "$limit" python3 scripts/ab-same-process.py "$OUT/$name.json" "$workload" "$var" "$a" "$b" 6 100 "$mode" > "$OUT/$name.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"; grep -E "^($a|$b|\{)|Error" "$OUT/$name.log" | cut -c1-300
 }
 rows() {  # rows PREFIX: every result row (fps, p50, p99, VRAM, start-up, graph alone, kernels, families) and check of PREFIX-*.json
@@ -594,8 +594,7 @@ case "$part" in
   off=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=0,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=0
   on=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=1,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=1,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=1
   for wl in sd-turbo-img2img sd-turbo-txt2img sd15-lcm4-self; do
-    start=$SECONDS; timeout 80 python3 scripts/ab-same-process.py "$OUT/r13-ab-cg-$wl.json" $wl env $off $on 6 100 cudagraph > "$OUT/r13-ab-cg-$wl.log" 2>&1
-    echo "$wl exit $? after $((SECONDS - start)) s"; grep -E "ready|p50_ms': [0-9.]*, 'host_p50_ms': [0-9.]*}$|Error" "$OUT/r13-ab-cg-$wl.log" | cut -c1-200
+    ab r13-ab-cg-$wl 80 $wl env $off $on cudagraph
   done
   ;;
 9)

@@ -4,7 +4,8 @@ TAESD's encoder starts with a 3 -> 64 channel 3x3 convolution and its decoder en
 both at the frame's full size. With 3 channels on one side cuDNN picks kernels that do not use
 shared memory ("indexed_wo_smem"): on an H200 in the compiled step 36 and 57 us at 512x512, more
 than a 64 -> 64 convolution there (R13's kernel traces). This times each (fp16, channels_last,
-cudnn.benchmark, replayed from a CUDA graph) with the 3 channels padded to 4, 8 or 16 (zero weights),
+cudnn.benchmark, replayed from a CUDA graph) with the 3 channels padded to 4, 8, 16 (and 32 for the
+last convolution; zero weights),
 the work the pipeline could run instead.
 
     python3 scripts/conv-shapes.py OUT.json [SIZE]

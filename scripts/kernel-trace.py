@@ -5,7 +5,7 @@
 
 ``trace``, for each workload: gzipped chrome traces of 3 calls of the compiled step (graph replays: each
 kernel's name, duration and grid) and of 2 eager calls (mode ``none``: the CPU op that launched each
-kernel), with the decoder's upsamplings as they were before R13. ``decoder``: TAESD's decoder (the
+kernel), with TAESD as it was before R13 (R13's three rewrites off, as in run 57, before they existed). ``decoder``: TAESD's decoder (the
 workloads' random weights, fp16, channels_last, ReLUs fused as in the pipeline) compiled and
 replayed from a CUDA graph, in alternating rounds: as it was, with its upsamplings folded into
 transposed convolutions (``engine/taesd.py``), and as sub-pixel convolutions (a 2x2 convolution to
@@ -40,13 +40,14 @@ def _script(name: str):
 
 
 ab = _script("ab-same-process")
+R12_TAESD = ",".join(f"SCOPE_STREAMDIFFUSION_{name}=0" for name in ("TAESD_INPUT_LAYOUT", "FOLD_UPSAMPLES", "PAD_THIN_CONVS"))
 graph_ms = _script("taesd-fused-conv").graph_ms
 
 
 def trace(out: Path, workload: str, mode: str, calls: int) -> None:
     size = bench.WORKLOADS[workload].size
     frames = bench.make_frames(4, size, size, torch.device("cuda"))
-    call, pipe = ab.load(workload, "SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES", "0", frames, mode=mode)
+    call, pipe = ab.load(workload, "env", R12_TAESD, frames, mode=mode)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(calls):
             call([frames[i % len(frames)]])

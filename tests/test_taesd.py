@@ -107,7 +107,24 @@ def test_decoder_input_laid_out_as_its_weights():
     assert layouts == {False: False, True: True}
 
 
-def test_other_vaes_and_bfloat16_are_left_as_they_are():
+def test_rewritten_weights_keep_the_models_layout_and_outputs_keep_their_strides():
+    """Derived weights in another layout than the model's would cost a copy per call on the GPU."""
+    torch.manual_seed(0)
+    stock = AutoencoderTiny().eval().to(memory_format=torch.channels_last)
+    rewritten = copy.deepcopy(stock)
+    fuse_relus(rewritten), fold_upsamples(rewritten), pad_thin_convs(rewritten)
+    buffers = dict(rewritten.named_buffers())
+    assert len(buffers) == 3 + 2
+    assert all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in buffers.values())
+    image = (torch.rand(1, 3, 32, 48) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        latents = stock.encoder(image)
+        for want, got in ((latents, rewritten.encoder(image)), (stock.decoder(latents), rewritten.decoder(latents))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert got.stride() == want.stride()
+
+
+def test_other_vaes_are_left_as_they_are_and_bfloat16_is_not_fused():
     for vae in (AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4),
                 AutoencoderTiny().to(torch.bfloat16)):  # cuDNN fuses float16 and float32 only
         before = [type(m) for m in vae.modules()]
@@ -115,6 +132,14 @@ def test_other_vaes_and_bfloat16_are_left_as_they_are():
     vae = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=8, latent_channels=4)
     before = [type(m) for m in vae.modules()]
     assert fold_upsamples(vae) == 0 and pad_thin_convs(vae) == 0 and [type(m) for m in vae.modules()] == before
+    # Plain convolutions, any dtype: a bfloat16 TAESD is folded and padded (one bfloat16 rounding apart).
+    torch.manual_seed(0)
+    stock = AutoencoderTiny().eval().to(torch.bfloat16)
+    rewritten = copy.deepcopy(stock)
+    assert fold_upsamples(rewritten) == 3 and pad_thin_convs(rewritten) == 2
+    latents = torch.randn(1, 4, 6, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten.decoder(latents).float(), stock.decoder(latents).float(), rtol=0, atol=0.02)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -169,16 +194,20 @@ def test_graph_modes_fuse_taesd_unless_turned_off(tiny_sd15, tiny_taesd, monkeyp
         return torch.stack([engine(f) for f in make_frames(3)])
 
     rewrites = {"fused_taesd_relus": ("SCOPE_STREAMDIFFUSION_FUSE_TAESD", 9),
+                "taesd_input_layout": ("SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT", True),
                 "folded_taesd_upsamples": ("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES", 3),
                 "padded_taesd_convs": ("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS", 2)}
     models = load()
-    assert {key: models.extras[key] for key in rewrites} == {key: count for key, (_, count) in rewrites.items()}
+    assert {key: models.extras[key] for key in rewrites} == {key: value for key, (_, value) in rewrites.items()}
     assert sum(isinstance(m, FusedTinyBlock) for m in models.vae.modules()) == 8
     rewritten = stream(models)
-    for key, (switch, _) in rewrites.items():  # each switch turns its own rewrite off
+    for key, (switch, _) in rewrites.items():  # each switch turns its own rewrite off (the layout goes with the fusion)
         monkeypatch.setenv(switch, "0")
         models = load()
-        assert key not in models.extras and all(models.extras[k] for k in rewrites if k != key)
+        off = {key, "taesd_input_layout"} if key == "fused_taesd_relus" else {key}
+        assert all(not models.extras.get(k) for k in off) and all(models.extras[k] for k in rewrites if k not in off)
+        assert any(isinstance(m, FusedConvReLU) and m.input_layout for m in models.vae.modules()) == (
+            "taesd_input_layout" not in off)
         monkeypatch.delenv(switch)
     for switch, _ in rewrites.values():
         monkeypatch.setenv(switch, "0")

@@ -568,8 +568,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_TAESD", "1") != "0":
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).
-        models.extras["fused_taesd_relus"] = fuse_relus(
-            models.vae, input_layout=os.environ.get("SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT", "1") != "0")
+        input_layout = os.environ.get("SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT", "1") != "0"
+        models.extras["fused_taesd_relus"] = fuse_relus(models.vae, input_layout=input_layout)
+        models.extras["taesd_input_layout"] = input_layout and models.extras["fused_taesd_relus"] > 0
     # TAESD's decoder upsamplings + convolutions as transposed convolutions (BENCHMARKS.md, R13).
     if os.environ.get("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES", "1") != "0":
         models.extras["folded_taesd_upsamples"] = fold_upsamples(models.vae)

@@ -96,11 +96,11 @@ class FusedConvReLU(torch.nn.Module):
     def __init__(self, conv: torch.nn.Conv2d, input_layout: bool = False):
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
-        self.input_layout = _layout(conv.weight) if input_layout else None
+        self.input_layout = input_layout
 
     def forward(self, x):
-        if self.input_layout is not None:
-            x = x.contiguous(memory_format=self.input_layout)
+        if self.input_layout:  # the weight's layout as it is now (a later .to(memory_format=...) included)
+            x = x.contiguous(memory_format=_layout(self.weight))
         return conv3x3_relu(x, self.weight, self.bias, None)
 
 
@@ -152,10 +152,12 @@ def upsampled_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 
 class UpsampledConv(torch.nn.Module):
     """``nn.Upsample(scale_factor=2)`` (nearest) then a 3x3 convolution, as one stride-2 transposed
-    convolution: 16 multiply-adds per output instead of 36, and no 4x larger upsampled copy.
+    convolution: 4 multiply-adds per output and input channel instead of 9, and no 4x larger
+    upsampled copy.
 
     Keeps the convolution's own parameters (the same state-dict keys); the transposed weights are
-    derived once, here (TAESD's weights do not change after loading: no LoRA reaches the VAE)."""
+    derived once, here: the convolution's weights must not change after the rewrite (they do not in
+    this package: TAESD's are loaded before it, and no LoRA reaches the VAE)."""
 
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
@@ -191,8 +193,8 @@ def fold_upsamples(vae: torch.nn.Module) -> int:
 # ----- the 3-channel convolutions at either end -------------------------------------------------
 # The encoder's first convolution (3 -> 64 channels) and the decoder's last (64 -> 3) run at the
 # frame's full size, and with 3 channels on one side cuDNN picks kernels without shared memory. On an
-# H200 at 512x512 (BENCHMARKS.md, R13): 64 -> 3 takes 62 us, 64 -> 32 41 us; 3 -> 64 36 us, 4 -> 64
-# 28 us, and compiled, the first convolution's bias is a separate 26-us pass over its 64-channel
+# H200 at 512x512 (BENCHMARKS.md, R13; alone, without bias): 64 -> 3 takes 62 us, 64 -> 32 41 us;
+# 3 -> 64 36 us, 4 -> 64 28 us; and compiled, the first convolution's bias is a separate 26-us pass over its 64-channel
 # output (inductor takes biases out of convolutions to fuse them with what follows; what follows
 # here is the fused block, which it cannot fuse into).
 PADDED_OUT_CHANNELS = 32
@@ -201,7 +203,8 @@ PADDED_OUT_CHANNELS = 32
 class BiasChannelConv(torch.nn.Module):
     """A 3x3 convolution (padding 1) whose bias rides on an extra input channel of ones, read by the
     kernel's centre tap only (always inside the frame, so the sum is exactly the bias): no separate
-    bias pass, and 4 input channels instead of 3. Keeps the convolution's parameters (state-dict keys)."""
+    bias pass, and 4 input channels instead of 3. Keeps the convolution's parameters (state-dict keys);
+    the padded weights are derived once, here (as :class:`UpsampledConv`'s)."""
 
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
@@ -219,7 +222,8 @@ class BiasChannelConv(torch.nn.Module):
 
 class PaddedOutConv(torch.nn.Module):
     """A 3x3 convolution (padding 1) to few channels, run to ``PADDED_OUT_CHANNELS`` (zero weights)
-    and sliced, its bias added after. Keeps the convolution's parameters (state-dict keys)."""
+    and sliced, its bias added after. Keeps the convolution's parameters (state-dict keys); the padded
+    weights are derived once, here (as :class:`UpsampledConv`'s)."""
 
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
