@@ -833,6 +833,7 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
         assert {"fps_p50", "fps", "p50_ms", "p99_ms", "load_s", "first_frame_s", "startup_s"} <= set(row)
         if row["mode"] != "diffusers":  # no CUDA: no kernel time nor graph replays, but the profile runs
             assert row["profile"]["calls"] == 10 and row["profile"]["graph_replay_ms_per_call"] is None
+            assert row["taesd_rewrites"] == {}  # eager (the CPU's fallback) rewrites nothing
     assert rows[("sd-turbo-img2img", "cudagraph")]["acceleration"] == "none"  # CPU: fell back
     checks = {(c["workload"], c["mode"]): c for c in report["checks"]}
     lcm = checks[("sd15-lcm4-self", "none")]

@@ -238,6 +238,10 @@ class Runner:
                     peak_reserved_gb=round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3))
 
 
+# What the graph modes did to TAESD (engine/taesd.py), recorded with each result.
+TAESD_REWRITES = ("fused_taesd_relus", "taesd_input_layout", "folded_taesd_upsamples", "padded_taesd_convs")
+
+
 def _pipeline_call(pipe, wl: Workload, modulate: bool):
     """One Scope call per group of frames; with ``modulate`` each img2img call moves strength too."""
     if not (modulate and wl.img2img):
@@ -487,7 +491,8 @@ def run(args) -> int:
                     models = pipe.engine.models
                     extra = dict(acceleration=models.extras.get("acceleration"), unet_params=_unique_numel(models.unet),
                         fp8_linear_layers=models.extras.get("fp8_linear_layers"),
-                        shared_projections=models.extras.get("shared_projections"))
+                        shared_projections=models.extras.get("shared_projections"),
+                        taesd_rewrites={key: models.extras[key] for key in TAESD_REWRITES if key in models.extras})
                     if arch:
                         from .testing.architectures import PARAM_COUNTS, resolve_kind
 
