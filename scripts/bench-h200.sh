@@ -69,6 +69,7 @@
 #   bash scripts/bench-h200.sh 56  # R13: --check and profile of the new defaults (SD-Turbo, SD1.5 LCM)
 #   bash scripts/bench-h200.sh 57  # R13: in one process, R12's TAESD against R13's (all three rewrites), each workload
 #   bash scripts/bench-h200.sh 58  # R13: part 57 in cudagraph (what auto runs while it compiles)
+#   bash scripts/bench-h200.sh 59  # inductor's split reductions off, in one process with dynamo reset (not run yet)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -596,6 +597,12 @@ case "$part" in
   for wl in sd-turbo-img2img sd-turbo-txt2img sd15-lcm4-self; do
     ab r13-ab-cg-$wl 80 $wl env $off $on cudagraph
   done
+  ;;
+59)
+  # Part 55's split-reductions A/B again, now that ab-same-process.py resets dynamo before the second
+  # load when compile settings differ (in run 59 the second pipeline reused the first's compiled UNet).
+  ab split-sd-turbo-txt2img 260 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_INDUCTOR split_reductions=1 split_reductions=0
+  ab split-sd15-lcm4-self 290 sd15-lcm4-self SCOPE_STREAMDIFFUSION_INDUCTOR split_reductions=1 split_reductions=0
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
