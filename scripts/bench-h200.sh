@@ -102,6 +102,9 @@ alternate() {  # alternate VAR "A1 B1 A2 B2" "4 LIMITS" MODES FIRST_B_MODES ARGS
   ( export "$var=0"; bench "${names[2]}" "${limits[2]}" --modes "$modes" "$@" )
   bench "${names[3]}" "${limits[3]}" --modes "$modes" "$@"
 }
+# R13's three TAESD rewrites, off and on (for ab's "env" variable).
+R13_OFF=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=0,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=0
+R13_ON=${R13_OFF//=0/=1}
 ab() {  # ab NAME SECONDS WORKLOAD VAR [A B [MODE]]: VAR=A (0) against VAR=B (1) inside one process (scripts/ab-same-process.py)
   local name=$1 limit=$2 workload=$3 var=$4 a=${5:-0} b=${6:-1} mode=${7:-compile} start=$SECONDS; echo "=== $name: $workload $var $a $b $mode"
   timeout "$limit" python3 scripts/ab-same-process.py "$OUT/$name.json" "$workload" "$var" "$a" "$b" 6 100 "$mode" > "$OUT/$name.log" 2>&1
@@ -584,18 +587,14 @@ case "$part" in
   ;;
 57)
   # Round R13: R12's code against R13's defaults in one process (the three TAESD rewrites off / on).
-  off=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=0,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=0
-  on=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=1,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=1,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=1
-  ab r13-ab-all-sd-turbo-img2img 130 sd-turbo-img2img env $off $on
-  ab r13-ab-all-sd-turbo-txt2img 60 sd-turbo-txt2img env $off $on
-  ab r13-ab-all-sd15-lcm4-self 150 sd15-lcm4-self env $off $on
+  ab r13-ab-all-sd-turbo-img2img 130 sd-turbo-img2img env "$R13_OFF" "$R13_ON"
+  ab r13-ab-all-sd-turbo-txt2img 60 sd-turbo-txt2img env "$R13_OFF" "$R13_ON"
+  ab r13-ab-all-sd15-lcm4-self 150 sd15-lcm4-self env "$R13_OFF" "$R13_ON"
   ;;
 58)
   # Round R13: part 57's A/B in cudagraph (eager kernels in the step graph), 6 blocks of 100 calls.
-  off=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=0,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=0
-  on=SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=1,SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES=1,SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS=1
   for wl in sd-turbo-img2img sd-turbo-txt2img sd15-lcm4-self; do
-    ab r13-ab-cg-$wl 80 $wl env $off $on cudagraph
+    ab r13-ab-cg-$wl 80 $wl env "$R13_OFF" "$R13_ON" cudagraph
   done
   ;;
 59)

@@ -62,13 +62,9 @@ def test_nearest_upsampling_then_conv_is_one_transposed_conv(size):
         memory_format=torch.channels_last)  # the weights keep the model's layout (no copy per call)
 
 
-def _stock_taesd(seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoencoderTiny().eval().double()  # the real TAESD/TAESDXL layout; float64: exact comparisons
-
-
 def test_folded_upsamplings_and_padded_convs_compute_the_same_function():
-    stock = _stock_taesd()
+    torch.manual_seed(0)
+    stock = AutoencoderTiny().eval().double()  # the real TAESD/TAESDXL layout; float64: exact comparisons
     rewritten = copy.deepcopy(stock)
     assert fold_upsamples(rewritten) == 3  # the decoder's three 2x upsamplings
     assert pad_thin_convs(rewritten) == 2  # the encoder's first convolution, the decoder's last

@@ -528,6 +528,11 @@ class StepGraphs:
         return out.clone()
 
 
+def _switch(name: str) -> bool:
+    """An on/off environment variable: on unless set to "0"."""
+    return os.environ.get(name, "1") != "0"
+
+
 def _background_compiler(models, options: dict):
     """``"background-compile"``: the compiler that moves each step shape to compiled code later."""
     from .background_compile import BackgroundCompiler
@@ -561,21 +566,21 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # fp8 (an experiment) was measured on the separate projections; runtime LoRAs sit on them.
     fp8 = mode == "compile" and fp8_requested()
     rewrite = mode != "tensorrt" and not fp8 and not has_runtime_adapters(models.extras.get("loras"))
-    if rewrite and os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_QKV", "1") != "0":
+    if rewrite and _switch("SCOPE_STREAMDIFFUSION_FUSE_QKV"):
         models.extras["fused_projections"] = fuse_projections(models.unet)
-    if rewrite and os.environ.get("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS", "1") != "0":
+    if rewrite and _switch("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS"):
         models.extras["shared_projections"] = share_conditioning_projections(models.unet)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
-    if os.environ.get("SCOPE_STREAMDIFFUSION_FUSE_TAESD", "1") != "0":
+    if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).
-        input_layout = os.environ.get("SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT", "1") != "0"
+        input_layout = _switch("SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT")
         models.extras["fused_taesd_relus"] = fuse_relus(models.vae, input_layout=input_layout)
         models.extras["taesd_input_layout"] = input_layout and models.extras["fused_taesd_relus"] > 0
     # TAESD's decoder upsamplings + convolutions as transposed convolutions (BENCHMARKS.md, R13).
-    if os.environ.get("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES", "1") != "0":
+    if _switch("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES"):
         models.extras["folded_taesd_upsamples"] = fold_upsamples(models.vae)
     # ... and its 3-channel first and last convolutions padded (R13).
-    if os.environ.get("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS", "1") != "0":
+    if _switch("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS"):
         models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae)
     options, compiler = {}, None
     if mode == "compile":
@@ -595,7 +600,7 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.unet = tensorrt_unet(models, Profile.for_stream(*stream_shape) if stream_shape else None)
     # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
     runner = StepGraphs(mode, compile_options=options, compiler=compiler,
-                        use_graphs=os.environ.get("SCOPE_STREAMDIFFUSION_STEP_GRAPH", "1") != "0")
+                        use_graphs=_switch("SCOPE_STREAMDIFFUSION_STEP_GRAPH"))
     models.extras["step_runner"] = runner
     if options.get("freezing"):
         # The compiled code outlives the models and keeps their weights: give them back with the models.

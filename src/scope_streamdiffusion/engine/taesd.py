@@ -104,6 +104,14 @@ class FusedConvReLU(torch.nn.Module):
         return conv3x3_relu(x, self.weight, self.bias, None)
 
 
+def _coder_layers(vae: torch.nn.Module, coder: str) -> torch.nn.Sequential | None:
+    """A TAESD's ``"encoder"`` or ``"decoder"`` layers; None for any other VAE."""
+    if type(vae).__name__ != "AutoencoderTiny":
+        return None
+    layers = getattr(getattr(vae, coder, None), "layers", None)
+    return layers if isinstance(layers, torch.nn.Sequential) else None
+
+
 def _fusable_block(module) -> bool:
     if type(module).__name__ != "AutoencoderTinyBlock":
         return False
@@ -119,9 +127,9 @@ def fuse_relus(vae: torch.nn.Module, input_layout: bool = True) -> int:
     if type(vae).__name__ != "AutoencoderTiny" or next(vae.parameters()).dtype not in (torch.float16, torch.float32):
         return 0
     fused = 0
-    for coder in (vae.encoder, vae.decoder):
-        layers = getattr(coder, "layers", None)
-        if not isinstance(layers, torch.nn.Sequential):
+    for coder in ("encoder", "decoder"):
+        layers = _coder_layers(vae, coder)
+        if layers is None:
             continue
         for i, layer in enumerate(list(layers)):
             if _fusable_block(layer):
@@ -146,26 +154,32 @@ def upsampled_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     wide = torch.promote_types(weight.dtype, torch.float32)
     taps = torch.tensor(_TAPS, dtype=wide, device=weight.device)
     folded = torch.einsum("kr,ls,oirs->iokl", taps, taps, weight.detach().to(wide)).to(weight.dtype)
-    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    return folded.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return folded.contiguous(memory_format=_layout(weight))
 
 
-class UpsampledConv(torch.nn.Module):
-    """``nn.Upsample(scale_factor=2)`` (nearest) then a 3x3 convolution, as one stride-2 transposed
-    convolution: 4 multiply-adds per output and input channel instead of 9, and no 4x larger
-    upsampled copy.
+class _DerivedWeightConv(torch.nn.Module):
+    """A convolution run with weights derived once from its own, at the rewrite. Keeps the
+    convolution's parameters (the same state-dict keys) and holds the derived weights as a buffer
+    that is not saved, in the same layout (another would cost a copy per call). The convolution's
+    weights must not change after the rewrite (they do not in this package: TAESD's are loaded
+    before it, and no LoRA reaches the VAE)."""
 
-    Keeps the convolution's own parameters (the same state-dict keys); the transposed weights are
-    derived once, here: the convolution's weights must not change after the rewrite (they do not in
-    this package: TAESD's are loaded before it, and no LoRA reaches the VAE)."""
-
-    def __init__(self, conv: torch.nn.Conv2d):
+    def __init__(self, conv: torch.nn.Conv2d, derived: torch.Tensor):
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
-        self.register_buffer("transposed_weight", upsampled_conv_weight(conv.weight), persistent=False)
+        self.register_buffer("derived_weight", derived.contiguous(memory_format=_layout(conv.weight)), persistent=False)
+
+
+class UpsampledConv(_DerivedWeightConv):
+    """``nn.Upsample(scale_factor=2)`` (nearest) then a 3x3 convolution, as one stride-2 transposed
+    convolution: 4 multiply-adds per output and input channel instead of 9, and no 4x larger
+    upsampled copy."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__(conv, upsampled_conv_weight(conv.weight))
 
     def forward(self, x):
-        return F.conv_transpose2d(x, self.transposed_weight, self.bias, stride=2, padding=1)
+        return F.conv_transpose2d(x, self.derived_weight, self.bias, stride=2, padding=1)
 
 
 def _is_nearest_2x(module) -> bool:
@@ -177,10 +191,8 @@ def fold_upsamples(vae: torch.nn.Module) -> int:
     """Each nearest 2x upsampling followed by a plain 3x3 convolution in a TAESD's decoder becomes
     one :class:`UpsampledConv` (in place; the upsampling's index keeps an ``nn.Identity``). Returns
     how many (0 for any other VAE). The same function up to rounding (the taps' sums)."""
-    if type(vae).__name__ != "AutoencoderTiny":
-        return 0
-    layers = getattr(getattr(vae, "decoder", None), "layers", None)
-    if not isinstance(layers, torch.nn.Sequential):
+    layers = _coder_layers(vae, "decoder")
+    if layers is None:
         return 0
     folded = 0
     for i in range(len(layers) - 1):
@@ -200,41 +212,35 @@ def fold_upsamples(vae: torch.nn.Module) -> int:
 PADDED_OUT_CHANNELS = 32
 
 
-class BiasChannelConv(torch.nn.Module):
+class BiasChannelConv(_DerivedWeightConv):
     """A 3x3 convolution (padding 1) whose bias rides on an extra input channel of ones, read by the
     kernel's centre tap only (always inside the frame, so the sum is exactly the bias): no separate
-    bias pass, and 4 input channels instead of 3. Keeps the convolution's parameters (state-dict keys);
-    the padded weights are derived once, here (as :class:`UpsampledConv`'s)."""
+    bias pass, and 4 input channels instead of 3."""
 
     def __init__(self, conv: torch.nn.Conv2d):
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias
         w = conv.weight.detach()
         padded = torch.zeros((w.shape[0], w.shape[1] + 1, 3, 3), dtype=w.dtype, device=w.device)
         padded[:, :-1] = w
         padded[:, -1, 1, 1] = conv.bias.detach()
-        self.register_buffer("padded_weight", padded.contiguous(memory_format=_layout(w)), persistent=False)
+        super().__init__(conv, padded)
 
     def forward(self, x):
         ones = torch.ones_like(x[:, :1])
-        return F.conv2d(torch.cat([x, ones], dim=1), self.padded_weight, None, padding=1)
+        return F.conv2d(torch.cat([x, ones], dim=1), self.derived_weight, None, padding=1)
 
 
-class PaddedOutConv(torch.nn.Module):
+class PaddedOutConv(_DerivedWeightConv):
     """A 3x3 convolution (padding 1) to few channels, run to ``PADDED_OUT_CHANNELS`` (zero weights)
-    and sliced, its bias added after. Keeps the convolution's parameters (state-dict keys); the padded
-    weights are derived once, here (as :class:`UpsampledConv`'s)."""
+    and sliced, its bias added after."""
 
     def __init__(self, conv: torch.nn.Conv2d):
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias
         w = conv.weight.detach()
         padded = torch.zeros((PADDED_OUT_CHANNELS, *w.shape[1:]), dtype=w.dtype, device=w.device)
         padded[:w.shape[0]] = w
-        self.register_buffer("padded_weight", padded.contiguous(memory_format=_layout(w)), persistent=False)
+        super().__init__(conv, padded)
 
     def forward(self, x):
-        out = F.conv2d(x, self.padded_weight, None, padding=1)[:, :self.weight.shape[0]]
+        out = F.conv2d(x, self.derived_weight, None, padding=1)[:, :self.weight.shape[0]]
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
@@ -242,16 +248,13 @@ def pad_thin_convs(vae: torch.nn.Module) -> int:
     """A TAESD's first encoder convolution (3 input channels, a bias) becomes a :class:`BiasChannelConv`
     and its last decoder convolution (3 output channels) a :class:`PaddedOutConv`, in place. Returns
     how many (0 for any other VAE). The same function up to rounding (summation order)."""
-    if type(vae).__name__ != "AutoencoderTiny":
-        return 0
     padded = 0
-    layers = getattr(getattr(vae, "encoder", None), "layers", None)
-    if isinstance(layers, torch.nn.Sequential) and _is_plain_3x3(layers[0]) and layers[0].in_channels < 4 \
-            and layers[0].bias is not None:
+    layers = _coder_layers(vae, "encoder")
+    if layers is not None and _is_plain_3x3(layers[0]) and layers[0].in_channels < 4 and layers[0].bias is not None:
         layers[0] = BiasChannelConv(layers[0])
         padded += 1
-    layers = getattr(getattr(vae, "decoder", None), "layers", None)
-    if isinstance(layers, torch.nn.Sequential) and _is_plain_3x3(layers[-1]) and layers[-1].out_channels < 8:
+    layers = _coder_layers(vae, "decoder")
+    if layers is not None and _is_plain_3x3(layers[-1]) and layers[-1].out_channels < 8:
         layers[-1] = PaddedOutConv(layers[-1])
         padded += 1
     return padded
