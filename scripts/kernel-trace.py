@@ -2,6 +2,7 @@
 
     python3 scripts/kernel-trace.py trace OUT_DIR WORKLOAD [WORKLOAD ...]
     python3 scripts/kernel-trace.py decoder OUT_DIR WORKLOAD
+    python3 scripts/kernel-trace.py compare OUT_DIR WORKLOAD VAR
 
 ``trace``, for each workload: gzipped chrome traces of 3 calls of the compiled step (graph replays: each
 kernel's name, duration and grid) and of 2 eager calls (mode ``none``: the CPU op that launched each
@@ -9,7 +10,8 @@ kernel), with TAESD as it was before R13 (R13's three rewrites off, as in run 57
 workloads' random weights, fp16, channels_last, ReLUs fused as in the pipeline) compiled and
 replayed from a CUDA graph, in alternating rounds: as it was, with its upsamplings folded into
 transposed convolutions (``engine/taesd.py``), and as sub-pixel convolutions (a 2x2 convolution to
-four times the channels, then interleaved: this probe's own).
+four times the channels, then interleaved: this probe's own). ``compare``: the compiled step's trace
+with the load-time switch VAR off (0), then on (1), in one process.
 """
 
 import copy
@@ -44,15 +46,15 @@ R12_TAESD = ",".join(f"SCOPE_STREAMDIFFUSION_{name}=0" for name in ("TAESD_INPUT
 graph_ms = _script("taesd-fused-conv").graph_ms
 
 
-def trace(out: Path, workload: str, mode: str, calls: int) -> None:
+def trace(out: Path, workload: str, mode: str, calls: int, settings: str = R12_TAESD, tag: str = "") -> None:
     size = bench.WORKLOADS[workload].size
     frames = bench.make_frames(4, size, size, torch.device("cuda"))
-    call, pipe = ab.load(workload, "env", R12_TAESD, frames, mode=mode)
+    call, pipe = ab.load(workload, "env", settings, frames, mode=mode)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(calls):
             call([frames[i % len(frames)]])
         torch.cuda.synchronize()
-    raw = out / f"{workload}-{mode}.json"
+    raw = out / f"{workload}-{mode}{tag}.json"
     prof.export_chrome_trace(str(raw))
     with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
@@ -137,6 +139,11 @@ def main(what: str, out_dir: str, *workloads: str) -> None:
     torch.backends.cudnn.benchmark = True
     if what == "decoder":
         decoders(out, workloads[0])
+        return
+    if what == "compare":
+        workload, var = workloads
+        for value in ("0", "1"):
+            trace(out, workload, "compile", 3, f"{var}={value}", f"-{var.lower()}-{value}")
         return
     for workload in workloads:
         for mode, calls in (("compile", 3), ("none", 2)):
