@@ -71,8 +71,11 @@
 #   bash scripts/bench-h200.sh 58  # R13: part 57 in cudagraph (what auto runs while it compiles)
 #   bash scripts/bench-h200.sh 59  # inductor's split reductions off, in one process with dynamo reset
 #   bash scripts/bench-h200.sh 60  # R14: the conditioning precomputed against computed in the step, in one process
-#   bash scripts/bench-h200.sh 61  # R14: --check and profile of the new defaults (SD-Turbo, SD1.5 LCM)
-#   bash scripts/bench-h200.sh 62  # R14: SDXL-Turbo 1024² --check with the new defaults; part 59's txt2img
+#                                  #     (run with 84e6fbc's code, whose SCOPE_STREAMDIFFUSION_PRECOMPUTE_CONDITIONING
+#                                  #     switch was removed after it; see BENCHMARKS.md R14)
+#   bash scripts/bench-h200.sh 61  # R14: SDXL-Turbo 1024² --check with R13's code; part 59's txt2img
+#   bash scripts/bench-h200.sh 62  # R14: a 300-s Scope-style stream under the default (auto) with R13's code
+#   bash scripts/bench-h200.sh 63  # R14: the same for 240 s with the shared projections' state set in the forward
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -614,16 +617,18 @@ case "$part" in
   ab r14-ab-pre-sd15-lcm4-self 190 sd15-lcm4-self SCOPE_STREAMDIFFUSION_PRECOMPUTE_CONDITIONING
   ;;
 61)
-  # Round R14: --check and --profile of the new defaults (conditioning precomputed).
-  bench r14-a-sd-turbo 270 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
-  bench r14-b-lcm 250 --workloads sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile --check
-  rows r14
-  ;;
-62)
   # Round R14: SDXL-Turbo 1024² with every rewrite since R12 (TAESD-XL's included), then part 59's txt2img.
   bench r14-c-sdxl1024 300 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile --check
   rows r14-c
   ab split-sd-turbo-txt2img 260 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_INDUCTOR split_reductions=1 split_reductions=0
+  ;;
+62)
+  # Round R14: scripts/soak.py for 300 s from a cold inductor cache, the default acceleration, R13's code.
+  soak r14-soak 300 380
+  ;;
+63)
+  # Round R14: part 62's stream for 240 s (minutes 0-3) with the fix it called for.
+  soak r14-soak-fixed 240 300
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

@@ -60,7 +60,7 @@ from .inductor import (
     release_weights_with,
 )
 from .lora import has_runtime_adapters
-from .projections import fuse_projections, precompute_conditioning, share_conditioning_projections
+from .projections import fuse_projections, share_conditioning_projections
 from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
@@ -570,10 +570,6 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["fused_projections"] = fuse_projections(models.unet)
     if rewrite and _switch("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS"):
         models.extras["shared_projections"] = share_conditioning_projections(models.unet)
-        # ... computed outside the step: a table over the timesteps, the prompt's projection made when
-        # it changes (SCOPE_STREAMDIFFUSION_PRECOMPUTE_CONDITIONING=0 keeps them in the step).
-        if _switch("SCOPE_STREAMDIFFUSION_PRECOMPUTE_CONDITIONING"):
-            models.extras["precomputed_conditioning"] = precompute_conditioning(models.unet, len(models.alphas_cumprod))
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).

@@ -9,19 +9,15 @@ than their arithmetic. Two rewrites, both applied at load by :func:`.acceleratio
   cross-attention's key/value projection reads the prompt embeddings) as ONE GEMM per input: 22
   GEMMs + 22 SiLUs and 16 GEMMs become two GEMMs and one SiLU in SD2.1, 70 key/value GEMMs become
   one in SDXL.
-* :func:`precompute_conditioning` (after the second): those two results computed outside the UNet's
-  call, since they depend only on the timestep and on the prompt. Every ResNet's time projection
-  becomes a row of a table made at load (one row per training timestep), looked up by the timestep;
-  the prompt's key/value projection is made by the stream when the prompt changes
-  (:func:`prompt_projector`) and passed as ``encoder_hidden_states``. The step graph then runs
-  neither the time embedding nor either GEMM.
 
-The first two keep the separate layers' weights as views of the fused ones (one copy in memory, the
+Both keep the separate layers' weights as views of the fused ones (one copy in memory, the
 separate layers' state-dict keys kept), and both are left out with runtime LoRA adapters (they sit
 on the separate layers).
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +68,10 @@ class SharedInputProjection(torch.nn.Module):
     """Linear layers that, during one call of their model, all read the same input: the first one
     called computes all of them in one GEMM, the others take their columns of that result.
 
-    The result lives only while the model's call runs (hooks on the model set and clear it), so
-    calling a member on its own, outside such a call, computes just that member. ``act`` (the time
-    embedding's SiLU, which every ResNet applied before its own projection) runs once, in here.
+    The result lives only while the model's forward runs (:func:`_forward_sharing_projections` sets
+    and clears it), so calling a member on its own, outside such a call, computes just that member.
+    ``act`` (the time embedding's SiLU, which every ResNet applied before its own projection) runs
+    once, in here.
     """
 
     def __init__(self, layers: list[torch.nn.Linear], act: torch.nn.Module | None = None):
@@ -90,17 +87,11 @@ class SharedInputProjection(torch.nn.Module):
         self.act = act
         self.active = False
         self.memo: tuple[torch.Tensor, torch.Tensor] | None = None
-        # precompute_conditioning(): the members' input is already this projection's result.
-        self.precomputed = False
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """All the members' outputs for input ``x``, side by side."""
-        return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)
-
-    def begin(self, *_args, **_kwargs) -> None:
+    def begin(self) -> None:
         self.active, self.memo = True, None
 
-    def end(self, *_args, **_kwargs) -> None:
+    def end(self) -> None:
         self.active, self.memo = False, None
 
     def columns(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -111,7 +102,7 @@ class SharedInputProjection(torch.nn.Module):
         # never wrong.)
         memo = self.memo
         if memo is None or memo[0] is not x:
-            memo = self.memo = (x, self.project(x))
+            memo = self.memo = (x, F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias))
         return memo[1][..., start:stop]
 
 
@@ -125,11 +116,8 @@ class SharedInputMember(torch.nn.Linear):
         self._shared: tuple[SharedInputProjection, ...] = (shared,)  # a tuple: not a submodule of each member
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self._shared[0]
-        if shared.precomputed:
-            return x[..., self.start:self.stop]
-        if shared.active:
-            return shared.columns(x, self.start, self.stop)
+        if self._shared[0].active:
+            return self._shared[0].columns(x, self.start, self.stop)
         return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)
 
 
@@ -155,10 +143,29 @@ def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None,
             rebind(owner)  # before the next layer: the old storage goes now
         start = member.stop
     unet.add_module(name, shared)
-    # always_call: a call that raises still clears the result, so nothing stale outlives a call.
-    unet.register_forward_pre_hook(shared.begin)
-    unet.register_forward_hook(shared.end, always_call=True)
+    if "forward" not in vars(unet):
+        unet.forward = types.MethodType(_forward_sharing_projections, unet)
     return len(layers)
+
+
+def _forward_sharing_projections(unet, *args, **kwargs):
+    """The UNet's forward, with its shared projections' results set up and cleared around it.
+
+    In the forward itself, not in hooks on the module: compiled, the reset and the members' reads of
+    it are then one traced frame (dynamo runs ``nn.Module.__call__``, hooks included, outside the
+    frames it compiles), so no guard of the compiled code depends on this state. From a hook, the
+    compiled forward guarded on the flag at its entry, and a compilation on another thread, setting
+    and clearing the flag for its own example calls, made the frame thread's compiled UNet fail its
+    guards and run eagerly (BENCHMARKS.md, R14)."""
+    shared = [m for m in (getattr(unet, "time_projections", None), getattr(unet, "prompt_projections", None))
+              if m is not None]
+    for projection in shared:
+        projection.begin()
+    try:
+        return type(unet).forward(unet, *args, **kwargs)
+    finally:  # a call that raises still clears the results: nothing stale outlives a call
+        for projection in shared:
+            projection.end()
 
 
 def _share_time_projections(unet) -> int:
@@ -205,95 +212,3 @@ def share_conditioning_projections(unet) -> dict[str, int]:
         return {}
     counts = dict(time=_share_time_projections(unet), prompt=_share_prompt_projections(unet))
     return {name: count for name, count in counts.items() if count}
-
-
-class TimestepProjectionTable(torch.nn.Module):
-    """Replaces ``unet.time_proj`` (the sinusoidal timestep features): timestep -> the row of the
-    table holding, for that timestep, what the time embedding and every ResNet's time projection
-    computed from it. The stream's timesteps are integers below the table's length (clamped into
-    it: an index out of range would stop the stream)."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.register_buffer("table", table, persistent=False)  # derived from the weights: not saved
-
-    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.table[timesteps.long().clamp(0, self.table.shape[0] - 1)]
-
-
-class PassThrough(torch.nn.Module):
-    """Replaces ``unet.time_embedding`` after :class:`TimestepProjectionTable`: its input is already
-    the projections' result. The embedding's layers stay here, unused, under their state-dict keys."""
-
-    def __init__(self, embedding: torch.nn.Module):
-        super().__init__()
-        for name, child in embedding.named_children():
-            self.add_module(name, child)
-
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return sample
-
-
-def _members_take_all(unet, owners: list[tuple[torch.nn.Module, str]]) -> bool:
-    return bool(owners) and all(isinstance(getattr(owner, attr, None), SharedInputMember) for owner, attr in owners)
-
-
-def _table_time_projections(unet, num_timesteps: int) -> bool:
-    """The time embedding, when it depends on the timestep alone (no class, added or conditioning
-    embedding: SD1.5, SD2.1; not SDXL, whose added embedding reads the pooled prompt), and only the
-    shared projection reads it."""
-    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-
-    shared = getattr(unet, "time_projections", None)
-    embedding = getattr(unet, "time_embedding", None)
-    if shared is None or type(unet.time_proj) is not Timesteps or type(embedding) is not TimestepEmbedding \
-            or embedding.cond_proj is not None or any(getattr(unet, name, None) is not None for name in (
-                "class_embedding", "add_embedding", "time_embed_act")):
-        return False
-    if not _members_take_all(unet, [(m, "time_emb_proj") for m in unet.modules()
-                                    if getattr(m, "time_emb_proj", None) is not None]):
-        return False  # a ResNet outside the shared projection would receive the table's row
-    weight = shared.weight
-    with torch.no_grad():
-        t = torch.arange(num_timesteps, device=weight.device)
-        table = shared.project(embedding(unet.time_proj(t).to(weight.dtype)))
-    unet.time_proj = TimestepProjectionTable(table)
-    unet.time_embedding = PassThrough(embedding)
-    shared.precomputed = True
-    return True
-
-
-def _precompute_prompt_projections(unet) -> bool:
-    """The prompt's key/value projection, when the cross-attentions alone read the prompt embeddings
-    and all of them take part in the shared projection."""
-    from diffusers.models.attention_processor import Attention
-
-    shared = getattr(unet, "prompt_projections", None)
-    if shared is None or any(getattr(unet, name, None) is not None for name in ("encoder_hid_proj", "position_net")):
-        return False
-    if not _members_take_all(unet, [(m, "to_kv") for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]):
-        return False
-    shared.precomputed = True
-    return True
-
-
-def precompute_conditioning(unet, num_timesteps: int) -> dict[str, bool]:
-    """After :func:`share_conditioning_projections`: the time projections become a table over the
-    ``num_timesteps`` training timesteps (SD1.5/SD2.1: ~40 MB in float16), and the UNet takes its
-    ``encoder_hidden_states`` already projected by :func:`prompt_projector`'s function (the stream
-    does that when the prompt changes; a UNet so rewritten needs it). The same function, up to the
-    GEMMs' rounding, for the integer timesteps the stream uses. Once per UNet; returns which of the
-    two applied."""
-    done = dict(time=False, prompt=False)
-    if getattr(unet, "time_projections", None) is not None and not unet.time_projections.precomputed:
-        done["time"] = _table_time_projections(unet, num_timesteps)
-    if getattr(unet, "prompt_projections", None) is not None and not unet.prompt_projections.precomputed:
-        done["prompt"] = _precompute_prompt_projections(unet)
-    return done
-
-
-def prompt_projector(unet):
-    """The function a UNet rewritten by :func:`precompute_conditioning` needs applied to its prompt
-    embeddings before they are passed as ``encoder_hidden_states``; None for any other UNet."""
-    shared = getattr(unet, "prompt_projections", None)
-    return shared.project if isinstance(shared, SharedInputProjection) and shared.precomputed else None

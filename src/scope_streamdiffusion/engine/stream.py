@@ -20,7 +20,6 @@ from . import sampling
 from .background_compile import FX_TRACING
 from .frames import to_unit
 from .models import StreamModels
-from .projections import prompt_projector
 from .prompts import PromptEmbeds, PromptEncoder
 from .residual_cfg import CfgType, Guidance, effective_cfg_type, virtual_residual_noise
 from .schedule import input_mix, make_schedule, timesteps_from_strength, timesteps_from_t_index_list
@@ -190,10 +189,6 @@ class StreamDiffusion:
             tokens = max(blended.embeds.shape[1], self.prompt_encoder.encode(settings.negative_prompt).embeds.shape[1])
             negative = self.prompt_encoder.negative(settings.negative_prompt, tokens)
             prompt = blended.with_tokens(tokens, self.prompt_encoder.encode(""))
-            project = prompt_projector(self.models.unet)
-            if project is not None:  # the graph modes' UNet takes its prompt key/values made here, once
-                with FX_TRACING, torch.no_grad():
-                    prompt, negative = (PromptEmbeds(project(e.embeds), e.pooled) for e in (prompt, negative))
         # alpha0 from the CPU table: no device sync. t_index_list overrides strength, fade included.
         alpha0 = float(self.models.alphas_cumprod[timesteps[0]].sqrt())
         a, b = input_mix(1.0 if settings.t_index_list else settings.strength, alpha0) if img2img else (0.0, 1.0)
