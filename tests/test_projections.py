@@ -160,7 +160,7 @@ def test_the_compiled_unet_does_not_guard_on_the_sharing_state():
 
     unet = _tiny_unet("sd15").eval()
     fuse_projections(unet)
-    share_conditioning_projections(unet)
+    assert share_conditioning_projections(unet) == _expected_counts(unet)
     sample, t, kwargs = _unet_inputs("sd15")
     torch._dynamo.reset()
     # What background-compile compiles and how it runs it (run-only: a guard that fails runs eagerly).
@@ -175,6 +175,17 @@ def test_the_compiled_unet_does_not_guard_on_the_sharing_state():
 
         unet.register_forward_pre_hook(another_threads_call_ended)  # between __call__ and forward
         got = torch._dynamo.run(compiled)(sample, t, **kwargs).sample
+    torch._dynamo.reset()
     assert counted["runs"] == 2  # the compiled code ran
     assert torch.equal(got, expected)
     assert unet.time_projections.memo is None and not unet.time_projections.active
+
+
+def test_a_unet_with_a_forward_of_its_own_keeps_its_projections_apart():
+    """Another library's forward on the instance would not set the shared results up: the layers
+    would each compute their own columns while the counts said they were shared."""
+    unet = _tiny_unet("sd15").eval()
+    fuse_projections(unet)
+    unet.forward = unet.forward  # bound, on the instance (as hook libraries install theirs)
+    assert share_conditioning_projections(unet) == {}
+    assert not any(isinstance(m, SharedInputMember) for m in unet.modules())

@@ -143,8 +143,7 @@ def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None,
             rebind(owner)  # before the next layer: the old storage goes now
         start = member.stop
     unet.add_module(name, shared)
-    if "forward" not in vars(unet):
-        unet.forward = types.MethodType(_forward_sharing_projections, unet)
+    unet.forward = types.MethodType(_forward_sharing_projections, unet)  # once per UNet (checked by the caller)
     return len(layers)
 
 
@@ -156,7 +155,8 @@ def _forward_sharing_projections(unet, *args, **kwargs):
     frames it compiles), so no guard of the compiled code depends on this state. From a hook, the
     compiled forward guarded on the flag at its entry, and a compilation on another thread, setting
     and clearing the flag for its own example calls, made the frame thread's compiled UNet fail its
-    guards and run eagerly (BENCHMARKS.md, R14)."""
+    guards and run eagerly (BENCHMARKS.md, R14). A forward set on the UNet later must call this one
+    (accelerate's and diffusers' hooks do), or the layers compute their own columns: slower, the same."""
     shared = [m for m in (getattr(unet, "time_projections", None), getattr(unet, "prompt_projections", None))
               if m is not None]
     for projection in shared:
@@ -209,6 +209,8 @@ def share_conditioning_projections(unet) -> dict[str, int]:
     except ImportError:
         return {}
     if type(unet) is not UNet2DConditionModel or any(hasattr(unet, n) for n in ("time_projections", "prompt_projections")):
+        return {}
+    if "forward" in vars(unet):  # a forward of its own (hooks of another library): it would not set the results up
         return {}
     counts = dict(time=_share_time_projections(unet), prompt=_share_prompt_projections(unet))
     return {name: count for name, count in counts.items() if count}
