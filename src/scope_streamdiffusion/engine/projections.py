@@ -143,7 +143,7 @@ def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None,
             rebind(owner)  # before the next layer: the old storage goes now
         start = member.stop
     unet.add_module(name, shared)
-    unet.forward = types.MethodType(_forward_sharing_projections, unet)  # once per UNet (checked by the caller)
+    unet.forward = types.MethodType(_forward_sharing_projections, unet)  # the same for both groups
     return len(layers)
 
 
