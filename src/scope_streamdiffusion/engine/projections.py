@@ -143,7 +143,6 @@ def _share(unet, name: str, owners: list[tuple[torch.nn.Module, str]], act=None,
             rebind(owner)  # before the next layer: the old storage goes now
         start = member.stop
     unet.add_module(name, shared)
-    unet.forward = types.MethodType(_forward_sharing_projections, unet)  # the same for both groups
     return len(layers)
 
 
@@ -213,4 +212,7 @@ def share_conditioning_projections(unet) -> dict[str, int]:
     if "forward" in vars(unet):  # a forward of its own (hooks of another library): it would not set the results up
         return {}
     counts = dict(time=_share_time_projections(unet), prompt=_share_prompt_projections(unet))
-    return {name: count for name, count in counts.items() if count}
+    counts = {name: count for name, count in counts.items() if count}
+    if counts:
+        unet.forward = types.MethodType(_forward_sharing_projections, unet)
+    return counts
