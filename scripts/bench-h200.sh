@@ -76,6 +76,14 @@
 #   bash scripts/bench-h200.sh 61  # R14: SDXL-Turbo 1024² --check with R13's code; part 59's txt2img
 #   bash scripts/bench-h200.sh 62  # R14: a 300-s Scope-style stream under the default (auto) with R13's code
 #   bash scripts/bench-h200.sh 63  # R14: the same for 240 s with the shared projections' state set in the forward
+#   bash scripts/bench-h200.sh 64  # R15: the memset nodes cuDNN puts in the step graph (scripts/memset-nodes.py):
+#                                  #     the UNet's attention calls per SDPA backend, its 8x8 convolutions two ways
+#   bash scripts/bench-h200.sh 65  # R15: the UNet's GroupNorms alone: inductor's split reductions, not split,
+#                                  #     cooperative, and one Triton kernel each (scripts/groupnorm-probe.py)
+#   bash scripts/bench-h200.sh 66  # R15: the UNet's 3x3 convolutions over <= 64 pixels as GEMMs when compiled, off
+#                                  #     and on in one process (SD-Turbo txt2img, img2img)
+#   bash scripts/bench-h200.sh 67  # R15: --check and profile with them (SD-Turbo img2img, txt2img); the
+#                                  #     Scope-style stream under the default (auto) for 190 s, cold cache
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -629,6 +637,27 @@ case "$part" in
 63)
   # Round R14: part 62's stream for 240 s (minutes 0-3) with the fix it called for.
   soak r14-soak-fixed 240 300
+  ;;
+64)
+  for rows in 1 2 4; do
+    start=$SECONDS; timeout 120 python3 scripts/memset-nodes.py "$OUT/r15-memset-nodes-$rows.json" $rows ${PARTS:-sdpa,conv} > "$OUT/r15-memset-nodes-$rows.log" 2>&1
+    echo "memset-nodes $rows exit $? after $((SECONDS - start)) s"; grep -vE "^\s*$" "$OUT/r15-memset-nodes-$rows.log" | cut -c1-400
+  done
+  ;;
+65)
+  for rows in ${ROWS:-1 4}; do
+    start=$SECONDS; timeout 200 python3 scripts/groupnorm-probe.py "$OUT/r15-groupnorm-$rows.json" $rows > "$OUT/r15-groupnorm-$rows.log" 2>&1
+    echo "groupnorm $rows exit $? after $((SECONDS - start)) s"; grep -vE "^\s*$|Warn|warn" "$OUT/r15-groupnorm-$rows.log" | cut -c1-300 | tail -30
+  done
+  ;;
+66)
+  ab r15-ab-gemm-sd-turbo-txt2img 270 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS
+  ab r15-ab-gemm-sd-turbo-img2img 270 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS
+  ;;
+67)
+  bench r15-a-sd-turbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
+  rows r15
+  soak r15-soak 190 250
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

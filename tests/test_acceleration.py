@@ -193,6 +193,29 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
     assert fused() == (False, ["time"])  # the prompt's key/value sharing builds on the fused layers
 
 
+def test_compiled_modes_run_small_convolutions_as_gemms_unless_runtime_loras_or_turned_off(tiny_sd15, tiny_lcm_lora,
+                                                                                           monkeypatch):
+    """Only where the UNet is compiled (eager and cudagraph runs would gather patches in separate
+    kernels), not on layers runtime LoRA adapters sit on, and off with its switch."""
+    from scope_streamdiffusion.engine.small_convs import SmallPixelsConv2d
+    from scope_streamdiffusion.testing.tiny_models import LORA_WEIGHT_NAME
+
+    def count(mode, **kw):
+        monkeypatch.setattr(acc, "resolve_acceleration", lambda requested, device: mode)  # any mode on CPU
+        models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False,
+                             acceleration=mode, **kw)
+        rewritten = sum(type(m) is SmallPixelsConv2d for m in models.unet.modules())
+        assert rewritten == models.extras.get("gemm_small_convs", 0)
+        return rewritten
+
+    lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
+    assert count("compile") == count("background-compile") > 0
+    assert count("cudagraph") == 0
+    assert count("compile", loras=lora, lora_merge_mode="runtime_peft") == 0
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "0")
+    assert count("compile") == 0
+
+
 class _CountingBackend:
     """A torch.compile backend (inductor by default), counting the graphs it compiles and the calls
     of what it compiled."""
