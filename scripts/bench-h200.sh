@@ -82,6 +82,8 @@
 #                                  #     cooperative, and one Triton kernel each (scripts/groupnorm-probe.py)
 #   bash scripts/bench-h200.sh 66  # R15: the UNet's 3x3 convolutions over <= 64 pixels as GEMMs when compiled, off
 #                                  #     and on in one process (SD-Turbo txt2img, img2img)
+#   bash scripts/bench-h200.sh 68  # R15: the same up to 256 pixels (the 16x16 level at one frame, the 8x8 level at
+#                                  #     four rows) against up to 64, in one process (txt2img, SD1.5 LCM, img2img)
 #   bash scripts/bench-h200.sh 67  # R15: --check and profile with them (SD-Turbo img2img, txt2img); the
 #                                  #     Scope-style stream under the default (auto) for 190 s, cold cache
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
@@ -653,6 +655,11 @@ case "$part" in
 66)
   ab r15-ab-gemm-sd-turbo-txt2img 270 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS
   ab r15-ab-gemm-sd-turbo-img2img 270 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS
+  ;;
+68)
+  ab r15-ab-256-sd-turbo-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
+  ab r15-ab-256-sd15-lcm4-self 250 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
+  ab r15-ab-256-sd-turbo-img2img 100 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
   ;;
 67)
   bench r15-a-sd-turbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check

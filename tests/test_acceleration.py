@@ -212,6 +212,9 @@ def test_compiled_modes_run_small_convolutions_as_gemms_unless_runtime_loras_or_
     assert count("compile") == count("background-compile") > 0
     assert count("cudagraph") == 0
     assert count("compile", loras=lora, lora_merge_mode="runtime_peft") == 0
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "256")  # another limit
+    models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration="compile")
+    assert {m.max_pixels for m in models.unet.modules() if type(m) is SmallPixelsConv2d} == {256}
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "0")
     assert count("compile") == 0
 

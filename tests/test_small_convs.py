@@ -56,6 +56,14 @@ def test_compiled_over_few_pixels_a_gemm_else_the_convolution():
     assert graphs == [dict(conv=0, gemm=1), dict(conv=1, gemm=0)]
     assert torch.allclose(got_small, eager, atol=1e-5)
     assert torch.allclose(got_large, F.conv2d(large, conv.weight, conv.bias, padding=1), atol=1e-6)
+    # Another limit: 2 x 64 pixels as a GEMM too.
+    limited = torch.nn.Conv2d(32, 16, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    gemm_small_convs(limited, max_pixels=2 * MAX_PIXELS)
+    with torch.no_grad():
+        compiled, graphs = _compile(limited)
+        got = compiled(large)
+    assert graphs == [dict(conv=0, gemm=1)] and conv.max_pixels == MAX_PIXELS
+    assert torch.allclose(got, F.conv2d(large, limited.weight, limited.bias, padding=1), atol=1e-5)
     # A weight that is not channels_last would be copied on every call: the convolution stays.
     conv.weight.data = conv.weight.data.contiguous()
     with torch.no_grad():

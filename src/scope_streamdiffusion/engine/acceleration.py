@@ -65,7 +65,7 @@ from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
-from .small_convs import gemm_small_convs
+from .small_convs import MAX_PIXELS, gemm_small_convs
 from .taesd import fold_upsamples, fuse_relus, pad_thin_convs
 
 logger = logging.getLogger(__name__)
@@ -571,9 +571,12 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["fused_projections"] = fuse_projections(models.unet)
     if rewrite and _switch("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS"):
         models.extras["shared_projections"] = share_conditioning_projections(models.unet)
-    # The 3x3 convolutions over <= 64 pixels (the 8x8 level at one 512² frame) compiled as GEMMs (R15).
-    if rewrite and mode in ("compile", "background-compile") and _switch("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS"):
-        models.extras["gemm_small_convs"] = gemm_small_convs(models.unet)
+    # The 3x3 convolutions over <= 64 pixels (the 8x8 level at one 512² frame) compiled as GEMMs (R15);
+    # SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS=N (> 1) moves the limit to N pixels.
+    small_convs = os.environ.get("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "1")
+    if rewrite and mode in ("compile", "background-compile") and small_convs != "0":
+        limit = int(small_convs) if small_convs.isdigit() and int(small_convs) > 1 else MAX_PIXELS
+        models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).

@@ -1,11 +1,12 @@
 """The UNet's 3x3 convolutions over a handful of pixels, compiled as one GEMM over gathered patches.
 
 At one frame of 512² the UNet's lowest level is 8x8: its 14 convolutions (1280 or 2560 channels in,
-1280 out) are GEMMs 64 rows tall and 11,520-23,040 deep. cuDNN runs them as split-K kernels that
-reach a third of the H200's arithmetic rate (~20 µs each; reading the 30-MB weight takes ~6), each
-after a memset node in the step graph. cuBLAS's split-K GEMM over the same weight, with the 3x3
-patches gathered first (a copy inductor fuses with the GroupNorm + SiLU that makes its input), is
-faster at 64 rows and slower from 128 (BENCHMARKS.md, R15). So the rewrite:
+1280 out) are GEMMs 64 rows tall and 11,520-23,040 deep. On an H200 cuDNN runs them as split-K
+kernels at a third of the rate of the UNet's other 3x3 convolutions (~20 µs each; reading the 30-MB
+weight takes ~6), each after a memset node in the step graph. cuBLAS's split-K GEMM over the same weight, with the 3x3
+patches gathered first (a copy in inductor's generated kernels), made the compiled step 1.7-1.8%
+faster at one frame; up to 256 pixels (the 16x16 level too, or the 8x8 level at four rows) it was
+0.5-1.2% slower than up to 64 (BENCHMARKS.md, R15). So the rewrite:
 
 * applies only inside code torch.compile traces (eager and CUDA-graph runs keep cuDNN: there the
   gather would be separate kernels), and only where rows x height x width <= :data:`MAX_PIXELS`
@@ -20,15 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# rows x height x width up to which the GEMM wins (64: the 8x8 level at one 512² frame; 128 lost).
+# rows x height x width up to which the GEMM wins (64: the 8x8 level at one 512² frame; 256 lost).
 MAX_PIXELS = 64
 
 
 class SmallPixelsConv2d(torch.nn.Conv2d):
     """A 3x3, stride-1, padding-1 ``Conv2d`` whose compiled form over few pixels is one GEMM."""
 
+    max_pixels = MAX_PIXELS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= MAX_PIXELS
+        if (torch.compiler.is_compiling() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= self.max_pixels
                 and self.weight.is_contiguous(memory_format=torch.channels_last)):
             return patch_gemm(x, self.weight, self.bias)
         return super().forward(x)
@@ -52,12 +55,15 @@ def _qualifies(module: torch.nn.Module) -> bool:
             and module.padding_mode == "zeros")
 
 
-def gemm_small_convs(unet: torch.nn.Module) -> int:
+def gemm_small_convs(unet: torch.nn.Module, max_pixels: int = MAX_PIXELS) -> int:
     """Make each plain 3x3 convolution of ``unet`` a :class:`SmallPixelsConv2d` (in place; the same
-    module objects and parameters). Returns how many; 0 the second time."""
+    module objects and parameters) that runs as a GEMM up to ``max_pixels``. Returns how many; 0 the
+    second time."""
     count = 0
     for module in unet.modules():
         if _qualifies(module):
             module.__class__ = SmallPixelsConv2d
+            if max_pixels != MAX_PIXELS:
+                module.max_pixels = max_pixels
             count += 1
     return count
