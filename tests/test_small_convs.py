@@ -50,7 +50,7 @@ def test_compiled_over_few_pixels_a_gemm_else_the_convolution():
     large = torch.randn(2, 32, side, side).to(memory_format=torch.channels_last)  # 2 x 64 pixels
     with torch.no_grad():
         eager = conv(small)
-        assert torch.equal(eager, F.conv2d(small, conv.weight, conv.bias, padding=1))  # eager: cuDNN's op itself
+        assert torch.equal(eager, F.conv2d(small, conv.weight, conv.bias, padding=1))  # eager: the convolution itself
         compiled, graphs = _compile(conv)
         got_small, got_large = compiled(small), compiled(large)
     assert graphs == [dict(conv=0, gemm=1), dict(conv=1, gemm=0)]

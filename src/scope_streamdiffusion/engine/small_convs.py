@@ -3,10 +3,10 @@
 At one frame of 512² the UNet's lowest level is 8x8: its 14 convolutions (1280 or 2560 channels in,
 1280 out) are GEMMs 64 rows tall and 11,520-23,040 deep. On an H200 cuDNN runs them as split-K
 kernels at a third of the rate of the UNet's other 3x3 convolutions (~20 µs each; reading the 30-MB
-weight takes ~6), each after a memset node in the step graph. cuBLAS's split-K GEMM over the same weight, with the 3x3
-patches gathered first (a copy in inductor's generated kernels), made the compiled step 1.7-1.8%
-faster at one frame; up to 256 pixels (the 16x16 level too, or the 8x8 level at four rows) it was
-0.5-1.2% slower than up to 64 (BENCHMARKS.md, R15). So the rewrite:
+weight takes ~6), each after a memset node in the step graph. cuBLAS's split-K GEMM over the same
+weight, with the 3x3 patches gathered first (a copy in inductor's generated kernels), made the
+compiled step 1.7-1.8% faster at one frame; up to 256 pixels (the 16x16 level too, or the 8x8 level
+at four rows) it was 0.5-1.2% slower than up to 64 (BENCHMARKS.md, R15). So the rewrite:
 
 * applies only inside code torch.compile traces (eager and CUDA-graph runs keep cuDNN: there the
   gather would be separate kernels), and only where rows x height x width <= :data:`MAX_PIXELS`
