@@ -84,6 +84,7 @@
 #                                  #     and on in one process (SD-Turbo txt2img, img2img)
 #   bash scripts/bench-h200.sh 68  # R15: the same up to 256 pixels (the 16x16 level at one frame, the 8x8 level at
 #                                  #     four rows) against up to 64, in one process (txt2img, SD1.5 LCM, img2img)
+#   bash scripts/bench-h200.sh 69  # R15: the final code in a separate process, cold cache: the three one-frame workloads
 #   bash scripts/bench-h200.sh 67  # R15: --check and profile with them (SD-Turbo img2img, txt2img); the
 #                                  #     Scope-style stream under the default (auto) for 190 s, cold cache
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
@@ -660,6 +661,10 @@ case "$part" in
   ab r15-ab-256-sd-turbo-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
   ab r15-ab-256-sd15-lcm4-self 250 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
   ab r15-ab-256-sd-turbo-img2img 100 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
+  ;;
+69)
+  bench r15-final 380 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
+  rows r15-final
   ;;
 67)
   bench r15-a-sd-turbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
