@@ -664,7 +664,7 @@ case "$part" in
   ;;
 69)
   bench r15-final 380 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
-  rows r15-final
+  rows r15
   ;;
 67)
   bench r15-a-sd-turbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
