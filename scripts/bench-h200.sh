@@ -77,16 +77,16 @@
 #   bash scripts/bench-h200.sh 62  # R14: a 300-s Scope-style stream under the default (auto) with R13's code
 #   bash scripts/bench-h200.sh 63  # R14: the same for 240 s with the shared projections' state set in the forward
 #   bash scripts/bench-h200.sh 64  # R15: the memset nodes cuDNN puts in the step graph (scripts/memset-nodes.py):
-#                                  #     the UNet's attention calls per SDPA backend, its 8x8 convolutions two ways
+#                                  #     the attention calls per SDPA backend, the 8x8 convolutions five ways (PARTS=conv)
 #   bash scripts/bench-h200.sh 65  # R15: the UNet's GroupNorms alone: inductor's split reductions, not split,
 #                                  #     cooperative, and one Triton kernel each (scripts/groupnorm-probe.py)
 #   bash scripts/bench-h200.sh 66  # R15: the UNet's 3x3 convolutions over <= 64 pixels as GEMMs when compiled, off
 #                                  #     and on in one process (SD-Turbo txt2img, img2img)
-#   bash scripts/bench-h200.sh 68  # R15: the same up to 256 pixels (the 16x16 level at one frame, the 8x8 level at
-#                                  #     four rows) against up to 64, in one process (txt2img, SD1.5 LCM, img2img)
-#   bash scripts/bench-h200.sh 69  # R15: the final code in a separate process, cold cache: the three one-frame workloads
 #   bash scripts/bench-h200.sh 67  # R15: --check and profile with them (SD-Turbo img2img, txt2img); the
 #                                  #     Scope-style stream under the default (auto) for 190 s, cold cache
+#   bash scripts/bench-h200.sh 68  # R15: part 66 up to 256 pixels (the 16x16 level at one frame, the 8x8 level at
+#                                  #     four rows) against up to 64, in one process (txt2img, SD1.5 LCM, img2img)
+#   bash scripts/bench-h200.sh 69  # R15: the final code in a separate process: the three one-frame workloads
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -657,6 +657,11 @@ case "$part" in
   ab r15-ab-gemm-sd-turbo-txt2img 270 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS
   ab r15-ab-gemm-sd-turbo-img2img 270 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS
   ;;
+67)
+  bench r15-a-sd-turbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
+  rows r15
+  soak r15-soak 190 250
+  ;;
 68)
   ab r15-ab-256-sd-turbo-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
   ab r15-ab-256-sd15-lcm4-self 250 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS 64 256
@@ -665,11 +670,6 @@ case "$part" in
 69)
   bench r15-final 380 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
   rows r15
-  ;;
-67)
-  bench r15-a-sd-turbo 300 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 150 --profile --check
-  rows r15
-  soak r15-soak 190 250
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

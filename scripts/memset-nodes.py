@@ -1,6 +1,7 @@
 """The step graph's memset nodes: in a CUDA graph each cuDNN attention call, each split-K convolution
-of the UNet's 8x8 level and some of TAESD's are preceded by a 4-byte memset node (R14's kernel
-traces: 65 per txt2img call, each 3-7 us from the previous kernel's end to the next one's start).
+of the UNet's 8x8 level, some cuBLAS GEMMs and some of TAESD's convolutions are preceded by a memset
+node (R14's kernel trace: 64 per txt2img call, 4 bytes, 400 or 880 before the 8x8 convolutions; in
+the profiler's view 3.6-8.2 us from the previous kernel's end to the next one's start).
 
 ``sdpa``: the UNet's 32 attention calls (SD2.1 / SD-Turbo at 512², one frame) replayed from one CUDA
 graph per choice of SDPA backend: cuDNN's (PyTorch's pick on Hopper), FlashAttention-2,
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+
+from scope_streamdiffusion.engine.small_convs import patch_gemm
 
 HEAD = 64
 # (tokens, heads) of each transformer block of SD2.1's UNet at 512² in call order: down 2+2+2, mid 1, up 3+3+3.
@@ -58,7 +61,7 @@ def run_all(calls, policy):
     return outs
 
 
-def graph_ms(run, replays: int = 200, label=lambda i: str(i)) -> tuple:
+def graph_ms(run, replays: int = 200) -> tuple:
     """``run()`` captured in a CUDA graph: (ms per replay, its outputs, kernel counts and times)."""
     for _ in range(3):
         run()
@@ -131,30 +134,19 @@ def conv_variants(rows: int) -> dict:
     def cudnn_no_bias():  # inductor adds the bias in the next fused kernel
         return [F.conv2d(xs[w.shape[1]], w, None, padding=1) for w, _ in layers]
 
-    def patches(x, m):
-        x = x.permute(0, 2, 3, 1)  # NHWC view of the channels_last tensor
-        p = F.pad(x, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)  # (N, 8, 8, C, 3, 3)
-        return p.permute(0, 1, 2, 4, 5, 3).reshape(-1, m.shape[1])
-
-    def patches_mm():
-        outs = []
-        for (w, b), m in zip(layers, mats):
-            x = xs[w.shape[1]]
-            outs.append(torch.addmm(b, patches(x, m), m.t()).view(x.shape[0], 8, 8, -1).permute(0, 3, 1, 2))
-        return outs
+    def patches_mm():  # the pipeline's compiled form (engine/small_convs.py), its gathers eager here
+        return [patch_gemm(xs[w.shape[1]], w, b) for w, b in layers]
 
     def patches_mm_no_bias():
-        outs = []
-        for (w, b), m in zip(layers, mats):
-            x = xs[w.shape[1]]
-            outs.append(torch.mm(patches(x, m), m.t()).view(x.shape[0], 8, 8, -1).permute(0, 3, 1, 2))
-        return outs
+        return [patch_gemm(xs[w.shape[1]], w, None) for w, _ in layers]
 
     def weights_first():  # out^T = W @ patches^T: the weight as the GEMM's M side
         outs = []
         for (w, b), m in zip(layers, mats):
-            x = xs[w.shape[1]]
-            outs.append(torch.mm(m, patches(x, m).t()).t().reshape(x.shape[0], 8, 8, -1).permute(0, 3, 1, 2))
+            x = xs[w.shape[1]].permute(0, 2, 3, 1)  # NHWC view of the channels_last tensor
+            p = F.pad(x, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)  # (N, 8, 8, C, 3, 3)
+            p = p.permute(0, 1, 2, 4, 5, 3).reshape(-1, m.shape[1])
+            outs.append(torch.mm(m, p.t()).t().reshape(x.shape[0], 8, 8, -1).permute(0, 3, 1, 2))
         return outs
 
     return dict(cudnn=cudnn, patches_mm=patches_mm, cudnn_no_bias=cudnn_no_bias,

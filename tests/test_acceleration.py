@@ -194,7 +194,7 @@ def test_graph_modes_fuse_projections_unless_runtime_loras_or_turned_off(tiny_sd
 
 
 def test_compiled_modes_run_small_convolutions_as_gemms_unless_runtime_loras_or_turned_off(tiny_sd15, tiny_lcm_lora,
-                                                                                           monkeypatch):
+                                                                                           monkeypatch, caplog):
     """Only where the UNet is compiled (eager and cudagraph runs would gather patches in separate
     kernels), not on layers runtime LoRA adapters sit on, and off with its switch."""
     from scope_streamdiffusion.engine.small_convs import SmallPixelsConv2d
@@ -215,6 +215,11 @@ def test_compiled_modes_run_small_convolutions_as_gemms_unless_runtime_loras_or_
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "256")  # another limit
     models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration="compile")
     assert {m.max_pixels for m in models.unet.modules() if type(m) is SmallPixelsConv2d} == {256}
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "lots")  # not a number: the default, one warning
+    with caplog.at_level(logging.WARNING, logger=acc.__name__):
+        models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration="compile")
+    assert {m.max_pixels for m in models.unet.modules() if type(m) is SmallPixelsConv2d} == {64}
+    assert sum("GEMM_SMALL_CONVS" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "0")
     assert count("compile") == 0
 

@@ -1,6 +1,8 @@
 """The UNet's 3x3 convolutions over few pixels as GEMMs when compiled (engine/small_convs.py): the
 same function, only inside traced code, only up to MAX_PIXELS, the same parameters."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,16 +29,17 @@ def _compile(fn):
     return torch.compile(fn, backend=backend, dynamic=False), graphs
 
 
-@pytest.mark.parametrize("rows,side,bias,channels_last", [(1, 8, True, True), (2, 4, False, True), (3, 5, True, False)])
-def test_the_patch_gemm_is_the_convolution(rows, side, bias, channels_last):
+@pytest.mark.parametrize("rows,height,width,bias,channels_last",
+                         [(1, 8, 8, True, True), (2, 4, 8, False, True), (3, 5, 3, True, False)])
+def test_the_patch_gemm_is_the_convolution(rows, height, width, bias, channels_last):
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 24, side, side, generator=g)
+    x = torch.randn(rows, 24, height, width, generator=g)
     weight = torch.randn(16, 24, 3, 3, generator=g)
     b = torch.randn(16, generator=g) if bias else None
     if channels_last:
         x, weight = x.to(memory_format=torch.channels_last), weight.to(memory_format=torch.channels_last)
     got = patch_gemm(x, weight, b)
-    assert got.shape == (rows, 16, side, side)
+    assert got.shape == (rows, 16, height, width)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, F.conv2d(x, weight, b, padding=1), atol=1e-5)
 
@@ -70,6 +73,42 @@ def test_compiled_over_few_pixels_a_gemm_else_the_convolution():
         compiled, graphs = _compile(conv)
         compiled(small)
     assert graphs == [dict(conv=1, gemm=0)]
+
+
+def test_eager_calls_while_another_thread_compiles_keep_the_convolution(monkeypatch):
+    """background-compile traces the UNet on its thread while the stream's thread runs it eagerly
+    (and captures its eager graph): only the traced code may take the GEMM."""
+    conv = torch.nn.Conv2d(32, 16, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    gemm_small_convs(conv)
+    small = torch.randn(1, 32, 8, 8).to(memory_format=torch.channels_last)
+    convolved = []  # the threads that ran the convolution itself
+    real = torch.nn.Conv2d._conv_forward
+
+    def recording(self, x, weight, bias):
+        convolved.append(threading.get_ident())
+        return real(self, x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", recording)
+    inside, release = threading.Event(), threading.Event()
+
+    def backend(gm, _inputs):  # holds the compilation open until the eager call below is done
+        inside.set()
+        release.wait(30)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(conv, backend=backend, dynamic=False)
+    worker = threading.Thread(target=lambda: compiled(small))
+    with torch.no_grad():
+        worker.start()
+        try:
+            assert inside.wait(30)
+            eager = conv(small)
+        finally:
+            release.set()
+            worker.join(30)
+    assert convolved == [threading.get_ident()]  # this thread convolved; the traced code took the GEMM
+    assert torch.equal(eager, real(conv, small, conv.weight, conv.bias))
 
 
 def test_a_tiny_unet_compiles_its_lowest_levels_as_gemms_with_the_same_output():

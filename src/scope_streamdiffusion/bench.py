@@ -492,6 +492,7 @@ def run(args) -> int:
                     extra = dict(acceleration=models.extras.get("acceleration"), unet_params=_unique_numel(models.unet),
                         fp8_linear_layers=models.extras.get("fp8_linear_layers"),
                         shared_projections=models.extras.get("shared_projections"),
+                        gemm_small_convs=models.extras.get("gemm_small_convs"),
                         taesd_rewrites={key: models.extras[key] for key in TAESD_REWRITES if key in models.extras})
                     if arch:
                         from .testing.architectures import PARAM_COUNTS, resolve_kind

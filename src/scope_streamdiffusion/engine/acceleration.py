@@ -573,9 +573,12 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["shared_projections"] = share_conditioning_projections(models.unet)
     # The 3x3 convolutions over <= 64 pixels (the 8x8 level at one 512² frame) compiled as GEMMs (R15);
     # SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS=N (> 1) moves the limit to N pixels.
-    small_convs = os.environ.get("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "1")
+    small_convs = os.environ.get("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "1").strip()
     if rewrite and mode in ("compile", "background-compile") and small_convs != "0":
         limit = int(small_convs) if small_convs.isdigit() and int(small_convs) > 1 else MAX_PIXELS
+        if not small_convs.isdigit():
+            logger.warning("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS=%r is not a number of pixels (0 turns it off); "
+                           "using %d.", small_convs, MAX_PIXELS)
         models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):

@@ -8,9 +8,11 @@ weight, with the 3x3 patches gathered first (a copy in inductor's generated kern
 compiled step 1.7-1.8% faster at one frame; up to 256 pixels (the 16x16 level too, or the 8x8 level
 at four rows) it was 0.5-1.2% slower than up to 64 (BENCHMARKS.md, R15). So the rewrite:
 
-* applies only inside code torch.compile traces (eager and CUDA-graph runs keep cuDNN: there the
-  gather would be separate kernels), and only where rows x height x width <= :data:`MAX_PIXELS`
-  (a static shape under torch.compile);
+* applies only inside code dynamo traces (``is_dynamo_compiling``: in torch 2.13 ``is_compiling``
+  is also true on other threads while a compilation runs, i.e. for background-compile's eager steps), and only where
+  rows x height x width <= :data:`MAX_PIXELS` (a static shape under torch.compile). Eager and
+  CUDA-graph runs keep cuDNN: there the gather would be separate eager kernels (not measured in the
+  pipeline); 256² frames (their 8x8 and 4x4 levels) were not measured either;
 * keeps the layer a ``Conv2d`` with the same parameters (same state-dict keys) and reads its weight
   as a matrix without copying (a channels_last weight is already laid out (out, 3, 3, in));
 * computes the same function up to rounding (another summation order).
@@ -31,7 +33,7 @@ class SmallPixelsConv2d(torch.nn.Conv2d):
     max_pixels = MAX_PIXELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= self.max_pixels
+        if (torch.compiler.is_dynamo_compiling() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= self.max_pixels
                 and self.weight.is_contiguous(memory_format=torch.channels_last)):
             return patch_gemm(x, self.weight, self.bias)
         return super().forward(x)
