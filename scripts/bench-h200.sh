@@ -87,6 +87,14 @@
 #   bash scripts/bench-h200.sh 68  # R15: part 66 up to 256 pixels (the 16x16 level at one frame, the 8x8 level at
 #                                  #     four rows) against up to 64, in one process (txt2img, SD1.5 LCM, img2img)
 #   bash scripts/bench-h200.sh 69  # R15: the final code in a separate process: the three one-frame workloads
+#   bash scripts/bench-h200.sh 70  # R16: part 65's GroupNorms with the two-kernel form (engine/group_norm.py)
+#   bash scripts/bench-h200.sh 71  # R16: the UNet's GroupNorms as the two-kernel form, off and on in one process
+#                                  #     (SD-Turbo txt2img, SD1.5 LCM)
+#   bash scripts/bench-h200.sh 72  # R16: the same with conv1's bias and the time embedding inside norm2's kernels
+#                                  #     (txt2img, img2img); 2048 values a statistics program against 1024 (txt2img)
+#   bash scripts/bench-h200.sh 73  # R16: --check and profile with them (SD-Turbo img2img, txt2img, SD1.5 LCM)
+#   bash scripts/bench-h200.sh 74  # R16: the Scope-style stream under the default (auto) for 190 s, cold cache
+#   bash scripts/bench-h200.sh 75  # R16: SDXL-Turbo 1024² --check and profile with them
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -647,10 +655,11 @@ case "$part" in
     echo "memset-nodes $rows exit $? after $((SECONDS - start)) s"; grep -vE "^\s*$" "$OUT/r15-memset-nodes-$rows.log" | cut -c1-400
   done
   ;;
-65)
+65|70)
+  tag=r15; [ "$part" = 70 ] && tag=r16
   for rows in ${ROWS:-1 4}; do
-    start=$SECONDS; timeout 200 python3 scripts/groupnorm-probe.py "$OUT/r15-groupnorm-$rows.json" $rows > "$OUT/r15-groupnorm-$rows.log" 2>&1
-    echo "groupnorm $rows exit $? after $((SECONDS - start)) s"; grep -vE "^\s*$|Warn|warn" "$OUT/r15-groupnorm-$rows.log" | cut -c1-300 | tail -30
+    start=$SECONDS; timeout 200 python3 scripts/groupnorm-probe.py "$OUT/$tag-groupnorm-$rows.json" $rows > "$OUT/$tag-groupnorm-$rows.log" 2>&1
+    echo "groupnorm $rows exit $? after $((SECONDS - start)) s"; grep -vE "^\s*$|Warn|warn" "$OUT/$tag-groupnorm-$rows.log" | cut -c1-300 | tail -40
   done
   ;;
 66)
@@ -670,6 +679,26 @@ case "$part" in
 69)
   bench r15-final 380 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frames 150 --profile
   rows r15
+  ;;
+71)
+  ab r16-ab-gn-sd-turbo-txt2img 270 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 0 ${ELEMENTS:-2048}
+  ab r16-ab-gn-sd15-lcm4-self 300 sd15-lcm4-self SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 0 ${ELEMENTS:-2048}
+  ;;
+72)
+  ab r16-ab-gn2-sd-turbo-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 0 2048
+  ab r16-ab-gn2-sd-turbo-img2img 200 sd-turbo-img2img SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 0 2048
+  ab r16-ab-gn-elements-sd-turbo-txt2img 170 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 2048 1024
+  ;;
+73)
+  bench r16-a 540 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 150 --profile --check
+  rows r16
+  ;;
+74)
+  soak r16-soak 190 250
+  ;;
+75)
+  bench r16-c-sdxl1024 330 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile --check
+  rows r16-c
   ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile

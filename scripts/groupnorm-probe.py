@@ -1,8 +1,9 @@
 """The UNet's 61 GroupNorms (SD2.1 / SD-Turbo at 512², one frame; 45 followed by SiLU) on their own,
 replayed from one CUDA graph per way of running them: inductor as the pipeline compiles them (each
 split in 3-4 kernels: partial sums, their sums, statistics, then the normalisation), inductor with split
-reductions off, inductor's cooperative reductions, and one Triton kernel per GroupNorm (one program
-per group: statistics and normalisation + SiLU in one launch).
+reductions off, inductor's cooperative reductions, one Triton kernel per GroupNorm (one program
+per group: statistics and normalisation + SiLU in one launch), and the package's two-kernel form
+(`engine/group_norm.py`: chunked partial sums, then normalisation finishing them) by its tile sizes.
 
     python3 scripts/groupnorm-probe.py OUT.json [ROWS]
 """
@@ -39,6 +40,8 @@ _spec = importlib.util.spec_from_file_location("memset_nodes", Path(__file__).re
 _memset_nodes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_memset_nodes)
 graph_ms = _memset_nodes.graph_ms  # run() captured in a CUDA graph: (ms per replay, outputs, kernel counts)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from scope_streamdiffusion.engine import group_norm as two_kernel  # noqa: E402
 
 
 @triton.jit
@@ -126,6 +129,11 @@ def main(out: str, rows: int = 1) -> None:
     for block_p, warps in ((64, 4), (128, 8), (256, 8), (512, 16)):
         variants[f"triton-{block_p}-{warps}"] = (lambda block_p=block_p, warps=warps: lambda ins: [
             group_norm_triton(x, w, b, silu, block_p, warps) for x, w, b, silu in ins])
+    for elements, block_p, block_c, warps in ((4096, 64, 64, 4), (2048, 64, 64, 4), (8192, 64, 64, 4),
+                                              (4096, 32, 64, 4), (4096, 128, 64, 8), (4096, 64, 128, 8)):
+        variants[f"two-kernel-{elements}-{block_p}x{block_c}-{warps}"] = (
+            lambda e=elements, p=block_p, c=block_c, w=warps: lambda ins: [
+                two_kernel.group_norm_triton(x, GROUPS, wt, b, EPS, silu, e, p, c, w) for x, wt, b, silu in ins])
     report = dict(rows=rows, norms=len(NORMS), torch=torch.__version__, triton=triton.__version__, variants={})
     for _ in range(2):
         for name, make in variants.items():

@@ -493,6 +493,7 @@ def run(args) -> int:
                         fp8_linear_layers=models.extras.get("fp8_linear_layers"),
                         shared_projections=models.extras.get("shared_projections"),
                         gemm_small_convs=models.extras.get("gemm_small_convs"),
+                        triton_group_norms=models.extras.get("triton_group_norms"),
                         taesd_rewrites={key: models.extras[key] for key in TAESD_REWRITES if key in models.extras})
                     if arch:
                         from .testing.architectures import PARAM_COUNTS, resolve_kind

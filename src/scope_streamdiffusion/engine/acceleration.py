@@ -65,6 +65,7 @@ from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
+from .group_norm import ELEMENTS_PER_PROGRAM, triton_group_norms
 from .small_convs import MAX_PIXELS, gemm_small_convs
 from .taesd import fold_upsamples, fuse_relus, pad_thin_convs
 
@@ -580,6 +581,15 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
             logger.warning("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS=%r is not a number of pixels (0 turns it off); "
                            "using %d.", small_convs, MAX_PIXELS)
         models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
+    # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16);
+    # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums.
+    group_norm = os.environ.get("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "1").strip()
+    if rewrite and mode in ("compile", "background-compile") and group_norm != "0":
+        elements = int(group_norm) if group_norm.isdigit() and int(group_norm) > 1 else ELEMENTS_PER_PROGRAM
+        if not group_norm.isdigit():
+            logger.warning("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=%r is not a number of values (0 turns it off); "
+                           "using %d.", group_norm, ELEMENTS_PER_PROGRAM)
+        models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).

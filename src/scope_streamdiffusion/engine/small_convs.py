@@ -32,9 +32,13 @@ class SmallPixelsConv2d(torch.nn.Conv2d):
 
     max_pixels = MAX_PIXELS
 
+    def as_gemm(self, x: torch.Tensor) -> bool:
+        """Whether this call runs as the GEMM."""
+        return (torch.compiler.is_dynamo_compiling() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= self.max_pixels
+                and self.weight.is_contiguous(memory_format=torch.channels_last))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_dynamo_compiling() and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= self.max_pixels
-                and self.weight.is_contiguous(memory_format=torch.channels_last)):
+        if self.as_gemm(x):
             return patch_gemm(x, self.weight, self.bias)
         return super().forward(x)
 
