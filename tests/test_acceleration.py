@@ -224,6 +224,39 @@ def test_compiled_modes_run_small_convolutions_as_gemms_unless_runtime_loras_or_
     assert count("compile") == 0
 
 
+def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or_turned_off(tiny_sd15, tiny_lcm_lora,
+                                                                                            monkeypatch, caplog):
+    """As the small convolutions: only where the UNet is compiled, not with runtime LoRA adapters
+    (their scales change after compilation), off with its switch, its size from its number."""
+    from scope_streamdiffusion.engine.group_norm import TritonGroupNorm, TritonResnetBlock2D
+    from scope_streamdiffusion.testing.tiny_models import LORA_WEIGHT_NAME
+
+    def load(mode, **kw):
+        monkeypatch.setattr(acc, "resolve_acceleration", lambda requested, device: mode)  # any mode on CPU
+        models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False,
+                             acceleration=mode, **kw)
+        norms = [m for m in models.unet.modules() if type(m) is TritonGroupNorm]
+        assert len(norms) == models.extras.get("triton_group_norms", 0)
+        return models, norms
+
+    models, norms = load("compile")
+    assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in models.unet.modules()) > 0
+    assert any(type(m) is TritonResnetBlock2D for m in models.unet.modules())  # after the shared projections
+    assert {m.elements for m in norms} == {2048}
+    assert len(load("background-compile")[1]) == len(norms)
+    assert load("cudagraph")[1] == []
+    lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
+    assert load("compile", loras=lora, lora_merge_mode="runtime_peft")[1] == []
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "4096")
+    assert {m.elements for m in load("compile")[1]} == {4096}
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "many")  # not a number: the default, one warning
+    with caplog.at_level(logging.WARNING, logger=acc.__name__):
+        assert {m.elements for m in load("compile")[1]} == {2048}
+    assert sum("TRITON_GROUP_NORM" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "0")
+    assert load("compile")[1] == []
+
+
 class _CountingBackend:
     """A torch.compile backend (inductor by default), counting the graphs it compiles and the calls
     of what it compiled."""

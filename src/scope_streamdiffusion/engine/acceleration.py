@@ -535,6 +535,16 @@ def _switch(name: str) -> bool:
     return os.environ.get(name, "1") != "0"
 
 
+def _size_setting(name: str, default: int, unit: str) -> int | None:
+    """An environment variable that turns a rewrite off ("0") or sets its size (a number > 1)."""
+    value = os.environ.get(name, "1").strip()
+    if value == "0":
+        return None
+    if not value.isdigit():
+        logger.warning("%s=%r is not a number of %s (0 turns it off); using %d.", name, value, unit, default)
+    return int(value) if value.isdigit() and int(value) > 1 else default
+
+
 def _background_compiler(models, options: dict):
     """``"background-compile"``: the compiler that moves each step shape to compiled code later."""
     from .background_compile import BackgroundCompiler
@@ -574,21 +584,12 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["shared_projections"] = share_conditioning_projections(models.unet)
     # The 3x3 convolutions over <= 64 pixels (the 8x8 level at one 512² frame) compiled as GEMMs (R15);
     # SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS=N (> 1) moves the limit to N pixels.
-    small_convs = os.environ.get("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "1").strip()
-    if rewrite and mode in ("compile", "background-compile") and small_convs != "0":
-        limit = int(small_convs) if small_convs.isdigit() and int(small_convs) > 1 else MAX_PIXELS
-        if not small_convs.isdigit():
-            logger.warning("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS=%r is not a number of pixels (0 turns it off); "
-                           "using %d.", small_convs, MAX_PIXELS)
+    compiled = rewrite and mode in ("compile", "background-compile")
+    if compiled and (limit := _size_setting("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", MAX_PIXELS, "pixels")):
         models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
     # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16);
     # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums.
-    group_norm = os.environ.get("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "1").strip()
-    if rewrite and mode in ("compile", "background-compile") and group_norm != "0":
-        elements = int(group_norm) if group_norm.isdigit() and int(group_norm) > 1 else ELEMENTS_PER_PROGRAM
-        if not group_norm.isdigit():
-            logger.warning("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=%r is not a number of values (0 turns it off); "
-                           "using %d.", group_norm, ELEMENTS_PER_PROGRAM)
+    if compiled and (elements := _size_setting("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", ELEMENTS_PER_PROGRAM, "values")):
         models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):

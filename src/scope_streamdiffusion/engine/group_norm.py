@@ -5,8 +5,12 @@ At one 512² frame the UNet's 61 GroupNorms are latency-bound: each group holds 
 inductor splits each GroupNorm into 3-4 kernels (partial sums, their sum, statistics, normalisation),
 0.56-0.64 ms of a ~4.7 ms step (BENCHMARKS.md, R15). One program per group (32 programs) is slower
 still: it leaves most SMs idle. Here the first kernel sums chunks of pixels of one group
-(``groups x splits`` programs) and the second adds the few partial sums per channel itself, so a
-GroupNorm costs two launches.
+(``groups x splits`` programs, ~2,048 values each) and the second adds the few partial sums per
+channel itself, so a GroupNorm costs two launches: the 61 alone 0.49 ms instead of 0.60-0.68 (0.75
+instead of 1.06-1.14 at LCM's 4 rows). In a ResNet block ``conv1``'s bias and the time embedding are
+added inside ``norm2``'s kernels: as an operator inductor cannot fuse into, the norm would otherwise
+get a pass of its own over the activations for them. Compiled, +1.8% img2img, +2.4% txt2img, +7.1% for
+the LCM stream batch on an H200 (BENCHMARKS.md, R16).
 
 Sums are taken around the group's first value (the same for every chunk), which keeps
 ``E[x²] - E[x]²`` from cancelling when a group's mean is large against its spread.
@@ -34,7 +38,7 @@ MAX_SPLITS = 64
 def reference(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool,
               shift: torch.Tensor | None = None) -> torch.Tensor:
     if shift is not None:
-        x = x + shift.reshape(x.shape[0], x.shape[1], 1, 1)
+        x = x + shift.reshape(-1, x.shape[1], 1, 1)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -133,7 +137,7 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
     on, oc, op = _pixel_strides(y)
     group_block = triton.next_power_of_2(group)
     if shift is not None:
-        shift = shift.reshape(n, c).contiguous()
+        shift = shift.reshape(-1, c).expand(n, c).contiguous()
     _partial_sums[(n * groups, splits)](
         x, shift, parts, pixels, c, triton.cdiv(pixels, splits), groups, sn, sc, sp,
         SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block), BLOCK_C=group_block,
@@ -192,12 +196,11 @@ class TritonResnetBlock2D(ResnetBlock2D):
     :class:`TritonGroupNorm` + SiLU, and ``conv1``'s bias and the time embedding added inside
     ``norm2``'s kernels instead of in a pass of their own over the activations before it."""
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         hidden = _conv_without_bias(self.conv1, self.norm1(input_tensor))
-        shift = None if self.conv1.bias is None else self.conv1.bias[None]
-        if temb is not None and self.time_emb_proj is not None:
-            projected = self.time_emb_proj(temb)
-            shift = projected if shift is None else shift + projected
+        shift = self.time_emb_proj(temb)  # (rows, channels); a shift of one row applies to every row
+        if self.conv1.bias is not None:
+            shift = shift + self.conv1.bias
         hidden = self.conv2(self.dropout(self.norm2(hidden, shift)))
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         return (shortcut + hidden) / self.output_scale_factor
@@ -220,15 +223,15 @@ def _silu_follows(owner: torch.nn.Module, act: str) -> bool:
 def _plain_resnet(block: torch.nn.Module) -> bool:
     return (type(block) is ResnetBlock2D and block.time_embedding_norm == "default" and block.upsample is None
             and block.downsample is None and type(block.nonlinearity) is torch.nn.SiLU
-            and (block.time_emb_proj is None or block.skip_time_act) and isinstance(block.conv1, torch.nn.Conv2d)
+            and block.time_emb_proj is not None and block.skip_time_act and isinstance(block.conv1, torch.nn.Conv2d)
             and all(type(n) is torch.nn.GroupNorm and n.affine for n in (block.norm1, block.norm2)))
 
 
 def triton_group_norms(unet: torch.nn.Module, elements: int = ELEMENTS_PER_PROGRAM) -> int:
     """Make each affine ``GroupNorm`` of ``unet`` a :class:`TritonGroupNorm` (in place; the same
-    parameters), taking in the SiLU after it where the code allows: ResNet blocks whose activation runs
-    only on the normalised hidden states (their time embedding's SiLU already taken out,
-    ``skip_time_act``) become :class:`TritonResnetBlock2D`, and the UNet's last norm takes in its
+    parameters), taking in the SiLU after it where the code allows: ResNet blocks with a time embedding
+    whose activation runs only on the normalised hidden states (the embedding's SiLU already taken
+    out, ``skip_time_act``) become :class:`TritonResnetBlock2D`, and the UNet's last norm takes in its
     activation. Returns how many norms; 0 the second time."""
     count = 0
     for module in unet.modules():

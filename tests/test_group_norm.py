@@ -1,0 +1,291 @@
+"""The UNet's GroupNorms (+ SiLU) as two Triton kernels when compiled (engine/group_norm.py): the
+same function, only inside traced code, the same parameters."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+from scope_streamdiffusion.engine import group_norm
+from scope_streamdiffusion.engine.group_norm import (
+    ELEMENTS_PER_PROGRAM,
+    MAX_SPLITS,
+    TritonGroupNorm,
+    TritonResnetBlock2D,
+    group_norm_op,
+    reference,
+    splits_for,
+    triton_group_norms,
+)
+from scope_streamdiffusion.engine.projections import share_conditioning_projections
+from scope_streamdiffusion.engine.small_convs import gemm_small_convs
+from scope_streamdiffusion.testing.tiny_models import _tiny_unet
+
+# Run by Triton's CPU interpreter in a subprocess (triton.jit reads TRITON_INTERPRET when the kernels
+# are decorated, at import): each case's largest error against float64, its splits, and whether the
+# output has the strides it should.
+_INTERPRETED = r"""
+import json
+import torch
+from scope_streamdiffusion.engine.group_norm import group_norm_triton, reference, splits_for
+
+CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, shift, elements
+    ("cl f32 silu shift", 2, 64, 9, 7, 8, "float32", "cl", True, True, ELEMENTS),
+    ("cl f32 silu shift, 2 splits", 2, 64, 9, 7, 8, "float32", "cl", True, True, 64),
+    ("nchw f32, group of 3, 16 splits", 1, 96, 16, 16, 32, "float32", "nchw", False, False, 32),
+    ("cl f16 silu shift, 8 splits", 2, 64, 10, 13, 4, "float16", "cl", True, True, 256),
+    ("nchw f16 shift, 3 rows", 3, 32, 11, 6, 8, "float16", "nchw", False, True, ELEMENTS),
+    ("large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, 64),
+    ("strided width", 2, 32, 6, 5, 8, "float32", "sliced", True, True, 64),
+]
+results = []
+for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements in CASES:
+    g = torch.Generator().manual_seed(len(results))
+    dtype = getattr(torch, dtype)
+    x = torch.randn(n, c, h, w + (3 if layout == "sliced" else 0), generator=g)
+    if name == "large mean":
+        x = x * 0.01 + 300  # E[x^2] - E[x]^2 in float32 would cancel to nothing
+    x = x.to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[..., :w]  # heights and widths do not flatten into one pixel index
+    weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
+    shift = torch.randn(n, c, generator=g).to(dtype) if with_shift else None
+    y = group_norm_triton(x, groups, weight, bias, 1e-5, silu, elements, shift=shift)
+    want = reference(x.double(), groups, weight.double(), bias.double(), 1e-5, silu,
+                     None if shift is None else shift.double())
+    strides = y.is_contiguous(memory_format=torch.channels_last) if layout == "sliced" else y.stride() == x.stride()
+    results.append(dict(name=name, dtype=str(dtype), error=(y.double() - want).abs().max().item(),
+                        magnitude=want.abs().max().item(), splits=splits_for(h * w, c // groups, elements),
+                        strides=strides and y.dtype == dtype and y.shape == x.shape))
+print(json.dumps(results))
+""".replace("ELEMENTS", str(ELEMENTS_PER_PROGRAM))
+
+
+def test_the_triton_kernels_compute_group_norm():
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", _INTERPRETED], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 7
+    assert {r["splits"] for r in results} >= {1, 2, 8, 16}
+    for r in results:
+        assert r["strides"], r
+        if r["name"] == "large mean":
+            # Outputs of order 1 from inputs of 300 +- 0.01: float32's rounding of x * scale + offset
+            # (the same form as PyTorch's) leaves ~1e-3; cancelled statistics would be off by ~1.
+            assert r["error"] < 2e-2, r
+        elif r["dtype"] == "torch.float32":
+            assert r["error"] < 1e-4, r
+        else:
+            assert r["error"] < 4e-3 * r["magnitude"], r
+
+
+def test_splits_are_powers_of_two_of_at_least_16_pixels():
+    assert splits_for(63, 8) == 1 and splits_for(15, 1024, elements=2) == 1  # small groups: one program
+    assert splits_for(64 * 64, 10) == 16  # 40960 values: 20 programs' worth, down to a power of two
+    for pixels in (1, 16, 17, 63, 64, 1000, 4096, 16384, 1 << 20):
+        for group in (1, 3, 10, 20, 40):
+            for elements in (16, 256, ELEMENTS_PER_PROGRAM):
+                splits = splits_for(pixels, group, elements)
+                assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS
+                assert splits == 1 or pixels // splits >= 16
+                assert splits <= max(1, pixels * group // elements)
+    assert splits_for(1 << 20, 40) == MAX_SPLITS
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided width"])
+def test_the_op_off_cuda_is_pytorchs_group_norm_in_the_cuda_layout(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 5, 9, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided width":
+        x = x[..., :6]  # not one pixel index: the CUDA kernels make it channels_last
+    weight, bias, shift = torch.randn(32, generator=g), torch.randn(32, generator=g), torch.randn(2, 32, generator=g)
+    for silu in (False, True):
+        got = group_norm_op(x, weight, bias, 8, 1e-6, silu, shift)
+        assert torch.allclose(got, reference(x, 8, weight, bias, 1e-6, silu, shift), atol=1e-6)
+        assert not torch.allclose(got, reference(x, 8, weight, bias, 1e-6, silu), atol=1e-2)  # the shift counts
+        if layout == "strided width":
+            assert got.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert got.stride() == x.stride()
+    assert torch.equal(group_norm_op(x, weight, bias, 8, 1e-6, False), reference(x, 8, weight, bias, 1e-6, False))
+    if hasattr(torch.library, "opcheck"):
+        torch.library.opcheck(group_norm_op, (x, weight, bias, 8, 1e-6, True))
+        torch.library.opcheck(group_norm_op, (x, weight, bias, 8, 1e-6, False), dict(shift=shift, elements=64))
+
+
+def _unet_inputs(family: str, rows: int = 2):
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(encoder_hidden_states=torch.randn(rows, 77, 64 if family == "sdxl" else 32, generator=g))
+    if family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 32, generator=g),
+                                       "time_ids": torch.randn(rows, 6, generator=g)}
+    return torch.randn(rows, 4, 8, 8, generator=g), torch.tensor([999, 301][:rows]), kwargs
+
+
+def _affine_norms(module) -> int:
+    return sum(isinstance(m, torch.nn.GroupNorm) and m.affine for m in module.modules())
+
+
+def _called_norms(unet, args, kwargs) -> int:
+    """How many TritonGroupNorms a call of ``unet`` runs on 4-D inputs (those the op serves)."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a: calls.append(a[0].dim() == 4))
+             for m in unet.modules() if type(m) is TritonGroupNorm]
+    try:
+        unet(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(calls)
+
+
+def _rewritten(family: str, share: bool):
+    """A tiny UNet rewritten as the pipeline does, its output before triton_group_norms, its inputs."""
+    torch.manual_seed(0)
+    unet = _tiny_unet(family).eval().to(memory_format=torch.channels_last)
+    resnets = [m for m in unet.modules() if type(m) is ResnetBlock2D]
+    if share:
+        assert share_conditioning_projections(unet)
+    sample, t, kwargs = _unet_inputs(family)
+    norms, keys = _affine_norms(unet), set(unet.state_dict())
+    with torch.no_grad():
+        before = unet(sample, t, **kwargs).sample
+        assert triton_group_norms(unet) == norms > 0
+        assert triton_group_norms(unet) == 0  # once only
+    assert set(unet.state_dict()) == keys
+    assert all(type(m) is TritonGroupNorm for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    # The last norm takes in the SiLU after it either way.
+    assert unet.conv_norm_out.silu and type(unet.conv_act) is torch.nn.Identity
+    # Blocks whose time embedding is activated outside them take in their SiLUs; others keep theirs.
+    assert all(type(m) is (TritonResnetBlock2D if share else ResnetBlock2D) for m in resnets)
+    assert all(m.norm1.silu == m.norm2.silu == share for m in resnets)
+    return unet, before, (sample, t), kwargs
+
+
+def _compile(fn, compiler: str = "aot_eager"):
+    """torch.compile through ``compiler``, keeping the call_function targets of the graph dynamo traced.
+    aot_eager runs the op's fake implementation as inductor does; inductor itself is used on one block
+    only (compiling the tiny UNet's C++ kernels takes ~45 s on the test machines)."""
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
+        return lookup_backend(compiler)(gm, inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False), graphs
+
+
+def test_a_tiny_unet_compiles_its_group_norms_as_the_op_with_the_same_output():
+    torch.manual_seed(0)
+    unet = _tiny_unet("sd15").eval().to(memory_format=torch.channels_last)
+    assert share_conditioning_projections(unet)
+    assert gemm_small_convs(unet)  # as the pipeline does: conv1 of the 4x4 and 2x2 levels then a GEMM without bias
+    sample, t, kwargs = _unet_inputs("sd15")
+    with torch.no_grad():
+        before = unet(sample, t, **kwargs).sample
+        assert triton_group_norms(unet) == _affine_norms(unet)
+        assert torch.allclose(unet(sample, t, **kwargs).sample, before, atol=1e-5)
+        called = _called_norms(unet, (sample, t), kwargs)
+        compiled, graphs = _compile(unet)
+        got = compiled(sample, t, **kwargs).sample
+    assert torch.allclose(got, before, atol=1e-5)
+    assert len(graphs) == 1
+    ops = sum("scope_streamdiffusion.group_norm" in name for name in graphs[0])
+    assert ops == called == _affine_norms(unet)
+    assert not [name for name in graphs[0] if "group_norm" in name and "scope_streamdiffusion" not in name]
+
+
+def _compile_traced(fn):
+    """torch.compile running dynamo's graph as traced (the op's CPU implementation), keeping its targets."""
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False), graphs
+
+
+@pytest.mark.parametrize("family,share", [("sd15", True), ("sd15", False), ("sdxl", True)])
+def test_the_rewrite_keeps_the_eager_output(family, share):
+    unet, before, args, kwargs = _rewritten(family, share)
+    with torch.no_grad():
+        assert torch.allclose(unet(*args, **kwargs).sample, before, atol=1e-5)
+        assert _called_norms(unet, args, kwargs) == _affine_norms(unet)
+
+
+@pytest.mark.parametrize("config,fused", [
+    (dict(), True),
+    (dict(out_channels=24, output_scale_factor=2.0), True),  # a shortcut convolution, a scale
+    (dict(time_embedding_norm="scale_shift"), False),  # the time embedding applied after norm2
+    (dict(up=True), False),
+    (dict(down=True), False),
+    (dict(skip_time_act=False), False),  # its time embedding's SiLU runs in the block
+])
+def test_only_plain_resnet_blocks_take_in_the_shift_and_silu(config, fused):
+    torch.manual_seed(0)
+    config = dict(in_channels=16, temb_channels=32, groups=8, skip_time_act=True) | config
+    block = ResnetBlock2D(**config).eval()
+    g = torch.Generator().manual_seed(1)
+    x, temb = torch.randn(2, 16, 6, 6, generator=g), torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        before = block(x, temb)
+        assert triton_group_norms(block) == 2
+        assert type(block) is (TritonResnetBlock2D if fused else ResnetBlock2D)
+        assert type(block.norm1) is type(block.norm2) is TritonGroupNorm
+        assert block.norm1.silu == block.norm2.silu == fused
+        assert torch.allclose(block(x, temb), before, atol=1e-5)
+        compiled, graphs = _compile(block, "inductor") if not config else _compile_traced(block)
+        assert torch.allclose(compiled(x, temb), before, atol=1e-5)
+    assert sum("scope_streamdiffusion.group_norm" in name for name in graphs[0]) == 2
+
+
+def test_a_block_without_time_embedding_keeps_its_code():
+    """No ``time_emb_proj``: diffusers' block (which may add a raw embedding) is kept; its norms still swap."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=None, groups=8).eval()
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        before = block(x, None)
+        assert triton_group_norms(block) == 2
+        assert type(block) is ResnetBlock2D and not block.norm1.silu
+        assert torch.allclose(block(x, None), before, atol=1e-6)
+
+
+def test_eager_calls_keep_pytorchs_group_norm(monkeypatch):
+    """Outside traced code the module never calls the op (on CUDA the Triton kernels would compile
+    in the middle of a stream); traced, it does."""
+    calls = []
+    real = group_norm.group_norm_op
+
+    def recording(*args):
+        calls.append(torch.compiler.is_dynamo_compiling())
+        return real(*args)
+
+    monkeypatch.setattr(group_norm, "group_norm_op", recording)
+    norm = torch.nn.GroupNorm(4, 16).eval()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    assert triton_group_norms(norm) == 1 and type(norm) is TritonGroupNorm
+    x, shift = torch.randn(2, 16, 3, 5), torch.randn(2, 16)
+    with torch.no_grad():
+        eager = norm(x, shift)
+        assert calls == []
+        assert torch.allclose(eager, reference(x, 4, norm.weight, norm.bias, norm.eps, False, shift), atol=1e-6)
+        compiled, _ = _compile_traced(norm)
+        assert torch.allclose(compiled(x, shift), eager, atol=1e-6)
+    assert calls and all(calls)  # traced: the op, through the module-level name
