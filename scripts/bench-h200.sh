@@ -95,6 +95,7 @@
 #   bash scripts/bench-h200.sh 73  # R16: --check and profile with them (SD-Turbo img2img, txt2img, SD1.5 LCM)
 #   bash scripts/bench-h200.sh 74  # R16: the Scope-style stream under the default (auto) for 190 s, cold cache
 #   bash scripts/bench-h200.sh 75  # R16: SDXL-Turbo 1024² --check and profile with them
+#   bash scripts/bench-h200.sh 76  # R16: part 73 with the final code (after the tests' mending)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -689,9 +690,10 @@ case "$part" in
   ab r16-ab-gn2-sd-turbo-img2img 200 sd-turbo-img2img SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 0 2048
   ab r16-ab-gn-elements-sd-turbo-txt2img 170 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM 2048 1024
   ;;
-73)
-  bench r16-a 540 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 150 --profile --check
-  rows r16
+73|76)
+  tag=r16-a; [ "$part" = 76 ] && tag=r16-final
+  bench $tag 540 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 150 --profile --check
+  rows $tag
   ;;
 74)
   soak r16-soak 190 250
