@@ -693,7 +693,7 @@ case "$part" in
 73|76)
   tag=r16-a; [ "$part" = 76 ] && tag=r16-final
   bench $tag 540 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes none,compile --no-baseline --frames 150 --profile --check
-  rows $tag
+  rows r16
   ;;
 74)
   soak r16-soak 190 250
