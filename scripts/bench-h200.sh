@@ -39,7 +39,7 @@
 #   bash scripts/bench-h200.sh 32  # R8: part 31's capture check again; cuDNN's fused attention (PyTorch's pick)
 #                                  #     vs FlashAttention-2 (SDPA_WORKLOADS, default LCM and SD-Turbo)
 #   bash scripts/bench-h200.sh 33  # R8: part 30's Scope-style stream for 200 s with this round's code
-#   bash scripts/bench-h200.sh 34  # R8: the capture check after the review's mending
+#   bash scripts/bench-h200.sh 34  # R8: the capture check after that round's fix
 #   bash scripts/bench-h200.sh 35  # R9: inductor's GEMM autotuning given most of a call; its per-GEMM tables
 #   bash scripts/bench-h200.sh 36  # R9: part 33's stream with slow calls recorded (what each one did)
 #   bash scripts/bench-h200.sh 37  # R9: max_autotune with cuBLAS the only GEMM choice (it timed no convolution), then the default
@@ -95,7 +95,7 @@
 #   bash scripts/bench-h200.sh 73  # R16: --check and profile with them (SD-Turbo img2img, txt2img, SD1.5 LCM)
 #   bash scripts/bench-h200.sh 74  # R16: the Scope-style stream under the default (auto) for 190 s, cold cache
 #   bash scripts/bench-h200.sh 75  # R16: SDXL-Turbo 1024² --check and profile with them
-#   bash scripts/bench-h200.sh 76  # R16: part 73 with the final code (after the tests' mending)
+#   bash scripts/bench-h200.sh 76  # R16: part 73 with the final code
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -438,7 +438,7 @@ case "$part" in
   soak soak33 200 260
   ;;
 34)
-  # Round R8: the capture check once more after the review's mending (strength now moved per call).
+  # Round R8: the capture check once more after that round's fix (strength now moved per call).
   capture_check
   ;;
 35)

@@ -41,12 +41,14 @@ CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, s
     ("nchw f16 shift, 3 rows", 3, 32, 11, 6, 8, "float16", "nchw", False, True, ELEMENTS),
     ("large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, 64),
     ("strided width", 2, 32, 6, 5, 8, "float32", "sliced", True, True, 64),
+    ("channel slice", 2, 32, 6, 5, 8, "float32", "channels", True, True, 64),  # not dense, pixels flatten
+    ("one-row shift", 3, 32, 5, 6, 8, "float32", "cl", True, True, 64),  # one shift for every row
 ]
 results = []
 for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements in CASES:
     g = torch.Generator().manual_seed(len(results))
     dtype = getattr(torch, dtype)
-    x = torch.randn(n, c, h, w + (3 if layout == "sliced" else 0), generator=g)
+    x = torch.randn(n, c + (16 if layout == "channels" else 0), h, w + (3 if layout == "sliced" else 0), generator=g)
     if name == "large mean":
         x = x * 0.01 + 300  # E[x^2] - E[x]^2 in float32 would cancel to nothing
     x = x.to(dtype)
@@ -54,12 +56,15 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements in CASES
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":
         x = x[..., :w]  # heights and widths do not flatten into one pixel index
+    elif layout == "channels":
+        x = x.contiguous(memory_format=torch.channels_last)[:, :c]
     weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
-    shift = torch.randn(n, c, generator=g).to(dtype) if with_shift else None
+    shift = torch.randn(1 if name == "one-row shift" else n, c, generator=g).to(dtype) if with_shift else None
     y = group_norm_triton(x, groups, weight, bias, 1e-5, silu, elements, shift=shift)
     want = reference(x.double(), groups, weight.double(), bias.double(), 1e-5, silu,
                      None if shift is None else shift.double())
-    strides = y.is_contiguous(memory_format=torch.channels_last) if layout == "sliced" else y.stride() == x.stride()
+    dense = layout not in ("sliced", "channels")
+    strides = y.stride() == x.stride() if dense else y.is_contiguous(memory_format=torch.channels_last)
     results.append(dict(name=name, dtype=str(dtype), error=(y.double() - want).abs().max().item(),
                         magnitude=want.abs().max().item(), splits=splits_for(h * w, c // groups, elements),
                         strides=strides and y.dtype == dtype and y.shape == x.shape))
@@ -73,7 +78,7 @@ def test_the_triton_kernels_compute_group_norm():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 7
+    assert len(results) == 9
     assert {r["splits"] for r in results} >= {1, 2, 8, 16}
     for r in results:
         assert r["strides"], r
@@ -188,12 +193,13 @@ def _compile(fn, compiler: str = "aot_eager"):
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False), graphs
 
 
-def test_a_tiny_unet_compiles_its_group_norms_as_the_op_with_the_same_output():
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_tiny_unet_compiles_its_group_norms_as_the_op_with_the_same_output(family):
     torch.manual_seed(0)
-    unet = _tiny_unet("sd15").eval().to(memory_format=torch.channels_last)
+    unet = _tiny_unet(family).eval().to(memory_format=torch.channels_last)
     assert share_conditioning_projections(unet)
     assert gemm_small_convs(unet)  # as the pipeline does: conv1 of the 4x4 and 2x2 levels then a GEMM without bias
-    sample, t, kwargs = _unet_inputs("sd15")
+    sample, t, kwargs = _unet_inputs(family)
     with torch.no_grad():
         before = unet(sample, t, **kwargs).sample
         assert triton_group_norms(unet) == _affine_norms(unet)
@@ -238,6 +244,7 @@ def test_the_rewrite_keeps_the_eager_output(family, share):
 ])
 def test_only_plain_resnet_blocks_take_in_the_shift_and_silu(config, fused):
     torch.manual_seed(0)
+    plain = not config  # compiled by inductor too (the others' graphs run as traced)
     config = dict(in_channels=16, temb_channels=32, groups=8, skip_time_act=True) | config
     block = ResnetBlock2D(**config).eval()
     g = torch.Generator().manual_seed(1)
@@ -249,9 +256,27 @@ def test_only_plain_resnet_blocks_take_in_the_shift_and_silu(config, fused):
         assert type(block.norm1) is type(block.norm2) is TritonGroupNorm
         assert block.norm1.silu == block.norm2.silu == fused
         assert torch.allclose(block(x, temb), before, atol=1e-5)
-        compiled, graphs = _compile(block, "inductor") if not config else _compile_traced(block)
+        compiled, graphs = _compile(block, "inductor") if plain else _compile_traced(block)
         assert torch.allclose(compiled(x, temb), before, atol=1e-5)
     assert sum("scope_streamdiffusion.group_norm" in name for name in graphs[0]) == 2
+
+
+def test_a_time_embedding_of_one_row_or_of_more_rows_than_the_input():
+    """One embedding row serves every input row (the op broadcasts the shift); more embedding rows
+    than input rows broadcast the input, as diffusers' add does (PyTorch's ops, not the op)."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=32, groups=8, skip_time_act=True).eval()
+    g = torch.Generator().manual_seed(2)
+    x, temb = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        before = [block(x, temb[:1]), block(x[:1], temb)]
+        assert triton_group_norms(block) == 2 and type(block) is TritonResnetBlock2D
+        compiled, graphs = _compile_traced(block)
+        assert torch.allclose(compiled(x, temb[:1]), before[0], atol=1e-5)
+        assert sum("scope_streamdiffusion.group_norm" in name for name in graphs[-1]) == 2
+        got = compiled(x[:1], temb)
+        assert got.shape == before[1].shape == (2, 16, 4, 4) and torch.allclose(got, before[1], atol=1e-5)
+        assert sum("scope_streamdiffusion.group_norm" in name for name in graphs[-1]) == 1  # norm1 only
 
 
 def test_a_block_without_time_embedding_keeps_its_code():

@@ -65,7 +65,6 @@ from .prompts import PromptEmbeds
 from .quantization import apply_fp8, fp8_requested
 from .residual_cfg import Guidance
 from .schedule import Schedule
-from .group_norm import ELEMENTS_PER_PROGRAM, triton_group_norms
 from .small_convs import MAX_PIXELS, gemm_small_convs
 from .taesd import fold_upsamples, fuse_relus, pad_thin_convs
 
@@ -540,9 +539,9 @@ def _size_setting(name: str, default: int, unit: str) -> int | None:
     value = os.environ.get(name, "1").strip()
     if value == "0":
         return None
-    if not value.isdigit():
+    if not value.isdecimal():
         logger.warning("%s=%r is not a number of %s (0 turns it off); using %d.", name, value, unit, default)
-    return int(value) if value.isdigit() and int(value) > 1 else default
+    return int(value) if value.isdecimal() and int(value) > 1 else default
 
 
 def _background_compiler(models, options: dict):
@@ -589,6 +588,10 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
     # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16);
     # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums.
+    # Imported here: the module loads diffusers' ResNet block and Triton, which other callers of this
+    # module (the CLI's mode resolution) do not need.
+    from .group_norm import ELEMENTS_PER_PROGRAM, triton_group_norms
+
     if compiled and (elements := _size_setting("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", ELEMENTS_PER_PROGRAM, "values")):
         models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements)
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).

@@ -9,14 +9,17 @@ still: it leaves most SMs idle. Here the first kernel sums chunks of pixels of o
 channel itself, so a GroupNorm costs two launches: the 61 alone 0.49 ms instead of 0.60-0.68 (0.75
 instead of 1.06-1.14 at LCM's 4 rows). In a ResNet block ``conv1``'s bias and the time embedding are
 added inside ``norm2``'s kernels: as an operator inductor cannot fuse into, the norm would otherwise
-get a pass of its own over the activations for them. Compiled, +1.8% img2img, +2.4% txt2img, +7.1% for
-the LCM stream batch on an H200 (BENCHMARKS.md, R16).
+get a pass of its own over the activations for them. Compiled, +1.8% img2img, +2.4% txt2img on an
+H200, and +7.1% for the LCM stream batch with the SiLU inside but not yet the bias and time embedding
+(BENCHMARKS.md, R16).
 
 Sums are taken around the group's first value (the same for every chunk), which keeps
 ``E[x²] - E[x]²`` from cancelling when a group's mean is large against its spread.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -138,14 +141,16 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
     group_block = triton.next_power_of_2(group)
     if shift is not None:
         shift = shift.reshape(-1, c).expand(n, c).contiguous()
-    _partial_sums[(n * groups, splits)](
-        x, shift, parts, pixels, c, triton.cdiv(pixels, splits), groups, sn, sc, sp,
-        SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block), BLOCK_C=group_block,
-        HAS_SHIFT=shift is not None, num_warps=4)
-    _normalize[(n, triton.cdiv(pixels, block_p), triton.cdiv(c, block_c))](
-        x, shift, weight, bias, y, parts, pixels, c, groups, 1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op,
-        SPLITS=splits, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu, HAS_SHIFT=shift is not None,
-        num_warps=warps)
+    # Triton launches on the current device (CPU tensors: its interpreter, in the tests).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _partial_sums[(n * groups, splits)](
+            x, shift, parts, pixels, c, triton.cdiv(pixels, splits), groups, sn, sc, sp,
+            SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block), BLOCK_C=group_block,
+            HAS_SHIFT=shift is not None, num_warps=4)
+        _normalize[(n, triton.cdiv(pixels, block_p), triton.cdiv(c, block_c))](
+            x, shift, weight, bias, y, parts, pixels, c, groups, 1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op,
+            SPLITS=splits, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu, HAS_SHIFT=shift is not None,
+            num_warps=warps)
     return y
 
 
@@ -180,7 +185,9 @@ class TritonGroupNorm(torch.nn.GroupNorm):
     elements = ELEMENTS_PER_PROGRAM
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.compiler.is_dynamo_compiling() and x.dim() == 4 and self.affine:
+        # A shift of more rows than x broadcasts x (as diffusers' add would): PyTorch's ops handle that.
+        if (torch.compiler.is_dynamo_compiling() and x.dim() == 4 and self.affine
+                and (shift is None or shift.shape[0] in (1, x.shape[0]))):
             return group_norm_op(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift, self.elements)
         return reference(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift)
 
@@ -223,7 +230,9 @@ def _silu_follows(owner: torch.nn.Module, act: str) -> bool:
 def _plain_resnet(block: torch.nn.Module) -> bool:
     return (type(block) is ResnetBlock2D and block.time_embedding_norm == "default" and block.upsample is None
             and block.downsample is None and type(block.nonlinearity) is torch.nn.SiLU
-            and block.time_emb_proj is not None and block.skip_time_act and isinstance(block.conv1, torch.nn.Conv2d)
+            and block.time_emb_proj is not None and block.skip_time_act
+            and type(block.conv1) in (torch.nn.Conv2d, SmallPixelsConv2d)
+            and not (block.conv1._forward_hooks or block.conv1._forward_pre_hooks)  # its forward is bypassed
             and all(type(n) is torch.nn.GroupNorm and n.affine for n in (block.norm1, block.norm2)))
 
 
