@@ -95,7 +95,7 @@
 #   bash scripts/bench-h200.sh 73  # R16: --check and profile with them (SD-Turbo img2img, txt2img, SD1.5 LCM)
 #   bash scripts/bench-h200.sh 74  # R16: the Scope-style stream under the default (auto) for 190 s, cold cache
 #   bash scripts/bench-h200.sh 75  # R16: SDXL-Turbo 1024² --check and profile with them
-#   bash scripts/bench-h200.sh 76  # R16: part 73 with the final code
+#   bash scripts/bench-h200.sh 76  # R16: part 73 again, later code
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
