@@ -702,6 +702,27 @@ case "$part" in
   bench r16-c-sdxl1024 330 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --profile --check
   rows r16-c
   ;;
+77)  # R17: the residual adds read by a GroupNorm computed inside its operator, off (0) against on (1)
+  ab r17-ab-res-sd-turbo-txt2img 270 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ab r17-ab-res-sd-turbo-img2img 270 sd-turbo-img2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ;;
+78)  # R17 run 84 (with a statistics-kernel variant and a tile switch since removed): the residual adds
+  ab r17-ab-res2-sd-turbo-txt2img 170 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ;;
+79)  # R17: kernels per frame with the residual adds apart (0) and inside the norms (1), separate processes
+  for v in 0 1; do
+    SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS=$v bench r17-res-$v 200 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+    grep -o '"fused_residual_adds": {[^}]*}' "$OUT/r17-res-$v.json"
+  done
+  rows r17-res
+  ;;
+80)  # R17: the adds with the convolutions' and linear layers' biases and the layout copy inside the norms
+  SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS=1 bench r17-bias-1 200 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 150 --profile
+  grep -o '"fused_residual_adds": {[^}]*}' "$OUT/r17-bias-1.json"
+  rows r17-bias
+  ab r17-ab-bias-sd-turbo-txt2img 170 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ab r17-ab-bias-sd-turbo-img2img 170 sd-turbo-img2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
   ;;

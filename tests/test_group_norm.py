@@ -31,43 +31,62 @@ from scope_streamdiffusion.testing.tiny_models import _tiny_unet
 _INTERPRETED = r"""
 import json
 import torch
-from scope_streamdiffusion.engine.group_norm import group_norm_triton, reference, splits_for
+from scope_streamdiffusion.engine.group_norm import _residual_sum, group_norm_triton, reference, splits_for
 
-CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, shift, elements
-    ("cl f32 silu shift", 2, 64, 9, 7, 8, "float32", "cl", True, True, ELEMENTS),
-    ("cl f32 silu shift, 2 splits", 2, 64, 9, 7, 8, "float32", "cl", True, True, 64),
-    ("nchw f32, group of 3, 16 splits", 1, 96, 16, 16, 32, "float32", "nchw", False, False, 32),
-    ("cl f16 silu shift, 8 splits", 2, 64, 10, 13, 4, "float16", "cl", True, True, 256),
-    ("nchw f16 shift, 3 rows", 3, 32, 11, 6, 8, "float16", "nchw", False, True, ELEMENTS),
-    ("large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, 64),
-    ("strided width", 2, 32, 6, 5, 8, "float32", "sliced", True, True, 64),
-    ("channel slice", 2, 32, 6, 5, 8, "float32", "channels", True, True, 64),  # not dense, pixels flatten
-    ("one-row shift", 3, 32, 5, 6, 8, "float32", "cl", True, True, 64),  # one shift for every row
+CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, shift, elements, residual layout
+    ("cl f32 silu shift", 2, 64, 9, 7, 8, "float32", "cl", True, True, ELEMENTS, None),
+    ("cl f32 silu shift, 2 splits", 2, 64, 9, 7, 8, "float32", "cl", True, True, 64, None),
+    ("nchw f32, group of 3, 16 splits", 1, 96, 16, 16, 32, "float32", "nchw", False, False, 32, None),
+    ("cl f16 silu shift, 8 splits", 2, 64, 10, 13, 4, "float16", "cl", True, True, 256, None),
+    ("nchw f16 shift, 3 rows", 3, 32, 11, 6, 8, "float16", "nchw", False, True, ELEMENTS, None),
+    ("large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, 64, None),
+    ("strided width", 2, 32, 6, 5, 8, "float32", "sliced", True, True, 64, None),
+    ("channel slice", 2, 32, 6, 5, 8, "float32", "channels", True, True, 64, None),  # not dense, pixels flatten
+    ("one-row shift", 3, 32, 5, 6, 8, "float32", "cl", True, True, 64, None),  # one shift for every row
+    # x + residual (written out too): residuals in x's layout, in another, not one pixel index, with a shift
+    ("residual cl f16 silu, 8 splits", 2, 64, 10, 13, 4, "float16", "cl", True, False, 256, "cl"),
+    ("residual nchw into cl f32", 2, 32, 9, 7, 8, "float32", "cl", False, False, 64, "nchw"),
+    ("residual sliced f16, shift", 2, 32, 6, 5, 8, "float16", "nchw", True, True, 64, "sliced"),
+    ("residual cl f16, x-bias, r-bias", 2, 64, 9, 7, 8, "float16", "cl", True, False, 64, "cl"),
+    ("residual cl f32, r-bias, large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, 64, "cl"),
 ]
 results = []
-for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements in CASES:
+for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residual_layout in CASES:
     g = torch.Generator().manual_seed(len(results))
     dtype = getattr(torch, dtype)
-    x = torch.randn(n, c + (16 if layout == "channels" else 0), h, w + (3 if layout == "sliced" else 0), generator=g)
-    if name == "large mean":
-        x = x * 0.01 + 300  # E[x^2] - E[x]^2 in float32 would cancel to nothing
-    x = x.to(dtype)
-    if layout == "cl":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "sliced":
-        x = x[..., :w]  # heights and widths do not flatten into one pixel index
-    elif layout == "channels":
-        x = x.contiguous(memory_format=torch.channels_last)[:, :c]
+
+    def make(layout, scale=1.0, offset=0.0):
+        x = torch.randn(n, c + (16 if layout == "channels" else 0), h, w + (3 if layout == "sliced" else 0), generator=g)
+        x = (x * scale + offset).to(dtype)
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "sliced":
+            x = x[..., :w]  # heights and widths do not flatten into one pixel index
+        elif layout == "channels":
+            x = x.contiguous(memory_format=torch.channels_last)[:, :c]
+        return x
+
+    # "large mean": E[x^2] - E[x]^2 in float32 would cancel to nothing
+    x = make(layout, 0.01, 300) if "large mean" in name else make(layout)
+    residual = make(residual_layout) if residual_layout else None
+    x_bias = torch.randn(c, generator=g).to(dtype) if "x-bias" in name else None
+    residual_bias = (torch.randn(c, generator=g) * (100 if "large" in name else 1)).to(dtype) if "r-bias" in name else None
     weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
     shift = torch.randn(1 if name == "one-row shift" else n, c, generator=g).to(dtype) if with_shift else None
-    y = group_norm_triton(x, groups, weight, bias, 1e-5, silu, elements, shift=shift)
+    y = group_norm_triton(x, groups, weight, bias, 1e-5, silu, elements, shift=shift, residual=residual,
+                          x_bias=x_bias, residual_bias=residual_bias)
+    summed = True
+    if residual is not None:
+        y, total = y
+        x = _residual_sum(x, residual, x_bias, residual_bias).to(dtype)  # rounded once, as by one pointwise kernel
+        summed = torch.equal(total, x) and total.stride() == y.stride()
     want = reference(x.double(), groups, weight.double(), bias.double(), 1e-5, silu,
                      None if shift is None else shift.double())
     dense = layout not in ("sliced", "channels")
     strides = y.stride() == x.stride() if dense else y.is_contiguous(memory_format=torch.channels_last)
     results.append(dict(name=name, dtype=str(dtype), error=(y.double() - want).abs().max().item(),
                         magnitude=want.abs().max().item(), splits=splits_for(h * w, c // groups, elements),
-                        strides=strides and y.dtype == dtype and y.shape == x.shape))
+                        strides=strides and y.dtype == dtype and y.shape == x.shape, summed=summed))
 print(json.dumps(results))
 """.replace("ELEMENTS", str(ELEMENTS_PER_PROGRAM))
 
@@ -78,11 +97,11 @@ def test_the_triton_kernels_compute_group_norm():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 9
+    assert len(results) == 14
     assert {r["splits"] for r in results} >= {1, 2, 8, 16}
     for r in results:
-        assert r["strides"], r
-        if r["name"] == "large mean":
+        assert r["strides"] and r["summed"], r
+        if "large mean" in r["name"]:
             # Outputs of order 1 from inputs of 300 +- 0.01: float32's rounding of x * scale + offset
             # (the same form as PyTorch's) leaves ~1e-3; cancelled statistics would be off by ~1.
             assert r["error"] < 2e-2, r

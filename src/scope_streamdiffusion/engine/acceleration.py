@@ -594,6 +594,12 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
 
     if compiled and (elements := _size_setting("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", ELEMENTS_PER_PROGRAM, "values")):
         models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements)
+    # ... and the residual adds read next by a norm computed inside it (R17); =0 keeps them apart.
+    norm_options = {}
+    if models.extras.get("triton_group_norms") and _switch("SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS"):
+        from .group_norm import residual_add_options
+
+        norm_options = residual_add_options(models.extras.setdefault("fused_residual_adds", {}))
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).
@@ -611,9 +617,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         if fp8:
             apply_fp8(models)
         compile_modules(models.unet, models.vae)
-        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
+        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | norm_options
     elif mode == "background-compile":
-        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras")))
+        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | norm_options
         if options.pop("freezing", False):  # frozen weights need the release hooks below, per compilation
             logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "
                            "not applied; use acceleration='compile' for them.")

@@ -20,6 +20,9 @@ Sums are taken around the group's first value (the same for every chunk), which 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import operator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,30 +52,58 @@ def reference(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool
 if triton is not None:
 
     @triton.jit
-    def _partial_sums(x_ptr, shift_ptr, part_ptr, pixels, channels, chunk, groups, s_n, s_c, s_p,
+    def _channel_bias(xb_ptr, rb_ptr, channels, mask, HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
+        """The per-channel biases of x and of the residual that the sum takes in (0 without)."""
+        b = (channels * 0).to(tl.float32)
+        if HAS_XB:
+            b += tl.load(xb_ptr + channels, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RB:
+            b += tl.load(rb_ptr + channels, mask=mask, other=0.0).to(tl.float32)
+        return b
+
+    @triton.jit
+    def _load(x_ptrs, r_ptrs, bias, mask, HAS_RESIDUAL: tl.constexpr):
+        """x, or x + residual + bias rounded to x's dtype as one separate add would round it, in float32."""
+        v = tl.load(x_ptrs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            v = (v.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32) + bias).to(v.dtype)
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _partial_sums(x_ptr, shift_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, pixels, channels, chunk, groups,
+                      s_n, s_c, s_p, r_n, r_c, r_p,
                       SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                      HAS_SHIFT: tl.constexpr):
+                      HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr,
+                      HAS_RB: tl.constexpr):
         ng = tl.program_id(0)
         split = tl.program_id(1)
         n = ng // groups
         g = ng % groups
-        base = x_ptr + n * s_n + g * GROUP * s_c
+        x_row = x_ptr + n * s_n
+        r_row = r_ptr + n * r_n
         cols = tl.arange(0, BLOCK_C)
         rows = tl.arange(0, BLOCK_P)
         cmask = cols < GROUP
+        ch = g * GROUP + cols
+        first = g * GROUP + cols * 0  # the group's first channel, in every column
+        bias = _channel_bias(xb_ptr, rb_ptr, ch, cmask, HAS_XB, HAS_RB)
+        # Sums around the group's first value (the same for every chunk) do not cancel in E[x²] - E[x]².
+        ref = _load(x_row + first * s_c, r_row + first * r_c, _channel_bias(xb_ptr, rb_ptr, first, cmask, HAS_XB, HAS_RB),
+                    cmask, HAS_RESIDUAL)
         if HAS_SHIFT:
-            add = tl.load(shift_ptr + n * channels + g * GROUP + cols, mask=cmask, other=0.0).to(tl.float32)
+            add = tl.load(shift_ptr + n * channels + ch, mask=cmask, other=0.0).to(tl.float32)
+            ref += tl.load(shift_ptr + n * channels + first, mask=cmask, other=0.0).to(tl.float32)
         else:
             add = tl.zeros([BLOCK_C], tl.float32)
-        ref = tl.load(base).to(tl.float32) + tl.sum(tl.where(cols == 0, add, 0.0), 0)
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        first = split * chunk
+        start = split * chunk
         for off in range(0, chunk, BLOCK_P):
-            r = first + off + rows
+            r = start + off + rows
             m = ((r < pixels) & (off + rows < chunk))[:, None] & cmask[None, :]
-            v = tl.load(base + r[:, None] * s_p + cols[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
-            v = tl.where(m, v + add[None, :] - ref, 0.0)
+            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
+                      bias[None, :], m, HAS_RESIDUAL)
+            v = tl.where(m, v + add[None, :] - ref[None, :], 0.0)
             acc += v
             acc2 += v * v
         out = part_ptr + (ng * SPLITS + split) * 2
@@ -80,22 +111,28 @@ if triton is not None:
         tl.store(out + 1, tl.sum(tl.sum(acc2, 1), 0))
 
     @triton.jit
-    def _normalize(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, part_ptr, pixels, channels, groups, inv_count, eps,
-                   s_n, s_c, s_p, o_n, o_c, o_p,
+    def _normalize(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels,
+                   channels, groups, inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p,
                    SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                   SILU: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                   SILU: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr,
+                   HAS_RB: tl.constexpr):
         n = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < channels
         g = cols // GROUP
+        first = g * GROUP
+        x_row = x_ptr + n * s_n
+        r_row = r_ptr + n * r_n
         parts = part_ptr + ((n * groups + g)[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]) * 2
         s1 = tl.sum(tl.load(parts, mask=cmask[:, None], other=0.0), 1)
         s2 = tl.sum(tl.load(parts + 1, mask=cmask[:, None], other=0.0), 1)
-        ref = tl.load(x_ptr + n * s_n + g * GROUP * s_c, mask=cmask, other=0.0).to(tl.float32)
+        bias = _channel_bias(xb_ptr, rb_ptr, cols, cmask, HAS_XB, HAS_RB)
+        ref = _load(x_row + first * s_c, r_row + first * r_c, _channel_bias(xb_ptr, rb_ptr, first, cmask, HAS_XB, HAS_RB),
+                    cmask, HAS_RESIDUAL)
         if HAS_SHIFT:
             add = tl.load(shift_ptr + n * channels + cols, mask=cmask, other=0.0).to(tl.float32)
-            ref += tl.load(shift_ptr + n * channels + g * GROUP, mask=cmask, other=0.0).to(tl.float32)
+            ref += tl.load(shift_ptr + n * channels + first, mask=cmask, other=0.0).to(tl.float32)
         else:
             add = tl.zeros([BLOCK_C], tl.float32)
         mean = s1 * inv_count
@@ -103,7 +140,10 @@ if triton is not None:
         scale = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
         offset = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32) + (add - mean - ref) * scale
         m = (rows < pixels)[:, None] & cmask[None, :]
-        v = tl.load(x_ptr + n * s_n + rows[:, None] * s_p + cols[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
+        v = _load(x_row + rows[:, None] * s_p + cols[None, :] * s_c, r_row + rows[:, None] * r_p + cols[None, :] * r_c,
+                  bias[None, :], m, HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # the sum is also the block's output: written here, where the tiles are coalesced
+            tl.store(sum_ptr + n * o_n + rows[:, None] * o_p + cols[None, :] * o_c, v.to(y_ptr.dtype.element_ty), mask=m)
         y = v * scale[None, :] + offset[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
@@ -126,32 +166,46 @@ def splits_for(pixels: int, group: int, elements: int = ELEMENTS_PER_PROGRAM) ->
 
 def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                       silu: bool, elements: int = ELEMENTS_PER_PROGRAM, block_p: int = 64, block_c: int = 64,
-                      warps: int = 4, shift: torch.Tensor | None = None) -> torch.Tensor:
+                      warps: int = 4, shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                      x_bias: torch.Tensor | None = None, residual_bias: torch.Tensor | None = None):
     """GroupNorm (+ SiLU) of a 4-D CUDA tensor ``x`` (+ ``shift``, one value per row and channel) in
-    the two kernels; the output keeps x's layout."""
+    the two kernels; the output keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
+    of ``x + x_bias + residual + residual_bias`` (biases per channel, optional), which the second
+    kernel writes out too: returns (output, that sum)."""
     if _pixel_strides(x) is None:
         x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     pixels, group = h * w, c // groups
+    total = None
+    if residual is not None:
+        if _pixel_strides(residual) is None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        total = torch.empty_like(x)  # y's layout: written with y's strides
     y = torch.empty_like(x)
     splits = splits_for(pixels, group, elements)
     parts = torch.empty(n * groups * splits * 2, device=x.device, dtype=torch.float32)
     sn, sc, sp = _pixel_strides(x)
     on, oc, op = _pixel_strides(y)
+    rn, rc, rp = _pixel_strides(residual) if residual is not None else (0, 0, 0)
     group_block = triton.next_power_of_2(group)
     if shift is not None:
         shift = shift.reshape(-1, c).expand(n, c).contiguous()
+    flags = dict(HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+                 HAS_XB=residual is not None and x_bias is not None,
+                 HAS_RB=residual is not None and residual_bias is not None)
+    if residual is None:  # never read; the kernels offset the pointer all the same
+        residual = x
     # Triton launches on the current device (CPU tensors: its interpreter, in the tests).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _partial_sums[(n * groups, splits)](
-            x, shift, parts, pixels, c, triton.cdiv(pixels, splits), groups, sn, sc, sp,
-            SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block), BLOCK_C=group_block,
-            HAS_SHIFT=shift is not None, num_warps=4)
+            x, shift, parts, residual, x_bias, residual_bias, pixels, c, triton.cdiv(pixels, splits), groups,
+            sn, sc, sp, rn, rc, rp, SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block),
+            BLOCK_C=group_block, num_warps=4, **flags)
         _normalize[(n, triton.cdiv(pixels, block_p), triton.cdiv(c, block_c))](
-            x, shift, weight, bias, y, parts, pixels, c, groups, 1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op,
-            SPLITS=splits, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu, HAS_SHIFT=shift is not None,
-            num_warps=warps)
-    return y
+            x, shift, weight, bias, y, parts, residual, x_bias, residual_bias, total, pixels, c, groups,
+            1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op, rn, rc, rp,
+            SPLITS=splits, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu, num_warps=warps, **flags)
+    return y if total is None else (y, total)
 
 
 def _like_input(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +228,35 @@ def group_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
 @group_norm_op.register_fake
 def _(x, weight, bias, groups, eps, silu, shift=None, elements=ELEMENTS_PER_PROGRAM):
     return _like_input(x)
+
+
+def _residual_sum(x, residual, x_bias=None, residual_bias=None) -> torch.Tensor:
+    """x + residual + the biases, in float32 and in the kernels' order (to be rounded to x's dtype once)."""
+    biases = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    for b in (x_bias, residual_bias):
+        if b is not None:
+            biases = biases + b.float()
+    return x.float() + residual.float() + biases.reshape(1, -1, 1, 1)
+
+
+@torch.library.custom_op("scope_streamdiffusion::add_group_norm", mutates_args=())
+def add_group_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                      eps: float, silu: bool, x_bias: torch.Tensor | None = None,
+                      residual_bias: torch.Tensor | None = None,
+                      elements: int = ELEMENTS_PER_PROGRAM) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_norm_op` of ``x + x_bias + residual + residual_bias`` (the biases per channel),
+    returning (its output, that sum): what :func:`fuse_residual_adds` puts in compiled graphs where a
+    norm's input is a residual sum."""
+    if x.is_cuda and triton is not None:
+        return group_norm_triton(x, groups, weight, bias, eps, silu, elements, residual=residual, x_bias=x_bias,
+                                 residual_bias=residual_bias)
+    total = _like_input(x).copy_(_residual_sum(x, residual, x_bias, residual_bias))
+    return _like_input(x).copy_(reference(total, groups, weight, bias, eps, silu)), total
+
+
+@add_group_norm_op.register_fake
+def _(x, residual, weight, bias, groups, eps, silu, x_bias=None, residual_bias=None, elements=ELEMENTS_PER_PROGRAM):
+    return _like_input(x), _like_input(x)
 
 
 class TritonGroupNorm(torch.nn.GroupNorm):
@@ -210,7 +293,9 @@ class TritonResnetBlock2D(ResnetBlock2D):
             shift = shift + self.conv1.bias
         hidden = self.conv2(self.dropout(self.norm2(hidden, shift)))
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden) / self.output_scale_factor
+        out = shortcut + hidden
+        # A plain sum (SD's factor is 1) is what the residual-add pass fuses into the next norm.
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
 def _swap(norm: torch.nn.Module, silu: bool, elements: int) -> bool:
@@ -254,3 +339,169 @@ def triton_group_norms(unet: torch.nn.Module, elements: int = ELEMENTS_PER_PROGR
     for module in list(unet.modules()):
         count += _swap(module, False, elements)
     return count
+
+
+def _arguments(node: torch.fx.Node) -> dict:
+    """An operator call's arguments by name: positional, keyword, then the schema's defaults."""
+    values = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
+def _same_shape_sum(node) -> bool:
+    """``node`` is ``a + b`` of two 4-D tensors of its own shape and dtype (no broadcast, no alpha)."""
+    if not (isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.add.Tensor
+            and len(node.args) == 2 and not node.kwargs):
+        return False
+    vals = [getattr(v, "meta", {}).get("val") for v in (node, *node.args)]
+    return (all(isinstance(v, torch.Tensor) for v in vals) and vals[0].dim() == 4
+            and all(v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals[1:]))
+
+
+def _fake_call(op, args: tuple):
+    """``op``'s output on the arguments' fake values (the metadata inductor reads from new nodes)."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    with mode:
+        return op(*[mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
+                    for v in vals])
+
+
+def _is_channel_vector(node, channels: int, dtype) -> bool:
+    val = getattr(node, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and val.shape == (channels,) and val.dtype == dtype
+
+
+def _movable_bias(graph: torch.fx.Graph, node: torch.fx.Node):
+    """(bias, take_out) when ``node``, an operand of a residual sum read by nothing else, adds a
+    per-channel bias last that the fused operator can add instead: a convolution's, or a linear
+    layer's (``addmm``, or ``mm`` + bias once inductor unfused it) laid out as channels by a view and a
+    permute. ``take_out()`` rewrites the graph without it. None otherwise."""
+    val = node.meta.get("val")
+    if len(node.users) != 1 or not isinstance(val, torch.Tensor):
+        return None
+    channels, dtype = val.shape[1], val.dtype
+    if node.target is torch.ops.aten.convolution.default and _is_channel_vector(node.args[2], channels, dtype):
+        def take_out():
+            node.args = (*node.args[:2], None, *node.args[3:])
+        return node.args[2], take_out
+    views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+    if node.target is not torch.ops.aten.permute.default or list(node.args[1]) != [0, 3, 1, 2]:
+        return None
+    # Views that keep the channels as the last dimension (the linear layer's rows reshaped to pixels).
+    inner = node.args[0]
+    while (isinstance(inner, torch.fx.Node) and inner.target in views and len(inner.users) == 1
+           and inner.meta["val"].shape[-1] == channels):
+        inner = inner.args[0]
+    if inner is node.args[0] or not isinstance(inner, torch.fx.Node) or len(inner.users) != 1 or inner.kwargs:
+        return None
+    if inner.target is torch.ops.aten.addmm.default and _is_channel_vector(inner.args[0], channels, dtype):
+        def take_out():
+            with graph.inserting_before(inner):
+                mm = graph.call_function(torch.ops.aten.mm.default, tuple(inner.args[1:3]))
+            mm.meta["val"] = inner.meta["val"]
+            inner.replace_all_uses_with(mm)
+            graph.erase_node(inner)
+        return inner.args[0], take_out
+    if (inner.target is torch.ops.aten.add.Tensor and len(inner.args) == 2
+            and _is_channel_vector(inner.args[1], channels, dtype)
+            and getattr(inner.args[0], "meta", {}).get("val") is not None
+            and inner.args[0].meta["val"].shape == inner.meta["val"].shape):
+        def take_out():
+            inner.replace_all_uses_with(inner.args[0])
+            graph.erase_node(inner)
+        return inner.args[1], take_out
+    return None
+
+
+def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None) -> int:
+    """In an ATen graph, ``group_norm_op(a + b, ...)`` (without shift) becomes ``add_group_norm_op(a, b,
+    ...)``, whose second output serves the sum's other uses, and the bias a convolution or a linear
+    layer adds last to ``a`` or ``b`` moves into it. Returns how many sums; ``counts["biases"]`` adds
+    up the biases moved.
+
+    The sums are the residual adds ending ResNet blocks and transformers, each read next by a GroupNorm.
+    Inductor leaves a convolution's bias to the kernel after it, where the sum is (one pass over the
+    activations for both); with the norm an opaque operator, that pass stays unless the operator
+    takes in the sum and the biases too."""
+    norm = torch.ops.scope_streamdiffusion.group_norm.default
+    fused_op = torch.ops.scope_streamdiffusion.add_group_norm.default
+    count = 0
+    for node in [n for n in graph.nodes if n.target is norm]:
+        args = _arguments(node)
+        total = args["x"]
+        if args.get("shift") is not None or not _same_shape_sum(total):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        # A copy that only lays an operand out (diffusers' ``.contiguous()`` after a transformer's
+        # output projection) is skipped: the operator reads any layout.
+        copies = [a if a.target is torch.ops.aten.clone.default and len(a.users) == 1 else None for a in total.args]
+        operands = [c.args[0] if c is not None else a for a, c in zip(total.args, copies)]
+        biases = [_movable_bias(graph, operand) for operand in operands]
+        # The fused call goes where its inputs exist and before any use of the sum.
+        inputs = (total, args["weight"], args["bias"], *(b[0] for b in biases if b))
+        last = max((v for v in inputs if isinstance(v, torch.fx.Node)), key=order.__getitem__)
+        if any(order[user] <= order[last] for user in total.users):
+            continue
+        for moved in biases:
+            if moved:
+                moved[1]()
+        call = (*operands, args["weight"], args["bias"], args["groups"], args["eps"], args["silu"],
+                *(b[0] if b else None for b in biases), args["elements"])
+        with graph.inserting_after(last):
+            fused = graph.call_function(fused_op, call)
+        fused.meta["val"] = _fake_call(fused_op, call)
+        with graph.inserting_after(fused):
+            out = graph.call_function(operator.getitem, (fused, 0))
+        with graph.inserting_after(out):
+            summed = graph.call_function(operator.getitem, (fused, 1))
+        out.meta["val"], summed.meta["val"] = fused.meta["val"]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        total.replace_all_uses_with(summed)
+        graph.erase_node(total)
+        for copy in copies:
+            if copy is not None:
+                graph.erase_node(copy)
+        count += 1
+        if counts is not None:
+            counts["biases"] = counts.get("biases", 0) + sum(1 for b in biases if b)
+    return count
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # older torch: no custom passes, the sums stay apart
+    CustomGraphPass = None
+
+if CustomGraphPass is not None:
+
+    class ResidualAddsIntoGroupNorms(CustomGraphPass):
+        """:func:`fuse_residual_adds` as inductor's ``post_grad_custom_post_pass`` (set only while this
+        pipeline compiles); ``uuid`` keys inductor's on-disk cache on this file's code. ``counts``:
+        graphs rewritten and sums fused (not counted when inductor's cache serves a graph)."""
+
+        def __init__(self, counts: dict | None = None):
+            self.counts = counts if counts is not None else {}
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            fused = fuse_residual_adds(graph, self.counts)
+            self.counts["graphs"] = self.counts.get("graphs", 0) + 1
+            self.counts["fused"] = self.counts.get("fused", 0) + fused
+
+        def uuid(self) -> str:
+            return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def residual_add_options(counts: dict | None = None) -> dict:
+    """The inductor options that fuse the residual adds into the norms (none on an older torch)."""
+    return {"post_grad_custom_post_pass": ResidualAddsIntoGroupNorms(counts)} if CustomGraphPass is not None else {}
