@@ -228,7 +228,7 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
                                                                                             monkeypatch, caplog):
     """As the small convolutions: only where the UNet is compiled, not with runtime LoRA adapters
     (their scales change after compilation), off with its switch, its size from its number."""
-    from scope_streamdiffusion.engine.group_norm import TritonGroupNorm, TritonResnetBlock2D
+    from scope_streamdiffusion.engine.group_norm import ResidualAddsIntoGroupNorms, TritonGroupNorm, TritonResnetBlock2D
     from scope_streamdiffusion.testing.tiny_models import LORA_WEIGHT_NAME
 
     def load(mode, **kw):
@@ -239,11 +239,24 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
         assert len(norms) == models.extras.get("triton_group_norms", 0)
         return models, norms
 
+    def residual_pass(models):
+        runner = models.extras["step_runner"]
+        options = runner.compiler.options if runner.compiler is not None else runner.compile_options
+        return options.get("post_grad_custom_post_pass")
+
     models, norms = load("compile")
     assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in models.unet.modules()) > 0
     assert any(type(m) is TritonResnetBlock2D for m in models.unet.modules())  # after the shared projections
     assert {m.elements for m in norms} == {2048}
-    assert len(load("background-compile")[1]) == len(norms)
+    # The residual sums move into the norms through inductor's post-grad pass, given to both compiled modes.
+    assert type(residual_pass(models)) is ResidualAddsIntoGroupNorms
+    assert residual_pass(models).counts is models.extras["fused_residual_adds"]
+    models, background_norms = load("background-compile")
+    assert len(background_norms) == len(norms) and type(residual_pass(models)) is ResidualAddsIntoGroupNorms
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS", "0")
+    models, norms_without_sums = load("compile")
+    assert len(norms_without_sums) == len(norms) and residual_pass(models) is None
+    monkeypatch.delenv("SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS")
     assert load("cudagraph")[1] == []
     lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
     assert load("compile", loras=lora, lora_merge_mode="runtime_peft")[1] == []
@@ -254,7 +267,8 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
         assert {m.elements for m in load("compile")[1]} == {2048}
     assert sum("TRITON_GROUP_NORM" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "0")
-    assert load("compile")[1] == []
+    models, norms = load("compile")
+    assert norms == [] and residual_pass(models) is None
 
 
 class _CountingBackend:

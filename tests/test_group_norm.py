@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
 from scope_streamdiffusion.engine import group_norm
@@ -16,8 +17,11 @@ from scope_streamdiffusion.engine.group_norm import (
     MAX_SPLITS,
     TritonGroupNorm,
     TritonResnetBlock2D,
+    add_group_norm_op,
+    fuse_residual_adds,
     group_norm_op,
     reference,
+    residual_add_options,
     splits_for,
     triton_group_norms,
 )
@@ -145,6 +149,12 @@ def test_the_op_off_cuda_is_pytorchs_group_norm_in_the_cuda_layout(layout):
     if hasattr(torch.library, "opcheck"):
         torch.library.opcheck(group_norm_op, (x, weight, bias, 8, 1e-6, True))
         torch.library.opcheck(group_norm_op, (x, weight, bias, 8, 1e-6, False), dict(shift=shift, elements=64))
+        torch.library.opcheck(add_group_norm_op, (x, x * 2, weight, bias, 8, 1e-6, True), dict(residual_bias=bias))
+    # With a residual: the norm of x + residual + the biases, and that sum, both laid out as the CUDA kernels lay them out.
+    y, total = add_group_norm_op(x, x.flip(0), weight, bias, 8, 1e-6, False, x_bias=weight)
+    assert torch.allclose(total, x + x.flip(0) + weight.reshape(1, -1, 1, 1), atol=1e-6)
+    assert torch.allclose(y, reference(total, 8, weight, bias, 1e-6, False), atol=1e-6)
+    assert total.stride() == y.stride() == group_norm_op(x, weight, bias, 8, 1e-6, False).stride()
 
 
 def _unet_inputs(family: str, rows: int = 2):
@@ -333,3 +343,115 @@ def test_eager_calls_keep_pytorchs_group_norm(monkeypatch):
         compiled, _ = _compile_traced(norm)
         assert torch.allclose(compiled(x, shift), eager, atol=1e-6)
     assert calls and all(calls)  # traced: the op, through the module-level name
+
+
+# The residual sums read by a norm, moved into the operator (fuse_residual_adds, inductor's post-grad pass).
+
+def _sums_and_norms(x, r, w, b, cw, cb, lw, lb, shift):
+    conv = F.conv2d(x, cw, cb, padding=1)  # read by the sum alone: its bias moves
+    s1 = conv + r
+    y1 = group_norm_op(s1, w, b, 4, 1e-5, True)
+    # A linear layer laid out as channels and copied (a transformer's output in diffusers) ...
+    lin = F.linear(r.permute(0, 2, 3, 1), lw, lb).permute(0, 3, 1, 2).contiguous()
+    s2 = lin + s1
+    y2 = group_norm_op(s2, w, b, 4, 1e-5, False)
+    # ... and as inductor's graphs have it, an addmm over the pixels' rows.
+    rows = torch.addmm(lb, r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]), lw.t()).view(*r.shape[:1], *r.shape[2:],
+                                                                                       -1).permute(0, 3, 1, 2)
+    y3 = group_norm_op(rows + s2, w, b, 4, 1e-5, False)
+    shared = F.conv2d(x, cw, cb, padding=1)  # also read elsewhere: its bias stays
+    y4 = group_norm_op(shared + r, w, b, 4, 1e-5, False)
+    y5 = group_norm_op(x + r[:, :, :1, :1], w, b, 4, 1e-5, False)  # a broadcast: left alone
+    y6 = group_norm_op(x + r, w, b, 4, 1e-5, False, shift)  # with a shift: left alone
+    return y1, y2, y3, y4, y5, y6, shared * 2, s2
+
+
+def _targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_residual_sums_move_into_the_operator_with_the_biases_added_last():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 8, 5, 6, generator=g).contiguous(memory_format=torch.channels_last),
+            torch.randn(2, 8, 5, 6, generator=g), *(torch.randn(8, generator=g) for _ in range(2)),
+            torch.randn(8, 8, 3, 3, generator=g), torch.randn(8, generator=g), torch.randn(8, 8, generator=g),
+            torch.randn(8, generator=g), torch.randn(2, 8, generator=g)]
+    want = _sums_and_norms(*args)
+    gm = make_fx(_sums_and_norms, tracing_mode="fake")(*args)
+    before = _targets(gm)
+    counts = {}
+    assert fuse_residual_adds(gm.graph, counts) == 4
+    gm.graph.lint()
+    gm.recompile()
+    after = _targets(gm)
+    assert counts == {"biases": 3}  # the first convolution's, the linear layer's, the addmm's
+    assert after.count("scope_streamdiffusion.add_group_norm.default") == 4
+    assert after.count("scope_streamdiffusion.group_norm.default") == 2
+    assert "aten.addmm.default" in before and "aten.addmm.default" not in after  # its bias moved: an mm
+    assert after.count("aten.clone.default") == before.count("aten.clone.default") - 1  # the layout copy
+    got = gm(*args)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert fuse_residual_adds(gm.graph) == 0  # nothing left to fuse
+
+
+def _compile_fusing(fn):
+    """torch.compile through AOTAutograd, running :func:`fuse_residual_adds` on its ATen graph (the
+    operators' CPU implementations run it)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    found = {"counts": {}}
+
+    def compiler(gm, _inputs):
+        found["fused"] = fuse_residual_adds(gm.graph, found["counts"])
+        gm.graph.lint()
+        gm.recompile()
+        found["targets"] = _targets(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=aot_autograd(fw_compiler=compiler), fullgraph=True, dynamic=False), found
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_tiny_unets_residual_sums_move_into_its_norms_with_the_same_output(family):
+    """Each ResNet block's and transformer's output read next by a norm (10 in the tiny UNets: the
+    others read a concatenation, a strided convolution or conv_in), with the biases added last."""
+    unet, before, args, kwargs = _rewritten(family, share=True)
+    with torch.no_grad():
+        compiled, found = _compile_fusing(unet)
+        got = compiled(*args, **kwargs).sample
+    assert torch.allclose(got, before, atol=1e-5)
+    assert found["fused"] == 10 and found["counts"]["biases"] >= 10
+    assert found["targets"].count("scope_streamdiffusion.add_group_norm.default") == 10
+
+
+def test_inductor_runs_the_pass_on_consecutive_blocks():
+    """Inductor (on the CPU) with the pipeline's options: the first block's sum moves into the second
+    block's first norm, with conv2's bias."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(ResnetBlock2D(in_channels=16, temb_channels=32, groups=8, skip_time_act=True)
+                                 for _ in range(2)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, temb = torch.randn(2, 16, 6, 6, generator=g), torch.randn(2, 32, generator=g)
+
+    def run(x, temb):
+        for block in blocks:
+            x = block(x, temb)
+        return x
+
+    counts = {}
+    with torch.no_grad():
+        before = run(x, temb)
+        assert triton_group_norms(blocks) == 4
+        torch._dynamo.reset()
+        # No cache: a cached graph would skip the pass (and its counts).
+        with inductor_config.patch(residual_add_options(counts) | {"force_disable_caches": True}):
+            got = torch.compile(run, fullgraph=True, dynamic=False)(x, temb)
+    assert torch.allclose(got, before, atol=1e-5)
+    assert counts == {"graphs": 1, "fused": 1, "biases": 1}

@@ -402,7 +402,7 @@ def _movable_bias(graph: torch.fx.Graph, node: torch.fx.Node):
     while (isinstance(inner, torch.fx.Node) and inner.target in views and len(inner.users) == 1
            and inner.meta["val"].shape[-1] == channels):
         inner = inner.args[0]
-    if inner is node.args[0] or not isinstance(inner, torch.fx.Node) or len(inner.users) != 1 or inner.kwargs:
+    if not isinstance(inner, torch.fx.Node) or len(inner.users) != 1 or inner.kwargs:
         return None
     if inner.target is torch.ops.aten.addmm.default and _is_channel_vector(inner.args[0], channels, dtype):
         def take_out():
