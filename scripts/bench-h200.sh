@@ -723,6 +723,12 @@ case "$part" in
   ab r17-ab-bias-sd-turbo-txt2img 170 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
   ab r17-ab-bias-sd-turbo-img2img 170 sd-turbo-img2img SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
   ;;
+81)  # R17: the same for the LCM stream batch (4 rows)
+  ab r17-ab-bias-sd15-lcm4-self 300 sd15-lcm4-self SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ;;
+82)  # R17: the same for SDXL-Turbo 1024²
+  ab r17-ab-bias-sdxl-turbo-1024 380 sdxl-turbo-1024 SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ;;
 9)
   SCOPE_STREAMDIFFUSION_FP8=1 bench r3-fp8-sdxl 250 --workloads sdxl-turbo-1024 --modes compile --frames 60 --profile
   ;;

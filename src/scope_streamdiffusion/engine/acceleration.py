@@ -594,7 +594,8 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
 
     if compiled and (elements := _size_setting("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", ELEMENTS_PER_PROGRAM, "values")):
         models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements)
-    # ... and the residual adds read next by a norm computed inside it (R17); =0 keeps them apart.
+    # ... and, at one row, the residual sums read next by a norm (with the biases added last to them)
+    # computed inside its operator (R17); SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS=0 keeps them apart.
     norm_options = {}
     if models.extras.get("triton_group_norms") and _switch("SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS"):
         from .group_norm import residual_add_options

@@ -15,6 +15,10 @@ H200, and +7.1% for the LCM stream batch with the SiLU inside but not yet the bi
 
 Sums are taken around the group's first value (the same for every chunk), which keeps
 ``E[x²] - E[x]²`` from cancelling when a group's mean is large against its spread.
+
+At one row the residual sums ending ResNet blocks and transformers, read next by a norm, are computed
+inside its kernels too (:func:`fuse_residual_adds`, an inductor graph pass), with the bias of the
+convolution or linear layer before them: +1.1% txt2img and img2img (R17).
 """
 
 from __future__ import annotations
@@ -423,11 +427,16 @@ def _movable_bias(graph: torch.fx.Graph, node: torch.fx.Node):
     return None
 
 
-def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None) -> int:
+# Rows (frames x CFG copies) up to which the sums move into the norms: measured faster at one row
+# (+1.1% at 512², the same at SDXL's 1024²), slower at LCM's four (BENCHMARKS.md, R17).
+MAX_FUSED_ROWS = 1
+
+
+def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_rows: int = MAX_FUSED_ROWS) -> int:
     """In an ATen graph, ``group_norm_op(a + b, ...)`` (without shift) becomes ``add_group_norm_op(a, b,
     ...)``, whose second output serves the sum's other uses, and the bias a convolution or a linear
-    layer adds last to ``a`` or ``b`` moves into it. Returns how many sums; ``counts["biases"]`` adds
-    up the biases moved.
+    layer adds last to ``a`` or ``b`` moves into it; sums of up to ``max_rows`` rows. Returns how many
+    sums; ``counts["biases"]`` adds up the biases moved.
 
     The sums are the residual adds ending ResNet blocks and transformers, each read next by a GroupNorm.
     Inductor leaves a convolution's bias to the kernel after it, where the sum is (one pass over the
@@ -439,7 +448,7 @@ def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None) -> int
     for node in [n for n in graph.nodes if n.target is norm]:
         args = _arguments(node)
         total = args["x"]
-        if args.get("shift") is not None or not _same_shape_sum(total):
+        if args.get("shift") is not None or not _same_shape_sum(total) or total.meta["val"].shape[0] > max_rows:
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         # A copy that only lays an operand out (diffusers' ``.contiguous()`` after a transformer's
