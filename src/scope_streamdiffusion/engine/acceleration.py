@@ -630,7 +630,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
 
         models.unet = tensorrt_unet(models, Profile.for_stream(*stream_shape) if stream_shape else None)
     # SCOPE_STREAMDIFFUSION_STEP_GRAPH=0: no whole-step graph (to compare with compile's own cudagraphs).
-    runner = StepGraphs(mode, compile_options=options, compiler=compiler,
+    # With a background compiler the frame thread never compiles: its options stay with the compiler, not
+    # patched around the frame thread's steps too (inductor's config is process-wide in older torch).
+    runner = StepGraphs(mode, compile_options=options if compiler is None else {}, compiler=compiler,
                         use_graphs=_switch("SCOPE_STREAMDIFFUSION_STEP_GRAPH"))
     models.extras["step_runner"] = runner
     if options.get("freezing"):

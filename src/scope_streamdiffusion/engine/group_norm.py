@@ -74,6 +74,13 @@ if triton is not None:
         return v.to(tl.float32)
 
     @triton.jit
+    def _group_ref(x_row, r_row, xb_ptr, rb_ptr, first, s_c, r_c, mask, HAS_RESIDUAL: tl.constexpr,
+                   HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
+        """Each column's group's first value (of the sum): what both kernels take their sums around."""
+        bias = _channel_bias(xb_ptr, rb_ptr, first, mask, HAS_XB, HAS_RB)
+        return _load(x_row + first * s_c, r_row + first * r_c, bias, mask, HAS_RESIDUAL)
+
+    @triton.jit
     def _partial_sums(x_ptr, shift_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, pixels, channels, chunk, groups,
                       s_n, s_c, s_p, r_n, r_c, r_p,
                       SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -92,8 +99,7 @@ if triton is not None:
         first = g * GROUP + cols * 0  # the group's first channel, in every column
         bias = _channel_bias(xb_ptr, rb_ptr, ch, cmask, HAS_XB, HAS_RB)
         # Sums around the group's first value (the same for every chunk) do not cancel in E[x²] - E[x]².
-        ref = _load(x_row + first * s_c, r_row + first * r_c, _channel_bias(xb_ptr, rb_ptr, first, cmask, HAS_XB, HAS_RB),
-                    cmask, HAS_RESIDUAL)
+        ref = _group_ref(x_row, r_row, xb_ptr, rb_ptr, first, s_c, r_c, cmask, HAS_RESIDUAL, HAS_XB, HAS_RB)
         if HAS_SHIFT:
             add = tl.load(shift_ptr + n * channels + ch, mask=cmask, other=0.0).to(tl.float32)
             ref += tl.load(shift_ptr + n * channels + first, mask=cmask, other=0.0).to(tl.float32)
@@ -132,8 +138,7 @@ if triton is not None:
         s1 = tl.sum(tl.load(parts, mask=cmask[:, None], other=0.0), 1)
         s2 = tl.sum(tl.load(parts + 1, mask=cmask[:, None], other=0.0), 1)
         bias = _channel_bias(xb_ptr, rb_ptr, cols, cmask, HAS_XB, HAS_RB)
-        ref = _load(x_row + first * s_c, r_row + first * r_c, _channel_bias(xb_ptr, rb_ptr, first, cmask, HAS_XB, HAS_RB),
-                    cmask, HAS_RESIDUAL)
+        ref = _group_ref(x_row, r_row, xb_ptr, rb_ptr, first, s_c, r_c, cmask, HAS_RESIDUAL, HAS_XB, HAS_RB)
         if HAS_SHIFT:
             add = tl.load(shift_ptr + n * channels + cols, mask=cmask, other=0.0).to(tl.float32)
             ref += tl.load(shift_ptr + n * channels + first, mask=cmask, other=0.0).to(tl.float32)
@@ -176,6 +181,10 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
     the two kernels; the output keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
     of ``x + x_bias + residual + residual_bias`` (biases per channel, optional), which the second
     kernel writes out too: returns (output, that sum)."""
+    if residual is None and (x_bias is not None or residual_bias is not None):
+        raise ValueError("x_bias and residual_bias are added to x + residual: they need a residual")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} is not x's {tuple(x.shape)} {x.dtype}")
     if _pixel_strides(x) is None:
         x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
@@ -371,10 +380,10 @@ def _same_shape_sum(node) -> bool:
 def _fake_call(op, args: tuple):
     """``op``'s output on the arguments' fake values (the metadata inductor reads from new nodes)."""
     from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)]) or FakeTensorMode()
     with mode:
         return op(*[mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
                     for v in vals])
@@ -418,8 +427,9 @@ def _movable_bias(graph: torch.fx.Graph, node: torch.fx.Node):
         return inner.args[0], take_out
     if (inner.target is torch.ops.aten.add.Tensor and len(inner.args) == 2
             and _is_channel_vector(inner.args[1], channels, dtype)
-            and getattr(inner.args[0], "meta", {}).get("val") is not None
-            and inner.args[0].meta["val"].shape == inner.meta["val"].shape):
+            and isinstance(getattr(inner.args[0], "meta", {}).get("val"), torch.Tensor)
+            and inner.args[0].meta["val"].shape == inner.meta["val"].shape
+            and inner.args[0].meta["val"].dtype == dtype):  # no promotion by the bias
         def take_out():
             inner.replace_all_uses_with(inner.args[0])
             graph.erase_node(inner)
@@ -448,7 +458,8 @@ def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_ro
     for node in [n for n in graph.nodes if n.target is norm]:
         args = _arguments(node)
         total = args["x"]
-        if args.get("shift") is not None or not _same_shape_sum(total) or total.meta["val"].shape[0] > max_rows:
+        if (args.get("shift") is not None or not _same_shape_sum(total) or total.meta["val"].shape[0] > max_rows
+                or total.args[0] is total.args[1]):  # x + x: one node, whose bias would be taken out twice
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         # A copy that only lays an operand out (diffusers' ``.contiguous()`` after a transformer's
