@@ -726,6 +726,10 @@ case "$part" in
 81)  # R17: the same for the LCM stream batch (4 rows)
   ab r17-ab-bias-sd15-lcm4-self 300 sd15-lcm4-self SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
   ;;
+83)  # R17: the final code's one-row workloads, compile only, --check (determinism, parameter changes)
+  bench r17-final 170 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --check --profile
+  rows r17-final
+  ;;
 82)  # R17: the same for SDXL-Turbo 1024²
   ab r17-ab-bias-sdxl-turbo-1024 380 sdxl-turbo-1024 SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
   ;;
