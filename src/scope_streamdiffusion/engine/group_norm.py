@@ -74,11 +74,19 @@ if triton is not None:
         return v.to(tl.float32)
 
     @triton.jit
-    def _group_ref(x_row, r_row, xb_ptr, rb_ptr, first, s_c, r_c, mask, HAS_RESIDUAL: tl.constexpr,
-                   HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
-        """Each column's group's first value (of the sum): what both kernels take their sums around."""
-        bias = _channel_bias(xb_ptr, rb_ptr, first, mask, HAS_XB, HAS_RB)
-        return _load(x_row + first * s_c, r_row + first * r_c, bias, mask, HAS_RESIDUAL)
+    def _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, shift_row, channels, first, s_c, r_c, mask,
+                       HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr,
+                       HAS_RB: tl.constexpr):
+        """For ``channels`` (of groups that start at ``first``): the biases the sum takes in, the shift,
+        and the group's first value (of the sum, shifted), around which both kernels take their sums."""
+        bias = _channel_bias(xb_ptr, rb_ptr, channels, mask, HAS_XB, HAS_RB)
+        ref = _load(x_row + first * s_c, r_row + first * r_c, _channel_bias(xb_ptr, rb_ptr, first, mask, HAS_XB, HAS_RB),
+                    mask, HAS_RESIDUAL)
+        add = (channels * 0).to(tl.float32)
+        if HAS_SHIFT:
+            add += tl.load(shift_ptr + shift_row + channels, mask=mask, other=0.0).to(tl.float32)
+            ref += tl.load(shift_ptr + shift_row + first, mask=mask, other=0.0).to(tl.float32)
+        return bias, add, ref
 
     @triton.jit
     def _partial_sums(x_ptr, shift_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, pixels, channels, chunk, groups,
@@ -97,14 +105,9 @@ if triton is not None:
         cmask = cols < GROUP
         ch = g * GROUP + cols
         first = g * GROUP + cols * 0  # the group's first channel, in every column
-        bias = _channel_bias(xb_ptr, rb_ptr, ch, cmask, HAS_XB, HAS_RB)
         # Sums around the group's first value (the same for every chunk) do not cancel in E[x²] - E[x]².
-        ref = _group_ref(x_row, r_row, xb_ptr, rb_ptr, first, s_c, r_c, cmask, HAS_RESIDUAL, HAS_XB, HAS_RB)
-        if HAS_SHIFT:
-            add = tl.load(shift_ptr + n * channels + ch, mask=cmask, other=0.0).to(tl.float32)
-            ref += tl.load(shift_ptr + n * channels + first, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            add = tl.zeros([BLOCK_C], tl.float32)
+        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, ch, first, s_c, r_c,
+                                        cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         start = split * chunk
@@ -137,13 +140,8 @@ if triton is not None:
         parts = part_ptr + ((n * groups + g)[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]) * 2
         s1 = tl.sum(tl.load(parts, mask=cmask[:, None], other=0.0), 1)
         s2 = tl.sum(tl.load(parts + 1, mask=cmask[:, None], other=0.0), 1)
-        bias = _channel_bias(xb_ptr, rb_ptr, cols, cmask, HAS_XB, HAS_RB)
-        ref = _group_ref(x_row, r_row, xb_ptr, rb_ptr, first, s_c, r_c, cmask, HAS_RESIDUAL, HAS_XB, HAS_RB)
-        if HAS_SHIFT:
-            add = tl.load(shift_ptr + n * channels + cols, mask=cmask, other=0.0).to(tl.float32)
-            ref += tl.load(shift_ptr + n * channels + first, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            add = tl.zeros([BLOCK_C], tl.float32)
+        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, cols, first, s_c, r_c,
+                                        cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         mean = s1 * inv_count
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 * inv_count - mean * mean, 0.0) + eps)
         scale = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
