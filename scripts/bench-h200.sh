@@ -96,6 +96,11 @@
 #   bash scripts/bench-h200.sh 74  # R16: the Scope-style stream under the default (auto) for 190 s, cold cache
 #   bash scripts/bench-h200.sh 75  # R16: SDXL-Turbo 1024² --check and profile with them
 #   bash scripts/bench-h200.sh 76  # R16: part 73 again, later code
+#   bash scripts/bench-h200.sh 77-83  # R17: the residual sums fused into the norms (see the parts below)
+#   bash scripts/bench-h200.sh 84  # R18: where the host share of a call goes (scripts/host-profile.py)
+#   bash scripts/bench-h200.sh 85  # R18: small groups' GroupNorms in one program: per level, then A/Bs
+#   bash scripts/bench-h200.sh 86  # R18: the default limit against none (txt2img, LCM), same process
+#   bash scripts/bench-h200.sh 87  # R18: --check and profile with the final code
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -725,6 +730,33 @@ case "$part" in
   ;;
 81)  # R17: the same for the LCM stream batch (4 rows)
   ab r17-ab-bias-sd15-lcm4-self 300 sd15-lcm4-self SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS
+  ;;
+86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
+  ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+87)  # R18: the final code's workloads, compile only, --check (determinism, parameter changes) and profile
+  bench r18-final 300 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frames 300 --check --profile
+  rows r18-final
+  ;;
+85)  # R18: small groups in one program: the GroupNorms per level (1 and 4 rows), then txt2img/img2img A/B at the best limit
+  timeout 200 python3 scripts/groupnorm-probe.py "$OUT/r18-gn-levels-1.json" 1 levels > "$OUT/r18-gn-levels-1.log" 2>&1
+  echo "probe exit $?"; grep -E "^(two|one)|failed" "$OUT/r18-gn-levels-1.log" | cut -c1-200
+  best=$(python3 -c 'import json,statistics,sys; r=json.load(open(sys.argv[1]))["thresholds"]; t={int(k.rsplit("-",1)[1]): statistics.median(x["graph_ms"] for x in v) for k,v in r.items() if isinstance(v,list)}; print(min(t,key=t.get))' "$OUT/r18-gn-levels-1.json")
+  echo "best limit at one row: $best"
+  if [ "${best:-0}" != 0 ]; then
+    ab r18-ab-one-program-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 "$best"
+    ab r18-ab-one-program-img2img 200 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 "$best"
+  fi
+  ;;
+84)  # R18: where the host's share of a txt2img call goes: cold-compiled process, then a warm bench, then img2img
+  hp() { local name=$1 limit=$2 start=$SECONDS; shift 2; echo "=== $name: $*"
+    timeout "$limit" python3 scripts/host-profile.py "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+    echo "exit $? after $((SECONDS - start)) s"; grep -E "^(\{|sd-|Traceback)|Error" "$OUT/$name.log" | cut -c1-700; }
+  hp r18-host-txt2img-cold 200 sd-turbo-txt2img compile --frames 300
+  bench r18-bench-txt2img-warm 120 --workloads sd-turbo-txt2img --modes compile --no-baseline --frames 300 --profile
+  rows r18-bench
+  hp r18-host-img2img-cold 200 sd-turbo-img2img compile --frames 300
   ;;
 83)  # R17: the final code's one-row workloads, compile only, --check (determinism, parameter changes)
   bench r17-final 170 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --no-baseline --frames 150 --check --profile

@@ -6,6 +6,11 @@ per group: statistics and normalisation + SiLU in one launch), and the package's
 (`engine/group_norm.py`: chunked partial sums, then normalisation finishing them) by its tile sizes.
 
     python3 scripts/groupnorm-probe.py OUT.json [ROWS]
+    python3 scripts/groupnorm-probe.py OUT.json ROWS levels
+
+``levels``: per level of the UNet (8x8 ... 64x64 at 512²), its norms in the two kernels against one
+program per group (the package's ``one_program`` path, by tile and warps); then all 61 with groups of
+up to N values in one program, for a few N.
 """
 
 import importlib.util
@@ -118,6 +123,44 @@ def compiled(options: dict):
     return torch.compile(eager, options=options)
 
 
+def measure(report: dict, name: str, fn, inputs) -> None:
+    reference = [y.float() for y in eager(inputs)]
+    try:
+        ms, outs, detail = graph_ms(lambda: fn(inputs))
+    except Exception as exc:
+        report[name] = dict(error=repr(exc)[:400])
+        print(name, "failed", repr(exc)[:400], flush=True)
+        return
+    diff = max((o.float() - r).abs().max().item() for o, r in zip(outs, reference))
+    row = dict(graph_ms=round(ms, 4), max_abs_vs_eager=diff, kernels=detail["kernels"], kernel_us=detail["kernel_us"])
+    report.setdefault(name, []).append(row)
+    print(name, row, flush=True)
+
+
+def package(one_program: int = 0, tile: int = 4096, warps: int = 4):
+    def run(ins):
+        two_kernel.ONE_PROGRAM_TILE, two_kernel.ONE_PROGRAM_WARPS = tile, warps
+        return [two_kernel.group_norm_triton(x, GROUPS, w, b, EPS, silu, one_program=one_program)
+                for x, w, b, silu in ins]
+    return run
+
+
+def levels(out: str, rows: int) -> None:
+    inputs = make_inputs(rows)
+    report = dict(rows=rows, torch=torch.__version__, triton=triton.__version__, levels={}, thresholds={})
+    for _ in range(2):
+        for pixels in (L8, L16, L32, L64):
+            subset = [i for i, (c, p, s) in zip(inputs, NORMS) if p == pixels]
+            level = report["levels"].setdefault(f"{int(pixels ** 0.5)}x{int(pixels ** 0.5)} ({len(subset)} norms)", {})
+            measure(level, "two-kernel", package(), subset)
+            for tile in (2048, 4096, 8192):
+                for warps in (4, 8):
+                    measure(level, f"one-program-{tile}-{warps}", package(1 << 30, tile, warps), subset)
+        for limit in (0, 2560, 5120, 10240, 20480):
+            measure(report["thresholds"], f"one-program-up-to-{limit}", package(limit), inputs)
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
 def main(out: str, rows: int = 1) -> None:
     inputs = make_inputs(rows)
     reference = [y.float() for y in eager(inputs)]
@@ -155,4 +198,7 @@ def main(out: str, rows: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(n) for n in sys.argv[2:3]))
+    if sys.argv[3:4] == ["levels"]:
+        levels(sys.argv[1], int(sys.argv[2]))
+    else:
+        main(sys.argv[1], *(int(n) for n in sys.argv[2:3]))

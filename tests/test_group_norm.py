@@ -36,6 +36,7 @@ from scope_streamdiffusion.testing.tiny_models import _tiny_unet
 _INTERPRETED = r"""
 import json
 import torch
+from scope_streamdiffusion.engine import group_norm
 from scope_streamdiffusion.engine.group_norm import _residual_sum, group_norm_triton, reference, splits_for
 
 CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, shift, elements, residual layout
@@ -55,7 +56,14 @@ CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, s
     ("residual cl f16, x-bias, r-bias", 2, 64, 9, 7, 8, "float16", "cl", True, False, 64, "cl"),
     # a sum of large mean over a small spread: sums not taken around its first value would cancel
     ("residual cl f32, r-bias, large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, 64, "cl"),
+    # a group whole in one program (the pixels in tiles of 16: several per pass)
+    ("one program cl f16 silu shift", 2, 64, 10, 13, 4, "float16", "cl", True, True, ELEMENTS, None),
+    ("one program strided width f32", 2, 32, 6, 5, 8, "float32", "sliced", True, True, ELEMENTS, None),
+    ("one program residual nchw into cl f16, x-bias, r-bias", 2, 64, 9, 7, 8, "float16", "cl", True, False, ELEMENTS,
+     "nchw"),
+    ("one program residual cl f32, r-bias, large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, ELEMENTS, "cl"),
 ]
+group_norm.ONE_PROGRAM_TILE = 64
 results = []
 for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residual_layout in CASES:
     g = torch.Generator().manual_seed(len(results))
@@ -81,8 +89,9 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
                      if "r-bias" in name else None)
     weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
     shift = torch.randn(1 if name == "one-row shift" else n, c, generator=g).to(dtype) if with_shift else None
+    one_program = h * w * c // groups if name.startswith("one program") else 0
     y = group_norm_triton(x, groups, weight, bias, 1e-5, silu, elements, shift=shift, residual=residual,
-                          x_bias=x_bias, residual_bias=residual_bias)
+                          x_bias=x_bias, residual_bias=residual_bias, one_program=one_program)
     summed, normed = True, x
     if residual is not None:
         y, total = y
@@ -93,7 +102,8 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
     dense = layout not in ("sliced", "channels")
     strides = y.stride() == x.stride() if dense else y.is_contiguous(memory_format=torch.channels_last)
     results.append(dict(name=name, dtype=str(dtype), error=(y.double() - want).abs().max().item(),
-                        magnitude=want.abs().max().item(), splits=splits_for(h * w, c // groups, elements),
+                        magnitude=want.abs().max().item(),
+                        splits=0 if one_program else splits_for(h * w, c // groups, elements),
                         strides=strides and y.dtype == dtype and y.shape == x.shape, summed=summed))
 print(json.dumps(results))
 """.replace("ELEMENTS", str(ELEMENTS_PER_PROGRAM))
@@ -105,8 +115,8 @@ def test_the_triton_kernels_compute_group_norm():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 14
-    assert {r["splits"] for r in results} >= {1, 2, 8, 16}
+    assert len(results) == 18
+    assert {r["splits"] for r in results} >= {0, 1, 2, 8, 16}  # 0: one program
     for r in results:
         assert r["strides"] and r["summed"], r
         if "large mean" in r["name"]:

@@ -587,13 +587,15 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if compiled and (limit := _size_setting("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", MAX_PIXELS, "pixels")):
         models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
     # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16);
-    # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums.
+    # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums;
+    # SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM=N (> 1) runs groups of up to N values in one kernel.
     # Imported here: the module loads diffusers' ResNet block and Triton, which other callers of this
     # module (the CLI's mode resolution) do not need.
-    from .group_norm import ELEMENTS_PER_PROGRAM, triton_group_norms
+    from .group_norm import ELEMENTS_PER_PROGRAM, ONE_PROGRAM_VALUES, triton_group_norms
 
     if compiled and (elements := _size_setting("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", ELEMENTS_PER_PROGRAM, "values")):
-        models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements)
+        one_program = _size_setting("SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM", ONE_PROGRAM_VALUES, "values")
+        models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements, one_program or 0)
     # ... and, at one row, the residual sums read next by a norm (with the biases added last to them)
     # computed inside its operator (R17); SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS=0 keeps them apart.
     norm_options = {}

@@ -24,6 +24,7 @@ convolution or linear layer before them: +1.1% txt2img and img2img (R17).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import operator
 from pathlib import Path
@@ -43,6 +44,12 @@ except ImportError:  # CPU-only installs: the reference path below is used
 # Values one statistics program sums (pixels x channels of its group); the splits follow from it.
 ELEMENTS_PER_PROGRAM = 2048
 MAX_SPLITS = 64
+# Groups of at most this many values (pixels x channels) run in one kernel instead (0: never): the
+# 8x8 level's at 512² (2,560-5,120 values), where the second launch cost more than the 32 programs
+# leave idle (BENCHMARKS.md, R18); the values one program loads at a time, and its warps.
+ONE_PROGRAM_VALUES = 5120
+ONE_PROGRAM_TILE = 4096
+ONE_PROGRAM_WARPS = 8
 
 
 def reference(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool,
@@ -157,6 +164,53 @@ if triton is not None:
         tl.store(y_ptr + n * o_n + rows[:, None] * o_p + cols[None, :] * o_c, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
+    @triton.jit
+    def _one_program(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels, channels, groups,
+                     inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p,
+                     GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
+        """A small group whole in one program: its sums, then its normalisation (the values read again,
+        from the cache), in one launch instead of two."""
+        ng = tl.program_id(0)
+        n = ng // groups
+        g = ng % groups
+        x_row = x_ptr + n * s_n
+        r_row = r_ptr + n * r_n
+        cols = tl.arange(0, BLOCK_C)
+        rows = tl.arange(0, BLOCK_P)
+        cmask = cols < GROUP
+        ch = g * GROUP + cols
+        first = g * GROUP + cols * 0
+        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, ch, first, s_c, r_c,
+                                        cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for off in range(0, pixels, BLOCK_P):
+            r = off + rows
+            m = (r < pixels)[:, None] & cmask[None, :]
+            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
+                      bias[None, :], m, HAS_RESIDUAL)
+            v = tl.where(m, v + add[None, :] - ref[None, :], 0.0)
+            acc += v
+            acc2 += v * v
+        mean = tl.sum(tl.sum(acc, 1), 0) * inv_count
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(tl.sum(acc2, 1), 0) * inv_count - mean * mean, 0.0) + eps)
+        scale = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
+        offset = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32) + (add - mean - ref) * scale
+        for off in range(0, pixels, BLOCK_P):
+            r = off + rows
+            m = (r < pixels)[:, None] & cmask[None, :]
+            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
+                      bias[None, :], m, HAS_RESIDUAL)
+            out = n * o_n + r[:, None] * o_p + ch[None, :] * o_c
+            if HAS_RESIDUAL:
+                tl.store(sum_ptr + out, v.to(y_ptr.dtype.element_ty), mask=m)
+            y = v * scale[None, :] + offset[None, :]
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
 def _pixel_strides(t: torch.Tensor):
     """(batch, channel, pixel) strides of a 4-D tensor whose height and width flatten into one index."""
     sn, sc, sh, sw = t.stride()
@@ -174,11 +228,13 @@ def splits_for(pixels: int, group: int, elements: int = ELEMENTS_PER_PROGRAM) ->
 def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                       silu: bool, elements: int = ELEMENTS_PER_PROGRAM, block_p: int = 64, block_c: int = 64,
                       warps: int = 4, shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                      x_bias: torch.Tensor | None = None, residual_bias: torch.Tensor | None = None):
+                      x_bias: torch.Tensor | None = None, residual_bias: torch.Tensor | None = None,
+                      one_program: int = 0):
     """GroupNorm (+ SiLU) of a 4-D CUDA tensor ``x`` (+ ``shift``, one value per row and channel) in
-    the two kernels; the output keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
-    of ``x + x_bias + residual + residual_bias`` (biases per channel, optional), which the second
-    kernel writes out too: returns (output, that sum)."""
+    the two kernels, or in one (:func:`_one_program`) where a group holds at most ``one_program``
+    values; the output keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
+    of ``x + x_bias + residual + residual_bias`` (biases per channel, optional), which the
+    normalising kernel writes out too: returns (output, that sum)."""
     if residual is None and (x_bias is not None or residual_bias is not None):
         raise ValueError("x_bias and residual_bias are added to x + residual: they need a residual")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -193,8 +249,6 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
             residual = residual.contiguous(memory_format=torch.channels_last)
         total = torch.empty_like(x)  # y's layout: written with y's strides
     y = torch.empty_like(x)
-    splits = splits_for(pixels, group, elements)
-    parts = torch.empty(n * groups * splits * 2, device=x.device, dtype=torch.float32)
     sn, sc, sp = _pixel_strides(x)
     on, oc, op = _pixel_strides(y)
     rn, rc, rp = _pixel_strides(residual) if residual is not None else (0, 0, 0)
@@ -208,6 +262,15 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
         residual = x
     # Triton launches on the current device (CPU tensors: its interpreter, in the tests).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if pixels * group <= one_program:
+            _one_program[(n * groups,)](
+                x, shift, weight, bias, y, residual, x_bias, residual_bias, total, pixels, c, groups,
+                1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op, rn, rc, rp, GROUP=group,
+                BLOCK_P=max(16, min(triton.next_power_of_2(pixels), ONE_PROGRAM_TILE // group_block)),
+                BLOCK_C=group_block, SILU=silu, num_warps=ONE_PROGRAM_WARPS, **flags)
+            return y if total is None else (y, total)
+        splits = splits_for(pixels, group, elements)
+        parts = torch.empty(n * groups * splits * 2, device=x.device, dtype=torch.float32)
         _partial_sums[(n * groups, splits)](
             x, shift, parts, residual, x_bias, residual_bias, pixels, c, triton.cdiv(pixels, splits), groups,
             sn, sc, sp, rn, rc, rp, SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block),
@@ -228,16 +291,17 @@ def _like_input(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("scope_streamdiffusion::group_norm", mutates_args=())
 def group_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool,
-                  shift: torch.Tensor | None = None, elements: int = ELEMENTS_PER_PROGRAM) -> torch.Tensor:
+                  shift: torch.Tensor | None = None, elements: int = ELEMENTS_PER_PROGRAM,
+                  one_program: int = ONE_PROGRAM_VALUES) -> torch.Tensor:
     """GroupNorm (+ SiLU) of ``x`` (+ ``shift``) as one operation compiled code calls: the Triton
     kernels on CUDA, PyTorch's own elsewhere (laid out as the CUDA result, which the compiled code expects)."""
     if x.is_cuda and triton is not None:
-        return group_norm_triton(x, groups, weight, bias, eps, silu, elements, shift=shift)
+        return group_norm_triton(x, groups, weight, bias, eps, silu, elements, shift=shift, one_program=one_program)
     return _like_input(x).copy_(reference(x, groups, weight, bias, eps, silu, shift))
 
 
 @group_norm_op.register_fake
-def _(x, weight, bias, groups, eps, silu, shift=None, elements=ELEMENTS_PER_PROGRAM):
+def _(x, weight, bias, groups, eps, silu, shift=None, elements=ELEMENTS_PER_PROGRAM, one_program=ONE_PROGRAM_VALUES):
     return _like_input(x)
 
 
@@ -254,19 +318,21 @@ def _residual_sum(x, residual, x_bias=None, residual_bias=None) -> torch.Tensor:
 def add_group_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                       eps: float, silu: bool, x_bias: torch.Tensor | None = None,
                       residual_bias: torch.Tensor | None = None,
-                      elements: int = ELEMENTS_PER_PROGRAM) -> tuple[torch.Tensor, torch.Tensor]:
+                      elements: int = ELEMENTS_PER_PROGRAM,
+                      one_program: int = ONE_PROGRAM_VALUES) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`group_norm_op` of ``x + x_bias + residual + residual_bias`` (the biases per channel),
     returning (its output, that sum): what :func:`fuse_residual_adds` puts in compiled graphs where a
     norm's input is a residual sum."""
     if x.is_cuda and triton is not None:
         return group_norm_triton(x, groups, weight, bias, eps, silu, elements, residual=residual, x_bias=x_bias,
-                                 residual_bias=residual_bias)
+                                 residual_bias=residual_bias, one_program=one_program)
     total = _like_input(x).copy_(_residual_sum(x, residual, x_bias, residual_bias))
     return _like_input(x).copy_(reference(total, groups, weight, bias, eps, silu)), total
 
 
 @add_group_norm_op.register_fake
-def _(x, residual, weight, bias, groups, eps, silu, x_bias=None, residual_bias=None, elements=ELEMENTS_PER_PROGRAM):
+def _(x, residual, weight, bias, groups, eps, silu, x_bias=None, residual_bias=None, elements=ELEMENTS_PER_PROGRAM,
+      one_program=ONE_PROGRAM_VALUES):
     return _like_input(x), _like_input(x)
 
 
@@ -277,12 +343,14 @@ class TritonGroupNorm(torch.nn.GroupNorm):
 
     silu = False
     elements = ELEMENTS_PER_PROGRAM
+    one_program = ONE_PROGRAM_VALUES
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         # A shift of more rows than x broadcasts x (as diffusers' add would): PyTorch's ops handle that.
         if (torch.compiler.is_dynamo_compiling() and x.dim() == 4 and self.affine
                 and (shift is None or shift.shape[0] in (1, x.shape[0]))):
-            return group_norm_op(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift, self.elements)
+            return group_norm_op(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift, self.elements,
+                                 self.one_program)
         return reference(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift)
 
 
@@ -309,13 +377,15 @@ class TritonResnetBlock2D(ResnetBlock2D):
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
-def _swap(norm: torch.nn.Module, silu: bool, elements: int) -> bool:
+def _swap(norm: torch.nn.Module, silu: bool, elements: int, one_program: int) -> bool:
     if type(norm) is not torch.nn.GroupNorm or not norm.affine:
         return False
     norm.__class__ = TritonGroupNorm
     norm.silu = silu
     if elements != ELEMENTS_PER_PROGRAM:
         norm.elements = elements
+    if one_program != ONE_PROGRAM_VALUES:
+        norm.one_program = one_program
     return True
 
 
@@ -332,23 +402,26 @@ def _plain_resnet(block: torch.nn.Module) -> bool:
             and all(type(n) is torch.nn.GroupNorm and n.affine for n in (block.norm1, block.norm2)))
 
 
-def triton_group_norms(unet: torch.nn.Module, elements: int = ELEMENTS_PER_PROGRAM) -> int:
+def triton_group_norms(unet: torch.nn.Module, elements: int = ELEMENTS_PER_PROGRAM,
+                       one_program: int = ONE_PROGRAM_VALUES) -> int:
     """Make each affine ``GroupNorm`` of ``unet`` a :class:`TritonGroupNorm` (in place; the same
     parameters), taking in the SiLU after it where the code allows: ResNet blocks with a time embedding
     whose activation runs only on the normalised hidden states (the embedding's SiLU already taken
     out, ``skip_time_act``) become :class:`TritonResnetBlock2D`, and the UNet's last norm takes in its
-    activation. Returns how many norms; 0 the second time."""
+    activation. ``elements`` and ``one_program``: :func:`group_norm_triton`'s. Returns how many norms;
+    0 the second time."""
+    swap = functools.partial(_swap, elements=elements, one_program=one_program)
     count = 0
     for module in unet.modules():
         if _plain_resnet(module):
-            count += _swap(module.norm1, True, elements) + _swap(module.norm2, True, elements)
+            count += swap(module.norm1, True) + swap(module.norm2, True)
             module.__class__ = TritonResnetBlock2D
     if isinstance(getattr(unet, "conv_norm_out", None), torch.nn.GroupNorm) and _silu_follows(unet, "conv_act"):
-        if _swap(unet.conv_norm_out, True, elements):
+        if swap(unet.conv_norm_out, True):
             unet.conv_act = torch.nn.Identity()
             count += 1
     for module in list(unet.modules()):
-        count += _swap(module, False, elements)
+        count += swap(module, False)
     return count
 
 
@@ -474,7 +547,7 @@ def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_ro
             if moved:
                 moved[1]()
         call = (*operands, args["weight"], args["bias"], args["groups"], args["eps"], args["silu"],
-                *(b[0] if b else None for b in biases), args["elements"])
+                *(b[0] if b else None for b in biases), args["elements"], args["one_program"])
         with graph.inserting_after(last):
             fused = graph.call_function(fused_op, call)
         fused.meta["val"] = _fake_call(fused_op, call)
