@@ -101,6 +101,9 @@
 #   bash scripts/bench-h200.sh 85  # R18: small groups' GroupNorms in one program: per level, then A/Bs
 #   bash scripts/bench-h200.sh 86  # R18: the default limit against none (txt2img, LCM), same process
 #   bash scripts/bench-h200.sh 87  # R18: --check and profile with the final code
+#   bash scripts/bench-h200.sh 88  # R18: the Scope-style stream under auto for 190 s
+#   bash scripts/bench-h200.sh 89  # R18: img2img, one program for small groups off/on in one process
+#   bash scripts/bench-h200.sh 90  # R18: --check with the final code (txt2img, img2img)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -734,6 +737,16 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+90)  # R18: the final code (the kernels' shared parts in Triton helpers), compile only, --check
+  bench r18-last-1 250 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes compile --no-baseline --frames 300 --check --profile
+  rows r18-last
+  ;;
+89)  # R18: img2img, the limit's default against none in one process (run on part 88's machine, held)
+  ab r18-ab-one-program-img2img-soakmachine 200 sd-turbo-img2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+88)  # R18: the Scope-style stream under the default (auto) for 190 s with R18's code, cold cache
+  soak r18-soak 190 250
   ;;
 87)  # R18: the final code's workloads, compile only, --check (determinism, parameter changes) and profile
   bench r18-final 300 --workloads sd-turbo-img2img,sd-turbo-txt2img,sd15-lcm4-self --modes compile --no-baseline --frames 300 --check --profile

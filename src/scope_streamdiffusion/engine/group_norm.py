@@ -19,6 +19,9 @@ Sums are taken around the group's first value (the same for every chunk), which 
 At one row the residual sums ending ResNet blocks and transformers, read next by a norm, are computed
 inside its kernels too (:func:`fuse_residual_adds`, an inductor graph pass), with the bias of the
 convolution or linear layer before them: +1.1% txt2img and img2img (R17).
+
+Small groups (up to ``ONE_PROGRAM_VALUES``: the 8x8 level's at 512²) run in one kernel instead, a
+program per group: there the second launch costs more than the idle SMs (+0.6-1.0% txt2img, R18).
 """
 
 from __future__ import annotations
@@ -96,6 +99,43 @@ if triton is not None:
         return bias, add, ref
 
     @triton.jit
+    def _group(x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, ng, groups, channels, s_n, s_c, r_n, r_c,
+               GROUP: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+               HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
+        """Program ``ng``'s row and group: the row's pointers, the group's channels, their mask and
+        :func:`_channel_terms`."""
+        n = ng // groups
+        g = ng % groups
+        x_row = x_ptr + n * s_n
+        r_row = r_ptr + n * r_n
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < GROUP
+        ch = g * GROUP + cols
+        first = g * GROUP + cols * 0  # the group's first channel, in every column
+        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, ch, first, s_c, r_c,
+                                        cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
+        return n, x_row, r_row, ch, cmask, bias, add, ref
+
+    @triton.jit
+    def _group_sums(x_row, r_row, ch, cmask, bias, add, ref, start, count, pixels, s_c, s_p, r_c, r_p,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """The sums of a group's values and of their squares over pixels [start, start + count).
+        Sums around the group's first value ``ref`` (the same for every chunk) do not cancel in
+        E[x²] - E[x]²."""
+        rows = tl.arange(0, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for off in range(0, count, BLOCK_P):
+            r = start + off + rows
+            m = ((r < pixels) & (off + rows < count))[:, None] & cmask[None, :]
+            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
+                      bias[None, :], m, HAS_RESIDUAL)
+            v = tl.where(m, v + add[None, :] - ref[None, :], 0.0)
+            acc += v
+            acc2 += v * v
+        return tl.sum(tl.sum(acc, 1), 0), tl.sum(tl.sum(acc2, 1), 0)
+
+    @triton.jit
     def _partial_sums(x_ptr, shift_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, pixels, channels, chunk, groups,
                       s_n, s_c, s_p, r_n, r_c, r_p,
                       SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -103,32 +143,14 @@ if triton is not None:
                       HAS_RB: tl.constexpr):
         ng = tl.program_id(0)
         split = tl.program_id(1)
-        n = ng // groups
-        g = ng % groups
-        x_row = x_ptr + n * s_n
-        r_row = r_ptr + n * r_n
-        cols = tl.arange(0, BLOCK_C)
-        rows = tl.arange(0, BLOCK_P)
-        cmask = cols < GROUP
-        ch = g * GROUP + cols
-        first = g * GROUP + cols * 0  # the group's first channel, in every column
-        # Sums around the group's first value (the same for every chunk) do not cancel in E[x²] - E[x]².
-        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, ch, first, s_c, r_c,
-                                        cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
-        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        start = split * chunk
-        for off in range(0, chunk, BLOCK_P):
-            r = start + off + rows
-            m = ((r < pixels) & (off + rows < chunk))[:, None] & cmask[None, :]
-            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
-                      bias[None, :], m, HAS_RESIDUAL)
-            v = tl.where(m, v + add[None, :] - ref[None, :], 0.0)
-            acc += v
-            acc2 += v * v
+        n, x_row, r_row, ch, cmask, bias, add, ref = _group(
+            x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, ng, groups, channels, s_n, s_c, r_n, r_c,
+            GROUP, BLOCK_C, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
+        s1, s2 = _group_sums(x_row, r_row, ch, cmask, bias, add, ref, split * chunk, chunk, pixels, s_c, s_p, r_c, r_p,
+                             BLOCK_P, BLOCK_C, HAS_RESIDUAL)
         out = part_ptr + (ng * SPLITS + split) * 2
-        tl.store(out, tl.sum(tl.sum(acc, 1), 0))
-        tl.store(out + 1, tl.sum(tl.sum(acc2, 1), 0))
+        tl.store(out, s1)
+        tl.store(out + 1, s2)
 
     @triton.jit
     def _normalize(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels,
@@ -171,32 +193,16 @@ if triton is not None:
                      HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
         """A small group whole in one program: its sums, then its normalisation (the values read again,
         from the cache), in one launch instead of two."""
-        ng = tl.program_id(0)
-        n = ng // groups
-        g = ng % groups
-        x_row = x_ptr + n * s_n
-        r_row = r_ptr + n * r_n
-        cols = tl.arange(0, BLOCK_C)
-        rows = tl.arange(0, BLOCK_P)
-        cmask = cols < GROUP
-        ch = g * GROUP + cols
-        first = g * GROUP + cols * 0
-        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, ch, first, s_c, r_c,
-                                        cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
-        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        for off in range(0, pixels, BLOCK_P):
-            r = off + rows
-            m = (r < pixels)[:, None] & cmask[None, :]
-            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
-                      bias[None, :], m, HAS_RESIDUAL)
-            v = tl.where(m, v + add[None, :] - ref[None, :], 0.0)
-            acc += v
-            acc2 += v * v
-        mean = tl.sum(tl.sum(acc, 1), 0) * inv_count
-        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(tl.sum(acc2, 1), 0) * inv_count - mean * mean, 0.0) + eps)
+        n, x_row, r_row, ch, cmask, bias, add, ref = _group(
+            x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, tl.program_id(0), groups, channels, s_n, s_c, r_n, r_c,
+            GROUP, BLOCK_C, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
+        s1, s2 = _group_sums(x_row, r_row, ch, cmask, bias, add, ref, 0, pixels, pixels, s_c, s_p, r_c, r_p,
+                             BLOCK_P, BLOCK_C, HAS_RESIDUAL)
+        mean = s1 * inv_count
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 * inv_count - mean * mean, 0.0) + eps)
         scale = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
         offset = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32) + (add - mean - ref) * scale
+        rows = tl.arange(0, BLOCK_P)
         for off in range(0, pixels, BLOCK_P):
             r = off + rows
             m = (r < pixels)[:, None] & cmask[None, :]
