@@ -247,7 +247,7 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
     models, norms = load("compile")
     assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in models.unet.modules()) > 0
     assert any(type(m) is TritonResnetBlock2D for m in models.unet.modules())  # after the shared projections
-    assert {m.elements for m in norms} == {2048}
+    assert {m.elements for m in norms} == {2048} and {m.one_program for m in norms} == {5120}
     # The residual sums move into the norms through inductor's post-grad pass, given to both compiled modes.
     assert type(residual_pass(models)) is ResidualAddsIntoGroupNorms
     assert residual_pass(models).counts is models.extras["fused_residual_adds"]
@@ -260,6 +260,11 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
     assert load("cudagraph")[1] == []
     lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
     assert load("compile", loras=lora, lora_merge_mode="runtime_peft")[1] == []
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM", "0")  # small groups in two kernels too
+    assert {(m.elements, m.one_program) for m in load("compile")[1]} == {(2048, 0)}
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM", "20480")
+    assert {m.one_program for m in load("compile")[1]} == {20480}
+    monkeypatch.delenv("SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM")
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "4096")
     assert {m.elements for m in load("compile")[1]} == {4096}
     monkeypatch.setenv("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", "many")  # not a number: the default, one warning

@@ -16,8 +16,10 @@ from scope_streamdiffusion.engine.group_norm import (
     ELEMENTS_PER_PROGRAM,
     MAX_FUSED_ROWS,
     MAX_SPLITS,
+    ONE_PROGRAM_VALUES,
     TritonGroupNorm,
     TritonResnetBlock2D,
+    _arguments,
     add_group_norm_op,
     fuse_residual_adds,
     group_norm_op,
@@ -364,7 +366,7 @@ def test_eager_calls_keep_pytorchs_group_norm(monkeypatch):
 def _sums_and_norms(x, r, w, b, cw, cb, lw, lb, shift):
     conv = F.conv2d(x, cw, cb, padding=1)  # read by the sum alone: its bias moves
     s1 = conv + r
-    y1 = group_norm_op(s1, w, b, 4, 1e-5, True)
+    y1 = group_norm_op(s1, w, b, 4, 1e-5, True, None, 64, 0)  # its sizes go with it into the fused operator
     # A linear layer laid out as channels and copied (a transformer's output in diffusers) ...
     lin = F.linear(r.permute(0, 2, 3, 1), lw, lb).permute(0, 3, 1, 2).contiguous()
     s2 = lin + s1
@@ -422,6 +424,9 @@ def test_residual_sums_move_into_the_operator_with_the_biases_added_last(rows):
     got = gm(*args)
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, atol=1e-5)
+    fused = [_arguments(n) for n in gm.graph.nodes if n.target is torch.ops.scope_streamdiffusion.add_group_norm.default]
+    assert sorted((a["elements"], a["one_program"]) for a in fused) == [(64, 0)] + [
+        (ELEMENTS_PER_PROGRAM, ONE_PROGRAM_VALUES)] * 4
     assert fuse_residual_adds(gm.graph) == 0  # nothing left to fuse
 
 
