@@ -137,11 +137,19 @@ def measure(report: dict, name: str, fn, inputs) -> None:
     print(name, row, flush=True)
 
 
-def package(one_program: int = 0, tile: int = 4096, warps: int = 4):
+SHIPPED = (two_kernel.ONE_PROGRAM_TILE, two_kernel.ONE_PROGRAM_WARPS)
+
+
+def package(one_program: int = 0, tile: int = SHIPPED[0], warps: int = SHIPPED[1]):
+    """The package's kernels, groups of up to ``one_program`` values in one program of ``tile``
+    values and ``warps`` warps (the package's own by default; R18's run 92 swept with 4 warps)."""
     def run(ins):
         two_kernel.ONE_PROGRAM_TILE, two_kernel.ONE_PROGRAM_WARPS = tile, warps
-        return [two_kernel.group_norm_triton(x, GROUPS, w, b, EPS, silu, one_program=one_program)
-                for x, w, b, silu in ins]
+        try:
+            return [two_kernel.group_norm_triton(x, GROUPS, w, b, EPS, silu, one_program=one_program)
+                    for x, w, b, silu in ins]
+        finally:
+            two_kernel.ONE_PROGRAM_TILE, two_kernel.ONE_PROGRAM_WARPS = SHIPPED
     return run
 
 

@@ -64,8 +64,27 @@ CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, s
     ("one program residual nchw into cl f16, x-bias, r-bias", 2, 64, 9, 7, 8, "float16", "cl", True, False, ELEMENTS,
      "nchw"),
     ("one program residual cl f32, r-bias, large mean", 2, 32, 12, 12, 8, "float32", "cl", False, False, ELEMENTS, "cl"),
+    # SD's 8x8 level has 40 channels a group (masked columns); NCHW in, and a channel slice (another layout out)
+    ("one program nchw f32, group of 40, one-row shift", 3, 80, 4, 5, 2, "float32", "nchw", True, True, ELEMENTS, None),
+    ("one program channel slice f16", 2, 32, 6, 5, 8, "float16", "channels", True, True, ELEMENTS, None),
+    # a group one value over the limit: two kernels
+    ("over the limit by one", 2, 32, 6, 5, 8, "float32", "cl", True, True, 64, None),
 ]
 group_norm.ONE_PROGRAM_TILE = 64
+launches = {}
+
+
+class Counted:  # a kernel whose launches (kernel[grid](...)) are counted
+    def __init__(self, kernel, name):
+        self.kernel, self.name = kernel, name
+
+    def __getitem__(self, grid):
+        launches[self.name] = launches.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+for kernel in ("_one_program", "_partial_sums", "_normalize"):
+    setattr(group_norm, kernel, Counted(getattr(group_norm, kernel), kernel))
 results = []
 for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residual_layout in CASES:
     g = torch.Generator().manual_seed(len(results))
@@ -90,8 +109,10 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
     residual_bias = ((torch.randn(c, generator=g) * (0.001 if large else 1) + (50 if large else 0)).to(dtype)
                      if "r-bias" in name else None)
     weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
-    shift = torch.randn(1 if name == "one-row shift" else n, c, generator=g).to(dtype) if with_shift else None
-    one_program = h * w * c // groups if name.startswith("one program") else 0
+    shift = torch.randn(1 if "one-row shift" in name else n, c, generator=g).to(dtype) if with_shift else None
+    values = h * w * c // groups  # in a group
+    one_program = values if name.startswith("one program") else values - 1 if "over the limit" in name else 0
+    launches.clear()
     y = group_norm_triton(x, groups, weight, bias, 1e-5, silu, elements, shift=shift, residual=residual,
                           x_bias=x_bias, residual_bias=residual_bias, one_program=one_program)
     summed, normed = True, x
@@ -105,7 +126,8 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
     strides = y.stride() == x.stride() if dense else y.is_contiguous(memory_format=torch.channels_last)
     results.append(dict(name=name, dtype=str(dtype), error=(y.double() - want).abs().max().item(),
                         magnitude=want.abs().max().item(),
-                        splits=0 if one_program else splits_for(h * w, c // groups, elements),
+                        splits=0 if launches.get("_one_program") else splits_for(h * w, c // groups, elements),
+                        launches=dict(launches),
                         strides=strides and y.dtype == dtype and y.shape == x.shape, summed=summed))
 print(json.dumps(results))
 """.replace("ELEMENTS", str(ELEMENTS_PER_PROGRAM))
@@ -117,10 +139,12 @@ def test_the_triton_kernels_compute_group_norm():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 18
+    assert len(results) == 21
     assert {r["splits"] for r in results} >= {0, 1, 2, 8, 16}  # 0: one program
     for r in results:
         assert r["strides"] and r["summed"], r
+        one = r["name"].startswith("one program")
+        assert r["launches"] == ({"_one_program": 1} if one else {"_partial_sums": 1, "_normalize": 1}), r
         if "large mean" in r["name"]:
             # Outputs of order 1 from inputs of 300 +- 0.01: float32's rounding of x * scale + offset
             # (the same form as PyTorch's) leaves ~1e-3; cancelled statistics would be off by ~1.

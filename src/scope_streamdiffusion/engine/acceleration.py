@@ -586,7 +586,8 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     compiled = rewrite and mode in ("compile", "background-compile")
     if compiled and (limit := _size_setting("SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", MAX_PIXELS, "pixels")):
         models.extras["gemm_small_convs"] = gemm_small_convs(models.unet, limit)
-    # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16);
+    # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16), one for
+    # small groups (R18);
     # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums;
     # SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM=N (> 1) runs groups of up to N values in one kernel.
     # Imported here: the module loads diffusers' ResNet block and Triton, which other callers of this

@@ -1,5 +1,5 @@
 """GroupNorm (+ SiLU) on the GPU in two Triton kernels: many programs for the statistics, then one
-pointwise pass that finishes them and normalises.
+pointwise pass that finishes them and normalises (small groups: one kernel, see below).
 
 At one 512² frame the UNet's 61 GroupNorms are latency-bound: each group holds 40-330 K values, and
 inductor splits each GroupNorm into 3-4 kernels (partial sums, their sum, statistics, normalisation),
@@ -238,7 +238,8 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
                       one_program: int = 0):
     """GroupNorm (+ SiLU) of a 4-D CUDA tensor ``x`` (+ ``shift``, one value per row and channel) in
     the two kernels, or in one (:func:`_one_program`) where a group holds at most ``one_program``
-    values; the output keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
+    values (0 here, for explicit callers; the ops default to ``ONE_PROGRAM_VALUES``); the output
+    keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
     of ``x + x_bias + residual + residual_bias`` (biases per channel, optional), which the
     normalising kernel writes out too: returns (output, that sum)."""
     if residual is None and (x_bias is not None or residual_bias is not None):
