@@ -10,6 +10,7 @@ graph runner, the replay's launch, the output's layout), plus a cProfile of a fe
 the process's threads. Everything lands in OUT.json; the summary is printed.
 """
 
+import argparse
 import cProfile
 import functools
 import gc
@@ -71,8 +72,7 @@ def diagnose(pipe, call, inputs, device) -> dict:
     out = dict(threads=[t.name for t in threading.enumerate()], gc_count=gc.get_count(),
                gc_threshold=gc.get_threshold(), gc_frozen=gc.get_freeze_count(),
                switch_interval=sys.getswitchinterval(), graphs=len(statics))
-    timer = bench.Runner.__new__(bench.Runner)
-    timer.args, timer.device = type("A", (), {"frame_buffer_size": 1})(), device
+    timer = bench.Runner(argparse.Namespace(frame_buffer_size=1), device, None)  # bench's own timing
     rounds = []
     for _ in range(3):
         row = dict(bench_p50_ms=timer.time_calls(call, inputs, 5, CALLS)["p50_ms"])

@@ -617,13 +617,13 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if _switch("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS"):
         models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae)
     options, compiler = {}, None
+    if mode in ("compile", "background-compile"):
+        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | norm_options
     if mode == "compile":
         if fp8:
             apply_fp8(models)
         compile_modules(models.unet, models.vae)
-        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | norm_options
     elif mode == "background-compile":
-        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | norm_options
         if options.pop("freezing", False):  # frozen weights need the release hooks below, per compilation
             logger.warning("acceleration='background-compile': frozen weights (SCOPE_STREAMDIFFUSION_INDUCTOR) are "
                            "not applied; use acceleration='compile' for them.")

@@ -153,6 +153,30 @@ if triton is not None:
         tl.store(out + 1, s2)
 
     @triton.jit
+    def _scale_offset(s1, s2, inv_count, eps, w_ptr, b_ptr, channels, mask, add, ref):
+        """From a group's sums (around ``ref``): per channel, y = v * scale + offset normalises v and
+        applies the weight and bias (v: the value before the shift ``add``)."""
+        mean = s1 * inv_count
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 * inv_count - mean * mean, 0.0) + eps)
+        scale = tl.load(w_ptr + channels, mask=mask, other=0.0).to(tl.float32) * rstd
+        offset = tl.load(b_ptr + channels, mask=mask, other=0.0).to(tl.float32) + (add - mean - ref) * scale
+        return scale, offset
+
+    @triton.jit
+    def _normalize_tile(x_row, r_row, y_ptr, sum_ptr, out, rows, cols, m, bias, scale, offset, s_p, s_c, r_p, r_c,
+                        SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """One tile normalised (+ SiLU) and written at ``out`` (offsets in y's layout), with the sum too
+        (the block's output) when there is a residual."""
+        v = _load(x_row + rows[:, None] * s_p + cols[None, :] * s_c, r_row + rows[:, None] * r_p + cols[None, :] * r_c,
+                  bias[None, :], m, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(sum_ptr + out, v.to(y_ptr.dtype.element_ty), mask=m)
+        y = v * scale[None, :] + offset[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _normalize(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels,
                    channels, groups, inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p,
                    SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -171,20 +195,11 @@ if triton is not None:
         s2 = tl.sum(tl.load(parts + 1, mask=cmask[:, None], other=0.0), 1)
         bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, cols, first, s_c, r_c,
                                         cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
-        mean = s1 * inv_count
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 * inv_count - mean * mean, 0.0) + eps)
-        scale = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
-        offset = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32) + (add - mean - ref) * scale
-        m = (rows < pixels)[:, None] & cmask[None, :]
-        v = _load(x_row + rows[:, None] * s_p + cols[None, :] * s_c, r_row + rows[:, None] * r_p + cols[None, :] * r_c,
-                  bias[None, :], m, HAS_RESIDUAL)
-        if HAS_RESIDUAL:  # the sum is also the block's output: written here, where the tiles are coalesced
-            tl.store(sum_ptr + n * o_n + rows[:, None] * o_p + cols[None, :] * o_c, v.to(y_ptr.dtype.element_ty), mask=m)
-        y = v * scale[None, :] + offset[None, :]
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_ptr + n * o_n + rows[:, None] * o_p + cols[None, :] * o_c, y.to(y_ptr.dtype.element_ty), mask=m)
-
+        scale, offset = _scale_offset(s1, s2, inv_count, eps, w_ptr, b_ptr, cols, cmask, add, ref)
+        # The sum (with a residual) is written here, where the tiles are coalesced.
+        _normalize_tile(x_row, r_row, y_ptr, sum_ptr, n * o_n + rows[:, None] * o_p + cols[None, :] * o_c, rows, cols,
+                        (rows < pixels)[:, None] & cmask[None, :], bias, scale, offset, s_p, s_c, r_p, r_c,
+                        SILU, HAS_RESIDUAL)
 
     @triton.jit
     def _one_program(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels, channels, groups,
@@ -198,23 +213,13 @@ if triton is not None:
             GROUP, BLOCK_C, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         s1, s2 = _group_sums(x_row, r_row, ch, cmask, bias, add, ref, 0, pixels, pixels, s_c, s_p, r_c, r_p,
                              BLOCK_P, BLOCK_C, HAS_RESIDUAL)
-        mean = s1 * inv_count
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 * inv_count - mean * mean, 0.0) + eps)
-        scale = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
-        offset = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32) + (add - mean - ref) * scale
+        scale, offset = _scale_offset(s1, s2, inv_count, eps, w_ptr, b_ptr, ch, cmask, add, ref)
         rows = tl.arange(0, BLOCK_P)
         for off in range(0, pixels, BLOCK_P):
             r = off + rows
-            m = (r < pixels)[:, None] & cmask[None, :]
-            v = _load(x_row + r[:, None] * s_p + ch[None, :] * s_c, r_row + r[:, None] * r_p + ch[None, :] * r_c,
-                      bias[None, :], m, HAS_RESIDUAL)
-            out = n * o_n + r[:, None] * o_p + ch[None, :] * o_c
-            if HAS_RESIDUAL:
-                tl.store(sum_ptr + out, v.to(y_ptr.dtype.element_ty), mask=m)
-            y = v * scale[None, :] + offset[None, :]
-            if SILU:
-                y = y * tl.sigmoid(y)
-            tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m)
+            _normalize_tile(x_row, r_row, y_ptr, sum_ptr, n * o_n + r[:, None] * o_p + ch[None, :] * o_c, r, ch,
+                            (r < pixels)[:, None] & cmask[None, :], bias, scale, offset, s_p, s_c, r_p, r_c,
+                            SILU, HAS_RESIDUAL)
 
 
 def _pixel_strides(t: torch.Tensor):
