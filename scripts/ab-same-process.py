@@ -31,7 +31,7 @@ from scope_streamdiffusion.engine.inductor import cache_root
 
 def load(workload: str, var: str, value: str, frames, mode: str = "compile") -> tuple:
     """A pipeline of ``workload`` in ``mode`` loaded with ``var=value``, warmed up: (call, pipeline)."""
-    for name, setting in ([item.split("=", 1) for item in value.split(",")] if var == "env" else [(var, value)]):
+    for name, setting in ([item.split("=", 1) for item in value.split(",") if item] if var == "env" else [(var, value)]):
         os.environ[name] = setting
     args = bench.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--random-weights", "--workloads", workload, "--modes", mode, "--no-baseline"])
@@ -67,7 +67,8 @@ def main(out_path: str, workload: str, var: str, a: str, b: str, blocks: int = 6
     calls_by_value, report = {}, dict(workload=workload, mode=mode, var=var, blocks=[], graph_alone_ms={}, extras={})
     compile_settings = ("SCOPE_STREAMDIFFUSION_INDUCTOR", "SCOPE_STREAMDIFFUSION_COMPILE_MODE",
                         "SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM",
-                        "SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS", "SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM")
+                        "SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS", "SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM",
+                        "SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION")
     for value in (a, b):
         t0 = time.perf_counter()
         if value == b and any(name in f"{var} {a} {b}" for name in compile_settings):

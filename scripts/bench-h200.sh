@@ -104,6 +104,9 @@
 #   bash scripts/bench-h200.sh 88  # R18: the Scope-style stream under auto for 190 s
 #   bash scripts/bench-h200.sh 89  # R18: img2img, one program for small groups off/on in one process
 #   bash scripts/bench-h200.sh 90  # R18: --check with the final code (txt2img, img2img)
+#   bash scripts/bench-h200.sh 91  # R19: --check of R18's last code; a kernel trace of txt2img as it is
+#   bash scripts/bench-h200.sh 92  # R19: the self-attentions alone, cuDNN as called against the keys split (attention-probe.py)
+#   bash scripts/bench-h200.sh 93  # R19: the keys split in the pipeline: off/on in one process; --check
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -737,6 +740,25 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+93)  # R19: long self-attentions with their keys split (engine/attention_split.py) off/on in one process, then --check
+  start=$SECONDS; timeout 100 python3 scripts/attention-probe.py "$OUT/r19-attention-2.json" 2 4 > "$OUT/r19-attention-2.log" 2>&1
+  echo "probe exit $? after $((SECONDS - start)) s"; grep -E "^(64|32|16)x|Error|error" "$OUT/r19-attention-2.log" | cut -c1-600
+  ab r19-ab-split-txt2img 170 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION 0 1
+  ab r19-ab-split-img2img 170 sd-turbo-img2img SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION 0 1
+  bench r19-split-1 150 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes compile --no-baseline --frames 300 --check --profile
+  rows r19-split
+  grep -o '"split_attentions": {[^}]*}' "$OUT"/r19-split-1.json
+  ;;
+92)  # R19: the UNet's self-attention sizes alone: cuDNN's SDPA against the keys split in 2, 3, 4 parts
+  start=$SECONDS; timeout 450 python3 scripts/attention-probe.py "$OUT/r19-attention.json" 2 3 4 > "$OUT/r19-attention.log" 2>&1
+  echo "probe exit $? after $((SECONDS - start)) s"; grep -E "^(64|32|16)x|Error|error" "$OUT/r19-attention.log" | cut -c1-600
+  ;;
+91)  # R19: R18's last code (the kernels' helpers, never run on a GPU), --check; then the txt2img step traced kernel by kernel
+  bench r19-r18code-1 250 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes compile --no-baseline --frames 300 --check --profile
+  rows r19-r18code
+  start=$SECONDS; timeout 150 python3 scripts/kernel-trace.py now "$OUT/r19-trace" sd-turbo-txt2img > "$OUT/r19-trace.log" 2>&1
+  echo "trace exit $? after $((SECONDS - start)) s"; grep -E "traced|failed|Error" "$OUT/r19-trace.log" | cut -c1-300
   ;;
 90)  # R18: the final code (the kernels' shared parts in Triton helpers), compile only, --check
   bench r18-last-1 250 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes compile --no-baseline --frames 300 --check --profile

@@ -3,6 +3,7 @@
     python3 scripts/kernel-trace.py trace OUT_DIR WORKLOAD [WORKLOAD ...]
     python3 scripts/kernel-trace.py decoder OUT_DIR WORKLOAD
     python3 scripts/kernel-trace.py compare OUT_DIR WORKLOAD VAR
+    python3 scripts/kernel-trace.py now OUT_DIR WORKLOAD [WORKLOAD ...]
 
 ``trace``, for each workload: gzipped chrome traces of 3 calls of the compiled step (graph replays: each
 kernel's name, duration and grid) and of 2 eager calls (mode ``none``: the CPU op that launched each
@@ -11,7 +12,8 @@ workloads' random weights, fp16, channels_last, ReLUs fused as in the pipeline) 
 replayed from a CUDA graph, in alternating rounds: as it was, with its upsamplings folded into
 transposed convolutions (``engine/taesd.py``), and as sub-pixel convolutions (a 2x2 convolution to
 four times the channels, then interleaved: this probe's own). ``compare``: the compiled step's trace
-with the load-time switch VAR off (0), then on (1), in one process.
+with the load-time switch VAR off (0), then on (1), in one process. ``now``: the compiled step's trace
+with every setting at its default.
 """
 
 import copy
@@ -139,6 +141,10 @@ def main(what: str, out_dir: str, *workloads: str) -> None:
     torch.backends.cudnn.benchmark = True
     if what == "decoder":
         decoders(out, workloads[0])
+        return
+    if what == "now":
+        for workload in workloads:
+            trace(out, workload, "compile", 3, "", "-now")
         return
     if what == "compare":
         workload, var = workloads

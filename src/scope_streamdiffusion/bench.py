@@ -502,8 +502,9 @@ def run(args) -> int:
                 row["load_s"] = round(time.perf_counter() - t0, 3)
                 row.update(extra)
                 row.update(bench.time_calls(call, inputs, args.warmup, args.frames))
-                if mode != "diffusers" and "fused_residual_adds" in pipe.engine.models.extras:
-                    row["fused_residual_adds"] = dict(pipe.engine.models.extras["fused_residual_adds"])
+                for key in ("fused_residual_adds", "split_attentions"):  # counted as the graph passes run
+                    if mode != "diffusers" and key in pipe.engine.models.extras:
+                        row[key] = dict(pipe.engine.models.extras[key])
                 row["startup_s"] = round(row["load_s"] + row["warmup_s"], 3)
                 if mode != "diffusers":
                     runner = pipe.engine.models.extras.get("step_runner")

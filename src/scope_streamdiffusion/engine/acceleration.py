@@ -599,11 +599,20 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements, one_program or 0)
     # ... and, at one row, the residual sums read next by a norm (with the biases added last to them)
     # computed inside its operator (R17); SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS=0 keeps them apart.
-    norm_options = {}
+    pass_options = {}
     if models.extras.get("triton_group_norms") and _switch("SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS"):
         from .group_norm import residual_add_options
 
-        norm_options = residual_add_options(models.extras.setdefault("fused_residual_adds", {}))
+        pass_options = residual_add_options(models.extras.setdefault("fused_residual_adds", {}))
+    # On Hopper, the long self-attentions whose 128-query tiles leave the SMs' last round mostly idle
+    # with their keys split in parts (R19); SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION=0 keeps them whole.
+    if mode in ("compile", "background-compile") and _switch("SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION"):
+        from .attention_split import attention_split_options
+
+        counts = {}
+        if split := attention_split_options(models.device, counts):
+            pass_options |= split
+            models.extras["split_attentions"] = counts
     # TAESD's ReLUs inside its convolutions: +1.5-2.7% fps on an H200 (BENCHMARKS.md, R11).
     if _switch("SCOPE_STREAMDIFFUSION_FUSE_TAESD"):
         # SCOPE_STREAMDIFFUSION_TAESD_INPUT_LAYOUT=0: the decoder's first stage in its input's layout (R13).
@@ -618,7 +627,7 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
         models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae)
     options, compiler = {}, None
     if mode in ("compile", "background-compile"):
-        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | norm_options
+        options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | pass_options
     if mode == "compile":
         if fp8:
             apply_fp8(models)
