@@ -76,16 +76,16 @@ def test_split_through_inductor_is_the_attention(parts, gain):
     assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
 
 
-def _attention_graph(rows=1, tokens=512, heads=2, width=32):
-    """The ATen graph of one attention (inductor's decompositions, as the pass sees it) on fake tensors."""
+def _attention_graph(rows=1, tokens=512, heads=2, width=32, masked=False):
+    """The ATen graph of one attention (as the pass sees it) on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
 
     with FakeTensorMode():
-        args = [torch.empty(rows, heads, tokens, width) for _ in range(3)]
+        args = [torch.empty(rows, heads, tokens, width) for _ in range(3)] + [torch.zeros(tokens, tokens)]
         return make_fx(attend, tracing_mode="real")(*args).graph
 
 
@@ -101,9 +101,18 @@ def test_the_pass_counts_tiles():
     graph = _attention_graph(tokens=1024, heads=10, width=64)  # its 32x32 level: one round
     assert split_attention_keys(graph, 132) == 0
     assert _batches(graph) == [1]
+    graph = _attention_graph(tokens=4096, heads=5, width=40)  # 160 tiles, but heads the model was not fitted to
+    assert split_attention_keys(graph, 132) == 0
 
 
 def test_rows_above_one_are_left_whole():
     graph = _attention_graph(rows=2, tokens=4096, heads=5, width=64)
     assert split_attention_keys(graph, 132, parts=2) == 0
     assert _batches(graph) == [2]
+
+
+def test_a_masked_attention_is_left_whole():
+    graph = _attention_graph(tokens=4096, heads=5, width=64, masked=True)
+    assert _batches(graph) == [1]  # still the kernel the pass knows, with a mask
+    assert split_attention_keys(graph, 132, parts=2) == 0
+    assert _batches(graph) == [1]

@@ -34,6 +34,7 @@ PART_CHOICES = (2, 4)
 # A tile's time, fitted to the kernel alone at 4,096 keys in 1, 2 and 4 parts (75.1, 59.0, 52.4 µs
 # for 160 tiles: 2, 3 and 5 rounds) and checked at 1,024 keys (80 tiles: 12.0 / 13.1 / 11.9 µs):
 TILE_US, KEY_US = 1.9, 0.0087  # a 128-query tile of 64-wide heads: fixed + per key
+HEAD_WIDTH = 64  # the model's; other widths (SD1.5's 40) are left whole
 COMBINE_US = 1.3  # the parts' combination, per part and million output values (2.5 / 6.8 µs measured)
 LAUNCH_US = 2.0  # one kernel more in the graph, its gap included
 MIN_GAIN, MIN_GAIN_US = 0.10, 3.0  # predicted savings to act on, relative and absolute
@@ -93,16 +94,13 @@ def _split_attention(op, parts: int, scale):
 
 def _arguments(node) -> tuple | None:
     """(q, k, v, scale) of an attention node the split can replace, else None."""
-    if node.target is _CUDNN:
-        q, k, v, bias, lse = node.args[:5]
-        rest = node.args[5:]
-        if bias is not None or lse or any(rest[i] for i in range(len(rest))):  # dropout, causal, debug mask
-            return None
-    elif node.target is _CPU_FLASH:
-        q, k, v = node.args[:3]
-        if any(node.args[3:]) or node.kwargs.get("attn_mask") is not None:
-            return None
-    else:
+    if node.target not in (_CUDNN, _CPU_FLASH) or len(node.args) < 3:
+        return None
+    q, k, v, *rest = node.args
+    # anything more than q, k, v (cuDNN's bias and log-sum-exp flag, dropout, causal, debug mask; the
+    # CPU kernel's mask) set: leave it
+    if any(a is not None and a is not False and a != 0 for a in rest) or any(
+            value is not None and value is not False and value != 0 for key, value in node.kwargs.items() if key != "scale"):
         return None
     if any(user.target is not operator.getitem or (user.args[1] != 0 and user.users) for user in node.users):
         return None  # the log-sum-exps or other outputs are read: leave it
@@ -124,9 +122,9 @@ def split_attention_keys(graph: torch.fx.Graph, sms: int, parts: int | None = No
             continue
         q, k, v, scale = found
         qv, kv, vv = (t.meta["val"] for t in (q, k, v))
-        rows, heads, queries, _ = qv.shape
+        rows, heads, queries, width = qv.shape
         keys = kv.shape[2]
-        if rows != 1 or kv.shape[0] != 1:
+        if rows != 1 or kv.shape[0] != 1 or (parts is None and width != HEAD_WIDTH):
             continue
         tiles, values = heads * math.ceil(queries / QUERY_TILE), heads * queries * vv.shape[-1]
         p = parts if parts is not None else key_parts(tiles, keys, values, sms)
