@@ -107,6 +107,8 @@
 #   bash scripts/bench-h200.sh 91  # R19: --check of R18's last code; a kernel trace of txt2img as it is
 #   bash scripts/bench-h200.sh 92  # R19: the self-attentions alone, cuDNN as called against the keys split (attention-probe.py)
 #   bash scripts/bench-h200.sh 93  # R19: the keys split in the pipeline: off/on in one process; --check
+#   bash scripts/bench-h200.sh 94  # R19: --check of the final code: SD-Turbo, LCM, SDXL-Turbo 1024²
+#   bash scripts/bench-h200.sh 95  # R19: the Scope-style stream under auto for 190 s
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -740,6 +742,15 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+94)  # R19: the final code, compile only, --check --profile: SD-Turbo img2img/txt2img, LCM; SDXL-Turbo 1024²
+  bench r19-final-1 330 --workloads sd-turbo-txt2img,sd-turbo-img2img,sd15-lcm4-self --modes compile --no-baseline --frames 300 --check --profile
+  bench r19-final-sdxl 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --check --profile
+  rows r19-final
+  grep -o '"split_attentions": {[^}]*}' "$OUT"/r19-final-*.json
+  ;;
+95)  # R19: the Scope-style stream under the default (auto) for 190 s with R19's code, cold cache
+  soak r19-soak 190 250
   ;;
 93)  # R19: long self-attentions with their keys split (engine/attention_split.py) off/on in one process, then --check
   start=$SECONDS; timeout 100 python3 scripts/attention-probe.py "$OUT/r19-attention-2.json" 2 4 > "$OUT/r19-attention-2.log" 2>&1
