@@ -157,6 +157,9 @@ for r in d["results"]:
 for c in d.get("checks", []): print(n, "check", c)' "$f"
   done
 }
+split_counts() {  # split_counts PREFIX: the attentions split and residual sums fused per result row of PREFIX-*.json
+  python3 -c 'import json,sys; [print(f.split("/")[-1], r["workload"], r.get("split_attentions"), r.get("fused_residual_adds")) for f in sys.argv[1:] for r in json.load(open(f))["results"]]' "$OUT"/"$1"-*.json
+}
 capture_check() {  # scripts/capture-retry-check.py, its log's messages and its report
   local start=$SECONDS
   timeout 150 python3 scripts/capture-retry-check.py "$OUT/capture-retry.json" > "$OUT/capture-retry.log" 2>&1
@@ -747,7 +750,7 @@ case "$part" in
   bench r19-final-1 330 --workloads sd-turbo-txt2img,sd-turbo-img2img,sd15-lcm4-self --modes compile --no-baseline --frames 300 --check --profile
   bench r19-final-sdxl 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --check --profile
   rows r19-final
-  grep -o '"split_attentions": {[^}]*}' "$OUT"/r19-final-*.json
+  split_counts r19-final
   ;;
 95)  # R19: the Scope-style stream under the default (auto) for 190 s with R19's code, cold cache
   soak r19-soak 190 250
@@ -759,7 +762,7 @@ case "$part" in
   ab r19-ab-split-img2img 170 sd-turbo-img2img SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION 0 1
   bench r19-split-1 150 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes compile --no-baseline --frames 300 --check --profile
   rows r19-split
-  grep -o '"split_attentions": {[^}]*}' "$OUT"/r19-split-1.json
+  split_counts r19-split
   ;;
 92)  # R19: the UNet's self-attention sizes alone: cuDNN's SDPA against the keys split in 2, 3, 4 parts
   start=$SECONDS; timeout 450 python3 scripts/attention-probe.py "$OUT/r19-attention.json" 2 3 4 > "$OUT/r19-attention.log" 2>&1
