@@ -9,7 +9,7 @@ many tiles, each S times shorter, in one call (the parts in the batch dimension)
 outputs weighted by their softmax mass (a pointwise kernel inductor generates). This probe times both,
 each compiled as the pipeline compiles (inductor, static shapes) and replayed from a CUDA graph, at
 the UNet's self-attention sizes, q/k/v laid out as the fused projection leaves them; and the error
-against float32 attention.
+against float32 attention. ``splitP-package``: the split as the package's graph pass inserts it.
 """
 
 import json
@@ -52,6 +52,13 @@ def split_keys(parts: int, repeat: bool = False):
         weight = torch.softmax(lse, dim=0)  # each part's share of the softmax mass
         return merge_heads((out * weight).sum(0).to(q.dtype))
     return fn
+
+
+def package_split(parts: int):
+    from scope_streamdiffusion.engine.attention_split import _split_attention
+
+    split = _split_attention(torch.ops.aten._scaled_dot_product_cudnn_attention.default, parts, None)
+    return lambda q, k, v: merge_heads(split(q, k, v))
 
 
 def flash(q, k, v):
@@ -109,6 +116,9 @@ def main(out_path: str, *splits: str) -> None:
             variants = {"sdpa": sdpa, "flash": flash}
             variants.update({f"split{p}": split_keys(p) for p in parts_list if tokens % p == 0})
             variants[f"split{parts_list[0]}-repeat"] = split_keys(parts_list[0], repeat=True)
+            if rows == 1:  # the package's own split (engine/attention_split.py), as its graph pass inserts it
+                for p in parts_list:
+                    variants[f"split{p}-package"] = package_split(p)
             compiled, entry = {}, {"error": {}, "us": {}, "kernels": {}}
             with torch.no_grad():
                 for name, fn in variants.items():

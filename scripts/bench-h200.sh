@@ -109,6 +109,7 @@
 #   bash scripts/bench-h200.sh 93  # R19: the keys split in the pipeline: off/on in one process; --check
 #   bash scripts/bench-h200.sh 94  # R19: --check of the final code: SD-Turbo, LCM, SDXL-Turbo 1024²
 #   bash scripts/bench-h200.sh 95  # R19: the Scope-style stream under auto for 190 s
+#   bash scripts/bench-h200.sh 96  # R19: after the review: the package's split in the probe; compile against none
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -751,6 +752,13 @@ case "$part" in
   bench r19-final-sdxl 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --check --profile
   rows r19-final
   split_counts r19-final
+  ;;
+96)  # R19: after the review's changes: the probe with the package's own split; SD-Turbo compile against none (--check)
+  start=$SECONDS; timeout 100 python3 scripts/attention-probe.py "$OUT/r19-attention-3.json" 2 4 > "$OUT/r19-attention-3.log" 2>&1
+  echo "probe exit $? after $((SECONDS - start)) s"; grep -E "^(64|32|16)x|Error|error" "$OUT/r19-attention-3.log" | cut -c1-700
+  bench r19-review-1 260 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes none,compile --no-baseline --frames 200 --check --profile
+  rows r19-review
+  split_counts r19-review
   ;;
 95)  # R19: the Scope-style stream under the default (auto) for 190 s with R19's code, cold cache
   soak r19-soak 190 250

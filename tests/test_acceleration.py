@@ -224,6 +224,34 @@ def test_compiled_modes_run_small_convolutions_as_gemms_unless_runtime_loras_or_
     assert count("compile") == 0
 
 
+def test_compiled_modes_split_attentions_where_the_gpu_allows_unless_turned_off(tiny_sd15, monkeypatch):
+    """The attention pass is given to both compiled modes where its options say the device allows it
+    (a Hopper GPU; here stood in for on the CPU), with its counts in the extras; not to ``cudagraph``
+    or with its switch off."""
+    from scope_streamdiffusion.engine import attention_split
+
+    def load(mode):
+        monkeypatch.setattr(acc, "resolve_acceleration", lambda requested, device: mode)  # any mode on CPU
+        models = load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration=mode)
+        runner = models.extras["step_runner"]
+        options = runner.compiler.options if runner.compiler is not None else runner.compile_options
+        return models, (options or {}).get("post_grad_custom_pre_pass")
+
+    assert attention_split.attention_split_options(CPU) == {}  # not on a CPU by itself
+    models, split = load("compile")
+    assert split is None and "split_attentions" not in models.extras
+    monkeypatch.setattr(attention_split, "attention_split_options",
+                        lambda device, counts: {"post_grad_custom_pre_pass": attention_split.AttentionKeysSplit(132, counts)})
+    for mode in ("compile", "background-compile"):
+        models, split = load(mode)
+        assert type(split) is attention_split.AttentionKeysSplit and split.counts is models.extras["split_attentions"]
+    models, split = load("cudagraph")
+    assert split is None and "split_attentions" not in models.extras
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION", "0")
+    models, split = load("compile")
+    assert split is None and "split_attentions" not in models.extras
+
+
 def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or_turned_off(tiny_sd15, tiny_lcm_lora,
                                                                                             monkeypatch, caplog):
     """As the small convolutions: only where the UNet is compiled, not with runtime LoRA adapters

@@ -22,15 +22,19 @@ attention operator's node with the split call and the combination, traced from :
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import math
 import operator
-from pathlib import Path
 
 import torch
 
+from .graph_passes import CountingPass
+
+logger = logging.getLogger(__name__)
+
 QUERY_TILE = 128  # queries per program in cuDNN's Hopper attention kernel (its traces: 160 tiles at 4,096 x 5)
 PART_CHOICES = (2, 4)
+MIN_KEYS_PER_PART = 128  # shorter parts: the fit below has no measurement there
 # A tile's time, fitted to the kernel alone at 4,096 keys in 1, 2 and 4 parts (75.1, 59.0, 52.4 µs
 # for 160 tiles: 2, 3 and 5 rounds) and checked at 1,024 keys (80 tiles: 12.0 / 13.1 / 11.9 µs):
 TILE_US, KEY_US = 1.9, 0.0087  # a 128-query tile of 64-wide heads: fixed + per key
@@ -40,24 +44,29 @@ LAUNCH_US = 2.0  # one kernel more in the graph, its gap included
 MIN_GAIN, MIN_GAIN_US = 0.10, 3.0  # predicted savings to act on, relative and absolute
 
 
-def predicted_us(tiles: int, keys: int, values: int, sms: int, parts: int) -> float:
-    """The attention's predicted time with its keys in ``parts``: rounds of tiles, plus the combination."""
+def predicted_us(tiles: int, keys: int, outputs: int, sms: int, parts: int) -> float:
+    """An attention's predicted time with its keys in ``parts``: rounds of ``tiles`` 128-query tiles over
+    ``keys`` keys on ``sms`` SMs, plus the combination's pass over ``outputs`` output elements a part."""
     rounds = math.ceil(parts * tiles / sms)
-    combine = COMBINE_US * parts * values / 1e6 + LAUNCH_US if parts > 1 else 0.0
+    combine = COMBINE_US * parts * outputs / 1e6 + LAUNCH_US if parts > 1 else 0.0
     return rounds * (TILE_US + KEY_US * keys / parts) + combine
 
 
-def key_parts(tiles: int, keys: int, values: int, sms: int) -> int:
-    """Parts to split the keys in (1: none) for an attention of ``tiles`` 128-query tiles over ``keys``
-    keys with ``values`` output values, on ``sms`` SMs: the fastest predicted, where it saves enough."""
-    whole = predicted_us(tiles, keys, values, sms, 1)
+def key_parts(tiles: int, keys: int, outputs: int, sms: int) -> int:
+    """Parts to split the keys in (1: none), as :func:`predicted_us` takes them: the fastest predicted,
+    where it saves enough."""
+    whole = predicted_us(tiles, keys, outputs, sms, 1)
     best, best_us = 1, whole
-    for parts in PART_CHOICES:
-        if keys % parts == 0 and keys // parts >= QUERY_TILE:
-            us = predicted_us(tiles, keys, values, sms, parts)
-            if us < best_us:
-                best, best_us = parts, us
+    for parts in part_choices(keys):
+        us = predicted_us(tiles, keys, outputs, sms, parts)
+        if us < best_us:
+            best, best_us = parts, us
     return best if whole - best_us >= max(MIN_GAIN * whole, MIN_GAIN_US) else 1
+
+
+def part_choices(keys: int) -> list[int]:
+    """The part counts that divide ``keys`` into parts of at least ``MIN_KEYS_PER_PART``."""
+    return [p for p in PART_CHOICES if keys % p == 0 and keys // p >= MIN_KEYS_PER_PART]
 
 
 # The attention operators the pass knows how to call with their log-sum-exps: cuDNN's (the pipeline's
@@ -76,100 +85,123 @@ def _attention_call(op, q, k, v, scale):
 
 
 def _split_attention(op, parts: int, scale):
+    """What replaces ``op(q, k, v)``: one call over the keys in ``parts``, then the parts mixed."""
     def split(q, k, v):
         _, heads, queries, width = q.shape
-        n = k.shape[2] // parts
-        # (1, heads, parts * n, width) -> (parts, heads, n, width): views, the queries read p times
+        n = k.shape[2] // parts  # keys a part
+        # (1, heads, parts * n, width) -> (parts, heads, n, width): views; the queries broadcast (stride 0)
         ks = k.view(1, heads, parts, n, width).permute(2, 0, 1, 3, 4).reshape(parts, heads, n, width)
         vs = v.view(1, heads, parts, n, v.shape[-1]).permute(2, 0, 1, 3, 4).reshape(parts, heads, n, v.shape[-1])
         out, lse = _attention_call(op, q.expand(parts, heads, queries, width), ks, vs, scale)
-        # token-major, as the kernel lays out its output for the fused projections' q: the sum comes
-        # out in the layout the output projection reads
-        lse = lse.reshape(parts, heads, queries, 1).transpose(1, 2)
-        mass = torch.exp(lse - lse.amax(dim=0, keepdim=True))
-        mixed = (out.transpose(1, 2).float() * (mass / mass.sum(dim=0, keepdim=True))).sum(dim=0, keepdim=True)
+        # Each part's share of the softmax mass; the parts' outputs mixed by it in float32. Both taken
+        # token-major (the kernel's layout for the fused projections' q), so the mix comes out in the
+        # layout the output projection reads, as the kernel's own output did.
+        share = torch.softmax(lse.reshape(parts, heads, queries, 1).transpose(1, 2), dim=0)
+        mixed = (out.transpose(1, 2).float() * share).sum(dim=0, keepdim=True)
         return mixed.to(out.dtype).transpose(1, 2)
     return split
 
 
-def _arguments(node) -> tuple | None:
-    """(q, k, v, scale) of an attention node the split can replace, else None."""
+def _is_set(value) -> bool:
+    """An optional argument given (a tensor, True, a non-zero number)."""
+    return isinstance(value, torch.fx.Node) or bool(value)
+
+
+def _bare_attention(node) -> tuple | None:
+    """(q, k, v, scale) of an attention the split can replace: the operator known, q, k and v alone
+    (no mask, bias, dropout, causal mask, log-sum-exps asked for; only the output read), one row,
+    k and v of q's heads and of one length, their fake values known; else None."""
     if node.target not in (_CUDNN, _CPU_FLASH) or len(node.args) < 3:
         return None
     q, k, v, *rest = node.args
-    # anything more than q, k, v (cuDNN's bias and log-sum-exp flag, dropout, causal, debug mask; the
-    # CPU kernel's mask) set: leave it
-    if any(a is not None and a is not False and a != 0 for a in rest) or any(
-            value is not None and value is not False and value != 0 for key, value in node.kwargs.items() if key != "scale"):
+    if any(_is_set(a) for a in rest) or any(_is_set(value) for key, value in node.kwargs.items() if key != "scale"):
         return None
     if any(user.target is not operator.getitem or (user.args[1] != 0 and user.users) for user in node.users):
-        return None  # the log-sum-exps or other outputs are read: leave it
+        return None
+    vals = [getattr(t, "meta", {}).get("val") for t in (q, k, v)]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in vals):
+        return None
+    qv, kv, vv = vals
+    if qv.shape[0] != 1 or kv.shape[:2] != qv.shape[:2] or vv.shape[:3] != kv.shape[:3]:
+        return None  # more than one row (the queries would need a copy a part), or grouped heads
     return q, k, v, node.kwargs.get("scale")
 
 
 def split_attention_keys(graph: torch.fx.Graph, sms: int, parts: int | None = None) -> int:
-    """Split the keys of the graph's one-row attentions where :func:`key_parts` predicts fewer rounds
-    (``parts``: that many wherever they divide the keys, for tests). Returns how many were split."""
+    """Split the keys of the graph's bare one-row float16 attentions with 64-wide heads where
+    :func:`key_parts` predicts a gain (``parts``: that many wherever they divide the keys, any width
+    and dtype, for tests). Returns how many were split; one that fails to rewrite is left whole, with
+    a warning (the split only buys speed)."""
+    count = 0
+    for node in [n for n in graph.nodes if n.op == "call_function"]:
+        found = _bare_attention(node)
+        if found is None:
+            continue
+        q, k, v, scale = found
+        _, heads, queries, width = q.meta["val"].shape
+        keys = k.meta["val"].shape[2]
+        if parts is None:
+            # float16 only: its rounding of each part's output is far below the fit's gain; bfloat16's
+            # is not (the mix's error about doubles), and the fit was measured in float16.
+            if width != HEAD_WIDTH or q.meta["val"].dtype != torch.float16:
+                continue
+            tiles, outputs = heads * math.ceil(queries / QUERY_TILE), heads * queries * v.meta["val"].shape[-1]
+            p = key_parts(tiles, keys, outputs, sms)
+        else:
+            p = parts
+        if p <= 1 or keys % p:
+            continue
+        try:
+            _replace(graph, node, _split_attention(node.target, p, scale), (q, k, v))
+        except Exception as exc:  # noqa: BLE001 - an unforeseen graph: that attention stays whole
+            logger.warning("an attention of %s keys left whole (%s: %s)", keys, type(exc).__name__, exc)
+            continue
+        count += 1
+    return count
+
+
+def _replace(graph: torch.fx.Graph, node, fn, inputs: tuple) -> None:
+    """``node`` (and its getitems) replaced by ``fn`` traced into ATen ops on the inputs' fake values,
+    with inductor's decompositions; the new nodes carry their fake values as inductor expects."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    count = 0
-    for node in [n for n in graph.nodes if n.op == "call_function"]:
-        found = _arguments(node)
-        if found is None:
-            continue
-        q, k, v, scale = found
-        qv, kv, vv = (t.meta["val"] for t in (q, k, v))
-        rows, heads, queries, width = qv.shape
-        keys = kv.shape[2]
-        if rows != 1 or kv.shape[0] != 1 or (parts is None and width != HEAD_WIDTH):
-            continue
-        tiles, values = heads * math.ceil(queries / QUERY_TILE), heads * queries * vv.shape[-1]
-        p = parts if parts is not None else key_parts(tiles, keys, values, sms)
-        if p <= 1 or keys % p:
-            continue
-        with detect_fake_mode([qv, kv, vv]), enable_python_dispatcher():
-            traced = make_fx(_split_attention(node.target, p, scale), decomposition_table=select_decomp_table())(qv, kv, vv)
-        with graph.inserting_before(node):
-            inputs = dict(zip([n for n in traced.graph.nodes if n.op == "placeholder"], (q, k, v)))
-            result = graph.graph_copy(traced.graph, inputs)
-        for user in list(node.users):  # the output's getitem, and unread ones of the others
-            user.replace_all_uses_with(result)
-            graph.erase_node(user)
-        graph.erase_node(node)
-        count += 1
-    return count
+    vals = [t.meta["val"] for t in inputs]
+    with detect_fake_mode(vals), enable_python_dispatcher():
+        traced = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+    with graph.inserting_before(node):
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        result = graph.graph_copy(traced.graph, dict(zip(placeholders, inputs)))
+    for user in list(node.users):  # the output's getitem, and unread ones of the others
+        user.replace_all_uses_with(result)
+        graph.erase_node(user)
+    graph.erase_node(node)
 
 
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # older torch: no custom passes, the attentions stay whole
-    CustomGraphPass = None
+if CountingPass is not None:
 
-if CustomGraphPass is not None:
+    class AttentionKeysSplit(CountingPass):
+        """:func:`split_attention_keys` as inductor's ``post_grad_custom_pre_pass``; ``counts["split"]``:
+        the attentions split."""
 
-    class AttentionKeysSplit(CustomGraphPass):
-        """:func:`split_attention_keys` as inductor's ``post_grad_custom_pre_pass`` (set only while this
-        pipeline compiles); ``uuid`` keys inductor's on-disk cache on this file's code and the SM count.
-        ``counts``: graphs rewritten and attentions split (not counted when the cache serves a graph)."""
+        counted = "split"
 
         def __init__(self, sms: int, counts: dict | None = None, parts: int | None = None):
-            self.sms, self.counts, self.parts = sms, counts if counts is not None else {}, parts
+            super().__init__(counts)
+            self.sms, self.parts = sms, parts
 
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            split = split_attention_keys(graph, self.sms, self.parts)
-            self.counts["graphs"] = self.counts.get("graphs", 0) + 1
-            self.counts["split"] = self.counts.get("split", 0) + split
+        def rewrite(self, graph: torch.fx.Graph) -> int:
+            return split_attention_keys(graph, self.sms, self.parts)
 
-        def uuid(self) -> str:
-            return hashlib.sha256(Path(__file__).read_bytes() + f"{self.sms} {self.parts}".encode()).hexdigest()
+        def cache_key(self) -> bytes:
+            return f"{self.sms} {self.parts}".encode()
 
 
 def attention_split_options(device: torch.device, counts: dict | None = None) -> dict:
     """The inductor options that split long attentions' keys: on a Hopper GPU, else none."""
-    if CustomGraphPass is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if CountingPass is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return {}
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return {"post_grad_custom_pre_pass": AttentionKeysSplit(sms, counts)}

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import operator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
+from .graph_passes import CountingPass
 from .small_convs import SmallPixelsConv2d, patch_gemm
 
 try:
@@ -581,30 +580,18 @@ def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_ro
     return count
 
 
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # older torch: no custom passes, the sums stay apart
-    CustomGraphPass = None
+if CountingPass is not None:
 
-if CustomGraphPass is not None:
+    class ResidualAddsIntoGroupNorms(CountingPass):
+        """:func:`fuse_residual_adds` as inductor's ``post_grad_custom_post_pass``; ``counts["fused"]``:
+        the sums moved into norms (on an older torch, without custom passes, they stay apart)."""
 
-    class ResidualAddsIntoGroupNorms(CustomGraphPass):
-        """:func:`fuse_residual_adds` as inductor's ``post_grad_custom_post_pass`` (set only while this
-        pipeline compiles); ``uuid`` keys inductor's on-disk cache on this file's code. ``counts``:
-        graphs rewritten and sums fused (not counted when inductor's cache serves a graph)."""
+        counted = "fused"
 
-        def __init__(self, counts: dict | None = None):
-            self.counts = counts if counts is not None else {}
-
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            fused = fuse_residual_adds(graph, self.counts)
-            self.counts["graphs"] = self.counts.get("graphs", 0) + 1
-            self.counts["fused"] = self.counts.get("fused", 0) + fused
-
-        def uuid(self) -> str:
-            return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        def rewrite(self, graph: torch.fx.Graph) -> int:
+            return fuse_residual_adds(graph, self.counts)
 
 
 def residual_add_options(counts: dict | None = None) -> dict:
     """The inductor options that fuse the residual adds into the norms (none on an older torch)."""
-    return {"post_grad_custom_post_pass": ResidualAddsIntoGroupNorms(counts)} if CustomGraphPass is not None else {}
+    return {"post_grad_custom_post_pass": ResidualAddsIntoGroupNorms(counts)} if CountingPass is not None else {}
