@@ -12,12 +12,20 @@ the UNet's self-attention sizes, q/k/v laid out as the fused projection leaves t
 against float32 attention. ``splitP-package``: the split as the package's graph pass inserts it.
 """
 
+import importlib.util
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+
+_spec = importlib.util.spec_from_file_location("memset_nodes", Path(__file__).resolve().parent / "memset-nodes.py")
+_memset_nodes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_memset_nodes)
+graph_ms = _memset_nodes.graph_ms  # run() captured in a CUDA graph: (ms per replay, outputs, kernel counts)
 
 SHAPES = {"64x64": (4096, 5), "32x32": (1024, 10), "16x16": (256, 20)}  # tokens, heads (SD2.1, 64 wide)
 
@@ -68,38 +76,12 @@ def flash(q, k, v):
         return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
 
-def graph_us(fn, args, calls: int = 10, replays: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
-
-
-def kernels(fn, args) -> list:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn(*args)
-        torch.cuda.synchronize()
-    rows = [(e.key[:90], e.count / 5, round(e.device_time_total / 5, 2)) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[2])[:8]
+def graph_us(fn, args, calls: int = 10) -> tuple:
+    """``fn(*args)`` replayed ``calls`` at a time from one CUDA graph (memset-nodes.py's timing):
+    µs per call, and its top kernels per call (name, launches, µs)."""
+    ms, _, info = graph_ms(lambda: [fn(*args) for _ in range(calls)], replays=50)
+    kernels = [(name, count / calls, round(us / calls, 2)) for name, (count, us) in info["names"].items()]
+    return ms * 1e3 / calls, sorted(kernels, key=lambda r: -r[2])[:8]
 
 
 def main(out_path: str, *splits: str) -> None:
@@ -130,9 +112,8 @@ def main(out_path: str, *splits: str) -> None:
                         entry["error"][name] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 for _ in range(3):  # alternated rounds: what drifts over time is shared
                     for name, c in compiled.items():
-                        entry["us"].setdefault(name, []).append(round(graph_us(c, args), 2))
-                for name, c in compiled.items():
-                    entry["kernels"][name] = kernels(c, args)
+                        us, entry["kernels"][name] = graph_us(c, args)
+                        entry["us"].setdefault(name, []).append(round(us, 2))
             entry["median_us"] = {n: statistics.median(v) for n, v in entry["us"].items()}
             key = f"{shape}-rows{rows}"
             report["shapes"][key] = entry

@@ -110,6 +110,7 @@
 #   bash scripts/bench-h200.sh 94  # R19: --check of the final code: SD-Turbo, LCM, SDXL-Turbo 1024²
 #   bash scripts/bench-h200.sh 95  # R19: the Scope-style stream under auto for 190 s
 #   bash scripts/bench-h200.sh 96  # R19: after the review: the package's split in the probe; compile against none
+#   bash scripts/bench-h200.sh 97  # R19: the probe again, timed by memset-nodes.py's graph_ms (its own copy removed)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -752,6 +753,11 @@ case "$part" in
   bench r19-final-sdxl 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --check --profile
   rows r19-final
   split_counts r19-final
+  ;;
+97)  # R19: the probe once more, now timed through memset-nodes.py's graph_ms
+  start=$SECONDS; timeout 150 python3 scripts/attention-probe.py "$OUT/r19-attention-4.json" 2 4 > "$OUT/r19-attention-4.log" 2>&1
+  echo "probe exit $? after $((SECONDS - start)) s"; grep -E "^(64|32|16)x|Error|error|Traceback" "$OUT/r19-attention-4.log" | cut -c1-700
+  tail -3 "$OUT/r19-attention-4.log"
   ;;
 96)  # R19: after the review's changes: the probe with the package's own split; SD-Turbo compile against none (--check)
   start=$SECONDS; timeout 100 python3 scripts/attention-probe.py "$OUT/r19-attention-3.json" 2 4 > "$OUT/r19-attention-3.log" 2>&1
