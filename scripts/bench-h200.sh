@@ -111,6 +111,11 @@
 #   bash scripts/bench-h200.sh 95  # R19: the Scope-style stream under auto for 190 s
 #   bash scripts/bench-h200.sh 96  # R19: after the review: the package's split in the probe; compile against none
 #   bash scripts/bench-h200.sh 97  # R19: the probe again, timed by memset-nodes.py's graph_ms (its own copy removed)
+#   bash scripts/bench-h200.sh 98  # R20: conv1's bias beside the time embedding in norm2's operator, off/on in one
+#                                  #     process (txt2img, img2img); the txt2img step traced kernel by kernel
+#   bash scripts/bench-h200.sh 99  # R20: --check of the final code: SD-Turbo, LCM, SDXL-Turbo 1024²
+#   bash scripts/bench-h200.sh 100 # R20: TAESD's last convolution alone three ways (scripts/last-conv-probe.py); as
+#                                  #     the Triton kernel off/on in one process (txt2img, img2img)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -753,6 +758,24 @@ case "$part" in
   bench r19-final-sdxl 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --check --profile
   rows r19-final
   split_counts r19-final
+  ;;
+98)  # R20: conv1's bias beside the time embedding in norm2's operator (no sum kernel per block) off/on in one process
+  ab r20-ab-bias-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_BIAS_IN_NORM 0 1
+  ab r20-ab-bias-img2img 200 sd-turbo-img2img SCOPE_STREAMDIFFUSION_BIAS_IN_NORM 0 1
+  start=$SECONDS; timeout 150 python3 scripts/kernel-trace.py now "$OUT/r20-trace" sd-turbo-txt2img > "$OUT/r20-trace.log" 2>&1
+  echo "trace exit $? after $((SECONDS - start)) s"; grep -E "traced|failed|Error" "$OUT/r20-trace.log" | cut -c1-300
+  ;;
+99)  # R20: the final code, compile only, --check --profile: SD-Turbo img2img/txt2img, LCM; SDXL-Turbo 1024²
+  bench r20-final-1 330 --workloads sd-turbo-txt2img,sd-turbo-img2img,sd15-lcm4-self --modes compile --no-baseline --frames 300 --check --profile
+  bench r20-final-sdxl 220 --workloads sdxl-turbo-1024 --modes compile --no-baseline --frames 60 --check --profile
+  rows r20-final
+  split_counts r20-final
+  ;;
+100)  # R20: TAESD's last convolution (64 -> 3) alone: cuDNN, padded (R13), the Triton kernel; then off/on in one process
+  start=$SECONDS; timeout 120 python3 scripts/last-conv-probe.py "$OUT/r20-last-conv.json" 512 1024 > "$OUT/r20-last-conv.log" 2>&1
+  echo "probe exit $? after $((SECONDS - start)) s"; grep -E "^(512|1024) |Error|error" "$OUT/r20-last-conv.log" | cut -c1-300
+  ab r20-ab-lastconv-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV 0 1
+  ab r20-ab-lastconv-img2img 200 sd-turbo-img2img SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV 0 1
   ;;
 97)  # R19: the probe once more, now timed through memset-nodes.py's graph_ms
   start=$SECONDS; timeout 150 python3 scripts/attention-probe.py "$OUT/r19-attention-4.json" 2 4 > "$OUT/r19-attention-4.log" 2>&1

@@ -274,7 +274,8 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
 
     models, norms = load("compile")
     assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in models.unet.modules()) > 0
-    assert any(type(m) is TritonResnetBlock2D for m in models.unet.modules())  # after the shared projections
+    resnets = [m for m in models.unet.modules() if type(m) is TritonResnetBlock2D]
+    assert resnets and all(m.bias_in_norm for m in resnets)  # after the shared projections
     assert {m.elements for m in norms} == {2048} and {m.one_program for m in norms} == {5120}
     # The residual sums move into the norms through inductor's post-grad pass, given to both compiled modes.
     assert type(residual_pass(models)) is ResidualAddsIntoGroupNorms
@@ -285,6 +286,10 @@ def test_compiled_modes_run_group_norms_as_the_triton_op_unless_runtime_loras_or
     models, norms_without_sums = load("compile")
     assert len(norms_without_sums) == len(norms) and residual_pass(models) is None
     monkeypatch.delenv("SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS")
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_BIAS_IN_NORM", "0")  # conv1's bias added to the time embedding apart
+    resnets = [m for m in load("compile")[0].unet.modules() if type(m) is TritonResnetBlock2D]
+    assert resnets and not any(m.bias_in_norm for m in resnets)
+    monkeypatch.delenv("SCOPE_STREAMDIFFUSION_BIAS_IN_NORM")
     assert load("cudagraph")[1] == []
     lora = [{"path": str(tiny_lcm_lora / LORA_WEIGHT_NAME), "scale": 1.0}]
     assert load("compile", loras=lora, lora_merge_mode="runtime_peft")[1] == []

@@ -51,6 +51,9 @@ CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, s
     ("strided width", 2, 32, 6, 5, 8, "float32", "sliced", True, True, 64, None),
     ("channel slice", 2, 32, 6, 5, 8, "float32", "channels", True, True, 64, None),  # not dense, pixels flatten
     ("one-row shift", 3, 32, 5, 6, 8, "float32", "cl", True, True, 64, None),  # one shift for every row
+    # a ResNet's norm2: conv1's bias, and the shift read in place from a wider projection's output
+    ("cl f16 silu x-bias, sliced shift, 4 splits", 2, 64, 10, 13, 4, "float16", "cl", True, True, 512, None),
+    ("one-row sliced shift f32, x-bias, large mean", 3, 32, 12, 12, 8, "float32", "cl", False, True, 64, None),
     # x + residual (written out too): residuals in x's layout, in another, not one pixel index, with a shift
     ("residual cl f16 silu, 8 splits", 2, 64, 10, 13, 4, "float16", "cl", True, False, 256, "cl"),
     ("residual nchw into cl f32", 2, 32, 9, 7, 8, "float32", "cl", False, False, 64, "nchw"),
@@ -67,6 +70,7 @@ CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, s
     # SD's 8x8 level has 40 channels a group (masked columns); NCHW in, and a channel slice (another layout out)
     ("one program nchw f32, group of 40, one-row shift", 3, 80, 4, 5, 2, "float32", "nchw", True, True, ELEMENTS, None),
     ("one program channel slice f16", 2, 32, 6, 5, 8, "float16", "channels", True, True, ELEMENTS, None),
+    ("one program nchw f16 silu, x-bias, sliced shift", 2, 64, 9, 7, 8, "float16", "nchw", True, True, ELEMENTS, None),
     # a group one value over the limit: two kernels
     ("over the limit by one", 2, 32, 6, 5, 8, "float32", "cl", True, True, 64, None),
 ]
@@ -105,11 +109,15 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
     large = "large mean" in name
     x = make(layout, 0.01, 300) if large else make(layout)
     residual = (make(residual_layout, 0.01, -100) if large else make(residual_layout)) if residual_layout else None
-    x_bias = torch.randn(c, generator=g).to(dtype) if "x-bias" in name else None
+    x_bias = (torch.randn(c, generator=g) * (0.01 if large else 1) + (-200 if large else 0)).to(dtype) \
+        if "x-bias" in name else None
     residual_bias = ((torch.randn(c, generator=g) * (0.001 if large else 1) + (50 if large else 0)).to(dtype)
                      if "r-bias" in name else None)
     weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
-    shift = torch.randn(1 if "one-row shift" in name else n, c, generator=g).to(dtype) if with_shift else None
+    shift = None
+    if with_shift:
+        shift = torch.randn(1 if "one-row" in name else n, c + 7, generator=g).to(dtype)
+        shift = shift[:, 3:3 + c] if "sliced shift" in name else shift[:, :c].contiguous()
     values = h * w * c // groups  # in a group
     one_program = values if name.startswith("one program") else values - 1 if "over the limit" in name else 0
     launches.clear()
@@ -121,7 +129,8 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
         normed = _residual_sum(x, residual, x_bias, residual_bias).to(dtype)  # rounded once, as by one pointwise kernel
         summed = torch.equal(total, normed) and total.stride() == y.stride()
     want = reference(normed.double(), groups, weight.double(), bias.double(), 1e-5, silu,
-                     None if shift is None else shift.double())
+                     None if shift is None else shift.double(),
+                     None if x_bias is None or residual is not None else x_bias.double())
     dense = layout not in ("sliced", "channels")
     strides = y.stride() == x.stride() if dense else y.is_contiguous(memory_format=torch.channels_last)
     results.append(dict(name=name, dtype=str(dtype), error=(y.double() - want).abs().max().item(),
@@ -139,7 +148,7 @@ def test_the_triton_kernels_compute_group_norm():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 21
+    assert len(results) == 24
     assert {r["splits"] for r in results} >= {0, 1, 2, 8, 16}  # 0: one program
     for r in results:
         assert r["strides"] and r["summed"], r
@@ -348,6 +357,36 @@ def test_a_time_embedding_of_one_row_or_of_more_rows_than_the_input():
         assert sum("scope_streamdiffusion.group_norm" in name for name in graphs[-1]) == 1  # norm1 only
 
 
+@pytest.mark.parametrize("bias_in_norm", [True, False])
+def test_conv1s_bias_goes_to_the_operator_beside_the_time_embedding(bias_in_norm):
+    """The bias of conv1 and the time embedding reach norm2's operator apart (the embedding as the
+    projection's output itself), or, switched off, as their sum: the same output either way."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=32, groups=8, skip_time_act=True).eval()
+    torch.nn.init.normal_(block.conv1.bias)
+    g = torch.Generator().manual_seed(3)
+    x, temb = torch.randn(2, 16, 5, 5, generator=g), torch.randn(2, 32, generator=g)
+    calls = []
+
+    def backend(gm, _inputs):
+        calls.extend(n for n in gm.graph.nodes if n.target is torch.ops.scope_streamdiffusion.group_norm.default)
+        return gm.forward
+
+    with torch.no_grad():
+        before = block(x, temb)
+        assert triton_group_norms(block, bias_in_norm=bias_in_norm) == 2
+        assert block.bias_in_norm is bias_in_norm
+        assert torch.allclose(block(x, temb), before, atol=1e-5)
+        torch._dynamo.reset()
+        got = torch.compile(block, backend=backend, fullgraph=True, dynamic=False)(x, temb)
+    assert torch.allclose(got, before, atol=1e-5)
+    norm2 = _arguments(calls[1])
+    assert (norm2["x_bias"] is not None) is bias_in_norm
+    producer = norm2["shift"].target
+    assert (producer is torch._C._nn.linear) is bias_in_norm, producer  # else the add of the two
+    assert _arguments(calls[0])["x_bias"] is None  # norm1 reads the block's input
+
+
 def test_a_block_without_time_embedding_keeps_its_code():
     """No ``time_emb_proj``: diffusers' block (which may add a raw embedding) is kept; its norms still swap."""
     torch.manual_seed(0)
@@ -410,7 +449,8 @@ def _sums_and_norms(x, r, w, b, cw, cb, lw, lb, shift):
     # A bias that promotes the product's dtype: the sum is fused, the bias stays.
     promoted = ((r.permute(0, 2, 3, 1).bfloat16() @ lw.t().bfloat16()) + lb).permute(0, 3, 1, 2)
     y8 = group_norm_op(promoted + r, w, b, 4, 1e-5, False)
-    return y1, y2, y3, y4, y5, y6, y7, y8, shared * 2, s2
+    y9 = group_norm_op(x + r, w, b, 4, 1e-5, False, x_bias=cb)  # with a bias of x (a ResNet's norm2): left alone
+    return y1, y2, y3, y4, y5, y6, y7, y8, y9, shared * 2, s2
 
 
 def _targets(gm) -> list[str]:
@@ -442,7 +482,7 @@ def test_residual_sums_move_into_the_operator_with_the_biases_added_last(rows):
     after = _targets(gm)
     assert counts == {"biases": 3}  # the first convolution's, the linear layer's, one addmm's
     assert after.count("scope_streamdiffusion.add_group_norm.default") == 5
-    assert after.count("scope_streamdiffusion.group_norm.default") == 3
+    assert after.count("scope_streamdiffusion.group_norm.default") == 4
     assert before.count("aten.addmm.default") == 2 and after.count("aten.addmm.default") == 1  # one became an mm
     assert after.count("aten.clone.default") == before.count("aten.clone.default") - 1  # the layout copy
     got = gm(*args)

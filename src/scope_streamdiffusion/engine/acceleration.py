@@ -589,14 +589,17 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # The UNet's GroupNorms (+ the SiLU after them) compiled as two Triton kernels each (R16), one for
     # small groups (R18);
     # SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM=N (> 1) sets the values one statistics program sums;
-    # SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM=N (> 1) runs groups of up to N values in one kernel.
+    # SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM=N (> 1) runs groups of up to N values in one kernel;
+    # SCOPE_STREAMDIFFUSION_BIAS_IN_NORM=0 adds a ResNet's conv1 bias to its time embedding in a kernel
+    # of its own again (R20: the operator takes both).
     # Imported here: the module loads diffusers' ResNet block and Triton, which other callers of this
     # module (the CLI's mode resolution) do not need.
     from .group_norm import ELEMENTS_PER_PROGRAM, ONE_PROGRAM_VALUES, triton_group_norms
 
     if compiled and (elements := _size_setting("SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM", ELEMENTS_PER_PROGRAM, "values")):
         one_program = _size_setting("SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM", ONE_PROGRAM_VALUES, "values")
-        models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements, one_program or 0)
+        models.extras["triton_group_norms"] = triton_group_norms(models.unet, elements, one_program or 0,
+                                                                 _switch("SCOPE_STREAMDIFFUSION_BIAS_IN_NORM"))
     # ... and, at one row, the residual sums read next by a norm (with the biases added last to them)
     # computed inside its operator (R17); SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS=0 keeps them apart.
     pass_options = {}
@@ -622,9 +625,12 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # TAESD's decoder upsamplings + convolutions as transposed convolutions (BENCHMARKS.md, R13).
     if _switch("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES"):
         models.extras["folded_taesd_upsamples"] = fold_upsamples(models.vae)
-    # ... and its 3-channel first and last convolutions padded (R13).
+    # ... and its 3-channel first and last convolutions padded (R13); compiled on CUDA the last one a
+    # Triton kernel instead (R20; SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV=0 keeps it padded).
     if _switch("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS"):
-        models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae)
+        triton_last = mode in ("compile", "background-compile") and _switch("SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV")
+        models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae, triton=triton_last)
+        models.extras["triton_taesd_last_conv"] = triton_last and models.extras["padded_taesd_convs"] > 0
     options, compiler = {}, None
     if mode in ("compile", "background-compile"):
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | pass_options

@@ -55,7 +55,9 @@ ONE_PROGRAM_WARPS = 8
 
 
 def reference(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool,
-              shift: torch.Tensor | None = None) -> torch.Tensor:
+              shift: torch.Tensor | None = None, x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x_bias is not None:
+        x = x + x_bias.reshape(1, -1, 1, 1)
     if shift is not None:
         x = x + shift.reshape(-1, x.shape[1], 1, 1)
     y = F.group_norm(x, groups, weight, bias, eps)
@@ -87,18 +89,22 @@ if triton is not None:
                        HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr,
                        HAS_RB: tl.constexpr):
         """For ``channels`` (of groups that start at ``first``): the biases the sum takes in, the shift,
-        and the group's first value (of the sum, shifted), around which both kernels take their sums."""
+        and the group's first value (of the sum, shifted), around which both kernels take their sums.
+        Without a residual, x's bias is part of the shift (added in float32, like the shift)."""
         bias = _channel_bias(xb_ptr, rb_ptr, channels, mask, HAS_XB, HAS_RB)
-        ref = _load(x_row + first * s_c, r_row + first * r_c, _channel_bias(xb_ptr, rb_ptr, first, mask, HAS_XB, HAS_RB),
-                    mask, HAS_RESIDUAL)
+        first_bias = _channel_bias(xb_ptr, rb_ptr, first, mask, HAS_XB, HAS_RB)
+        ref = _load(x_row + first * s_c, r_row + first * r_c, first_bias, mask, HAS_RESIDUAL)
         add = (channels * 0).to(tl.float32)
+        if not HAS_RESIDUAL:
+            add += bias
+            ref += first_bias
         if HAS_SHIFT:
             add += tl.load(shift_ptr + shift_row + channels, mask=mask, other=0.0).to(tl.float32)
             ref += tl.load(shift_ptr + shift_row + first, mask=mask, other=0.0).to(tl.float32)
         return bias, add, ref
 
     @triton.jit
-    def _group(x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, ng, groups, channels, s_n, s_c, r_n, r_c,
+    def _group(x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, ng, groups, s_n, s_c, r_n, r_c, sh_n,
                GROUP: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
         """Program ``ng``'s row and group: the row's pointers, the group's channels, their mask and
@@ -111,7 +117,7 @@ if triton is not None:
         cmask = cols < GROUP
         ch = g * GROUP + cols
         first = g * GROUP + cols * 0  # the group's first channel, in every column
-        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, ch, first, s_c, r_c,
+        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * sh_n, ch, first, s_c, r_c,
                                         cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         return n, x_row, r_row, ch, cmask, bias, add, ref
 
@@ -135,15 +141,15 @@ if triton is not None:
         return tl.sum(tl.sum(acc, 1), 0), tl.sum(tl.sum(acc2, 1), 0)
 
     @triton.jit
-    def _partial_sums(x_ptr, shift_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, pixels, channels, chunk, groups,
-                      s_n, s_c, s_p, r_n, r_c, r_p,
+    def _partial_sums(x_ptr, shift_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, pixels, chunk, groups,
+                      s_n, s_c, s_p, r_n, r_c, r_p, sh_n,
                       SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                       HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr,
                       HAS_RB: tl.constexpr):
         ng = tl.program_id(0)
         split = tl.program_id(1)
         n, x_row, r_row, ch, cmask, bias, add, ref = _group(
-            x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, ng, groups, channels, s_n, s_c, r_n, r_c,
+            x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, ng, groups, s_n, s_c, r_n, r_c, sh_n,
             GROUP, BLOCK_C, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         s1, s2 = _group_sums(x_row, r_row, ch, cmask, bias, add, ref, split * chunk, chunk, pixels, s_c, s_p, r_c, r_p,
                              BLOCK_P, BLOCK_C, HAS_RESIDUAL)
@@ -177,7 +183,7 @@ if triton is not None:
 
     @triton.jit
     def _normalize(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, part_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels,
-                   channels, groups, inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p,
+                   channels, groups, inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p, sh_n,
                    SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                    SILU: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr,
                    HAS_RB: tl.constexpr):
@@ -192,7 +198,7 @@ if triton is not None:
         parts = part_ptr + ((n * groups + g)[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]) * 2
         s1 = tl.sum(tl.load(parts, mask=cmask[:, None], other=0.0), 1)
         s2 = tl.sum(tl.load(parts + 1, mask=cmask[:, None], other=0.0), 1)
-        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * channels, cols, first, s_c, r_c,
+        bias, add, ref = _channel_terms(x_row, r_row, xb_ptr, rb_ptr, shift_ptr, n * sh_n, cols, first, s_c, r_c,
                                         cmask, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         scale, offset = _scale_offset(s1, s2, inv_count, eps, w_ptr, b_ptr, cols, cmask, add, ref)
         # The sum (with a residual) is written here, where the tiles are coalesced.
@@ -201,14 +207,14 @@ if triton is not None:
                         SILU, HAS_RESIDUAL)
 
     @triton.jit
-    def _one_program(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels, channels, groups,
-                     inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p,
+    def _one_program(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, r_ptr, xb_ptr, rb_ptr, sum_ptr, pixels, groups,
+                     inv_count, eps, s_n, s_c, s_p, o_n, o_c, o_p, r_n, r_c, r_p, sh_n,
                      GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
                      HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_XB: tl.constexpr, HAS_RB: tl.constexpr):
         """A small group whole in one program: its sums, then its normalisation (the values read again,
         from the cache), in one launch instead of two."""
         n, x_row, r_row, ch, cmask, bias, add, ref = _group(
-            x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, tl.program_id(0), groups, channels, s_n, s_c, r_n, r_c,
+            x_ptr, r_ptr, xb_ptr, rb_ptr, shift_ptr, tl.program_id(0), groups, s_n, s_c, r_n, r_c, sh_n,
             GROUP, BLOCK_C, HAS_SHIFT, HAS_RESIDUAL, HAS_XB, HAS_RB)
         s1, s2 = _group_sums(x_row, r_row, ch, cmask, bias, add, ref, 0, pixels, pixels, s_c, s_p, r_c, r_p,
                              BLOCK_P, BLOCK_C, HAS_RESIDUAL)
@@ -240,14 +246,15 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
                       warps: int = 4, shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                       x_bias: torch.Tensor | None = None, residual_bias: torch.Tensor | None = None,
                       one_program: int = 0):
-    """GroupNorm (+ SiLU) of a 4-D CUDA tensor ``x`` (+ ``shift``, one value per row and channel) in
-    the two kernels, or in one (:func:`_one_program`) where a group holds at most ``one_program``
-    values (0 here, for explicit callers; the ops default to ``ONE_PROGRAM_VALUES``); the output
-    keeps x's layout. With ``residual`` (x's shape and dtype) the norm is
-    of ``x + x_bias + residual + residual_bias`` (biases per channel, optional), which the
-    normalising kernel writes out too: returns (output, that sum)."""
-    if residual is None and (x_bias is not None or residual_bias is not None):
-        raise ValueError("x_bias and residual_bias are added to x + residual: they need a residual")
+    """GroupNorm (+ SiLU) of a 4-D CUDA tensor ``x`` (+ ``x_bias``, one value per channel, + ``shift``,
+    one value per row and channel, read in place: one row serves every row) in the two kernels, or in
+    one (:func:`_one_program`) where a group holds at most ``one_program`` values (0 here, for explicit
+    callers; the ops default to ``ONE_PROGRAM_VALUES``); the output keeps x's layout. With
+    ``residual`` (x's shape and dtype) the norm is of ``x + x_bias + residual + residual_bias``
+    (biases per channel, optional), which the normalising kernel writes out too: returns (output,
+    that sum)."""
+    if residual is None and residual_bias is not None:
+        raise ValueError("residual_bias is added to x + residual: it needs a residual")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} is not x's {tuple(x.shape)} {x.dtype}")
     if _pixel_strides(x) is None:
@@ -264,10 +271,15 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
     on, oc, op = _pixel_strides(y)
     rn, rc, rp = _pixel_strides(residual) if residual is not None else (0, 0, 0)
     group_block = triton.next_power_of_2(group)
+    sh_n = 0
     if shift is not None:
-        shift = shift.reshape(-1, c).expand(n, c).contiguous()
-    flags = dict(HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-                 HAS_XB=residual is not None and x_bias is not None,
+        # Read where it is (a slice of the shared time-projection GEMM's output): rows apart by its
+        # stride, one row (stride 0 once expanded) for every row of x.
+        shift = shift.reshape(-1, c).expand(n, c)
+        if shift.stride(1) != 1:
+            shift = shift.contiguous()
+        sh_n = shift.stride(0)
+    flags = dict(HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None, HAS_XB=x_bias is not None,
                  HAS_RB=residual is not None and residual_bias is not None)
     if residual is None:  # never read; the kernels offset the pointer all the same
         residual = x
@@ -275,20 +287,20 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if pixels * group <= one_program:
             _one_program[(n * groups,)](
-                x, shift, weight, bias, y, residual, x_bias, residual_bias, total, pixels, c, groups,
-                1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op, rn, rc, rp, GROUP=group,
+                x, shift, weight, bias, y, residual, x_bias, residual_bias, total, pixels, groups,
+                1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op, rn, rc, rp, sh_n, GROUP=group,
                 BLOCK_P=max(16, min(triton.next_power_of_2(pixels), ONE_PROGRAM_TILE // group_block)),
                 BLOCK_C=group_block, SILU=silu, num_warps=ONE_PROGRAM_WARPS, **flags)
             return y if total is None else (y, total)
         splits = splits_for(pixels, group, elements)
         parts = torch.empty(n * groups * splits * 2, device=x.device, dtype=torch.float32)
         _partial_sums[(n * groups, splits)](
-            x, shift, parts, residual, x_bias, residual_bias, pixels, c, triton.cdiv(pixels, splits), groups,
-            sn, sc, sp, rn, rc, rp, SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block),
+            x, shift, parts, residual, x_bias, residual_bias, pixels, triton.cdiv(pixels, splits), groups,
+            sn, sc, sp, rn, rc, rp, sh_n, SPLITS=splits, GROUP=group, BLOCK_P=max(16, 2048 // group_block),
             BLOCK_C=group_block, num_warps=4, **flags)
         _normalize[(n, triton.cdiv(pixels, block_p), triton.cdiv(c, block_c))](
             x, shift, weight, bias, y, parts, residual, x_bias, residual_bias, total, pixels, c, groups,
-            1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op, rn, rc, rp,
+            1.0 / (pixels * group), eps, sn, sc, sp, on, oc, op, rn, rc, rp, sh_n,
             SPLITS=splits, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu, num_warps=warps, **flags)
     return y if total is None else (y, total)
 
@@ -303,16 +315,19 @@ def _like_input(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("scope_streamdiffusion::group_norm", mutates_args=())
 def group_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool,
                   shift: torch.Tensor | None = None, elements: int = ELEMENTS_PER_PROGRAM,
-                  one_program: int = ONE_PROGRAM_VALUES) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of ``x`` (+ ``shift``) as one operation compiled code calls: the Triton
-    kernels on CUDA, PyTorch's own elsewhere (laid out as the CUDA result, which the compiled code expects)."""
+                  one_program: int = ONE_PROGRAM_VALUES, x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm (+ SiLU) of ``x`` (+ ``x_bias`` + ``shift``) as one operation compiled code calls: the
+    Triton kernels on CUDA, PyTorch's own elsewhere (laid out as the CUDA result, which the compiled
+    code expects)."""
     if x.is_cuda and triton is not None:
-        return group_norm_triton(x, groups, weight, bias, eps, silu, elements, shift=shift, one_program=one_program)
-    return _like_input(x).copy_(reference(x, groups, weight, bias, eps, silu, shift))
+        return group_norm_triton(x, groups, weight, bias, eps, silu, elements, shift=shift, x_bias=x_bias,
+                                 one_program=one_program)
+    return _like_input(x).copy_(reference(x, groups, weight, bias, eps, silu, shift, x_bias))
 
 
 @group_norm_op.register_fake
-def _(x, weight, bias, groups, eps, silu, shift=None, elements=ELEMENTS_PER_PROGRAM, one_program=ONE_PROGRAM_VALUES):
+def _(x, weight, bias, groups, eps, silu, shift=None, elements=ELEMENTS_PER_PROGRAM, one_program=ONE_PROGRAM_VALUES,
+      x_bias=None):
     return _like_input(x)
 
 
@@ -356,13 +371,14 @@ class TritonGroupNorm(torch.nn.GroupNorm):
     elements = ELEMENTS_PER_PROGRAM
     one_program = ONE_PROGRAM_VALUES
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                x_bias: torch.Tensor | None = None) -> torch.Tensor:
         # A shift of more rows than x broadcasts x (as diffusers' add would): PyTorch's ops handle that.
         if (torch.compiler.is_dynamo_compiling() and x.dim() == 4 and self.affine
                 and (shift is None or shift.shape[0] in (1, x.shape[0]))):
             return group_norm_op(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift, self.elements,
-                                 self.one_program)
-        return reference(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift)
+                                 self.one_program, x_bias)
+        return reference(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift, x_bias)
 
 
 def _conv_without_bias(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -374,14 +390,21 @@ def _conv_without_bias(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 class TritonResnetBlock2D(ResnetBlock2D):
     """diffusers' ``ResnetBlock2D`` (the default time-embedding path, no resampling) with its norms as
     :class:`TritonGroupNorm` + SiLU, and ``conv1``'s bias and the time embedding added inside
-    ``norm2``'s kernels instead of in a pass of their own over the activations before it."""
+    ``norm2``'s kernels instead of in a pass of their own over the activations before it.
+
+    ``bias_in_norm``: the bias goes to the operator as a bias of its own, and the time embedding as
+    it is (a slice of the shared projection's output), instead of their sum: compiled, that sum is
+    one tiny kernel per block (22 in SD2.1's UNet) that inductor cannot fuse into the operator."""
+
+    bias_in_norm = True
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         hidden = _conv_without_bias(self.conv1, self.norm1(input_tensor))
         shift = self.time_emb_proj(temb)  # (rows, channels); a shift of one row applies to every row
-        if self.conv1.bias is not None:
-            shift = shift + self.conv1.bias
-        hidden = self.conv2(self.dropout(self.norm2(hidden, shift)))
+        bias = self.conv1.bias
+        if bias is not None and not self.bias_in_norm:
+            shift, bias = shift + bias, None
+        hidden = self.conv2(self.dropout(self.norm2(hidden, shift, bias)))
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         out = shortcut + hidden
         # A plain sum (SD's factor is 1) is what the residual-add pass fuses into the next norm.
@@ -414,19 +437,21 @@ def _plain_resnet(block: torch.nn.Module) -> bool:
 
 
 def triton_group_norms(unet: torch.nn.Module, elements: int = ELEMENTS_PER_PROGRAM,
-                       one_program: int = ONE_PROGRAM_VALUES) -> int:
+                       one_program: int = ONE_PROGRAM_VALUES, bias_in_norm: bool = True) -> int:
     """Make each affine ``GroupNorm`` of ``unet`` a :class:`TritonGroupNorm` (in place; the same
     parameters), taking in the SiLU after it where the code allows: ResNet blocks with a time embedding
     whose activation runs only on the normalised hidden states (the embedding's SiLU already taken
     out, ``skip_time_act``) become :class:`TritonResnetBlock2D`, and the UNet's last norm takes in its
-    activation. ``elements`` and ``one_program``: :func:`group_norm_triton`'s. Returns how many norms;
-    0 the second time."""
+    activation. ``elements`` and ``one_program``: :func:`group_norm_triton`'s; ``bias_in_norm``:
+    :class:`TritonResnetBlock2D`'s. Returns how many norms; 0 the second time."""
     swap = functools.partial(_swap, elements=elements, one_program=one_program)
     count = 0
     for module in unet.modules():
         if _plain_resnet(module):
             count += swap(module.norm1, True) + swap(module.norm2, True)
             module.__class__ = TritonResnetBlock2D
+            if not bias_in_norm:
+                module.bias_in_norm = False
     if isinstance(getattr(unet, "conv_norm_out", None), torch.nn.GroupNorm) and _silu_follows(unet, "conv_act"):
         if swap(unet.conv_norm_out, True):
             unet.conv_act = torch.nn.Identity()
@@ -525,7 +550,7 @@ MAX_FUSED_ROWS = 1
 
 
 def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_rows: int = MAX_FUSED_ROWS) -> int:
-    """In an ATen graph, ``group_norm_op(a + b, ...)`` (without shift) becomes ``add_group_norm_op(a, b,
+    """In an ATen graph, ``group_norm_op(a + b, ...)`` (without shift or x_bias) becomes ``add_group_norm_op(a, b,
     ...)``, whose second output serves the sum's other uses, and the bias a convolution or a linear
     layer adds last to ``a`` or ``b`` moves into it; sums of up to ``max_rows`` rows. Returns how many
     sums; ``counts["biases"]`` adds up the biases moved.
@@ -540,7 +565,7 @@ def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_ro
     for node in [n for n in graph.nodes if n.target is norm]:
         args = _arguments(node)
         total = args["x"]
-        if (args.get("shift") is not None or not _same_shape_sum(total) or total.meta["val"].shape[0] > max_rows
+        if (args.get("shift") is not None or args.get("x_bias") is not None or not _same_shape_sum(total) or total.meta["val"].shape[0] > max_rows
                 or total.args[0] is total.args[1]):  # x + x: one node, whose bias would be taken out twice
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}

@@ -77,7 +77,10 @@ class Schedule:
         return self.timesteps, self.alpha, self.beta, self.c_skip, self.c_out
 
     def rows(self, steps: slice, rows_per_step: int) -> "Schedule":
-        """The coefficients of ``steps``, each repeated for the ``rows_per_step`` frames of a slot."""
+        """The coefficients of ``steps``, each repeated for the ``rows_per_step`` frames of a slot (views
+        at one frame a slot: in a captured step a copy is a launch of its own, five per call)."""
+        if rows_per_step == 1:
+            return Schedule(*(x[steps] for x in self.tensors()))
         return Schedule(*(x[steps].repeat_interleave(rows_per_step, dim=0) for x in self.tensors()))
 
     def clone(self) -> "Schedule":

@@ -231,10 +231,14 @@ class StreamDiffusion:
         def predict(latents: torch.Tensor, timesteps: torch.Tensor, num_negative: int) -> torch.Tensor:
             rows = latents.shape[0]
             pos = rows - num_negative
-            ehs = torch.cat([p.negative.embeds.expand(num_negative, -1, -1), p.prompt.embeds.expand(pos, -1, -1)])
+            ehs = p.prompt.embeds.expand(pos, -1, -1)
+            if num_negative:  # else no join: a copy of its own in a captured step
+                ehs = torch.cat([p.negative.embeds.expand(num_negative, -1, -1), ehs])
             kwargs = {}
             if sdxl:
-                pooled = torch.cat([p.negative.pooled.expand(num_negative, -1), p.prompt.pooled.expand(pos, -1)])
+                pooled = p.prompt.pooled.expand(pos, -1)
+                if num_negative:
+                    pooled = torch.cat([p.negative.pooled.expand(num_negative, -1), pooled])
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids.expand(rows, -1)}
             out = unet(latents, timesteps, encoder_hidden_states=ehs, return_dict=False, **kwargs)[0]
             if v_pred:
@@ -287,12 +291,13 @@ class StreamDiffusion:
             z = self.encode_images(images)
             x_new = sampling.noise_input(z, noise0, p.input_a, p.input_b)
         else:
-            z = torch.zeros_like(noise0)
+            z = None  # a blank reference image, made only where residual noise needs it
             x_new = noise0.clone()
         residual = None
         if p.guidance.cfg_type.uses_residual_noise:
             # At the first step the input frame is the reference image: its residual is the added noise.
-            residual = virtual_residual_noise(x_new, z, sched.alpha[0], sched.beta[0])
+            residual = virtual_residual_noise(x_new, torch.zeros_like(x_new) if z is None else z, sched.alpha[0],
+                                              sched.beta[0])
         predict = self._noise_predictor(p)
         add_noise = p.settings.do_add_noise
         use_batch = p.settings.use_denoising_batch
