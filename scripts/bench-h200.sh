@@ -114,8 +114,11 @@
 #   bash scripts/bench-h200.sh 98  # R20: conv1's bias beside the time embedding in norm2's operator, off/on in one
 #                                  #     process (txt2img, img2img); the txt2img step traced kernel by kernel
 #   bash scripts/bench-h200.sh 99  # R20: --check of the final code: SD-Turbo, LCM, SDXL-Turbo 1024²
+#   bash scripts/bench-h200.sh 101 # R20: the final code: compile against none (--check); the Scope-style stream
+#                                  #     under auto for 150 s
 #   bash scripts/bench-h200.sh 100 # R20: TAESD's last convolution alone three ways (scripts/last-conv-probe.py); as
-#                                  #     the Triton kernel off/on in one process (txt2img, img2img)
+#                                  #     the Triton kernel off/on in one process (txt2img, img2img); run with
+#                                  #     40dbde5's code (the kernel and the probe were removed after it, see BENCHMARKS.md R20)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -771,7 +774,13 @@ case "$part" in
   rows r20-final
   split_counts r20-final
   ;;
+101)  # R20: the final code against none (eager, the step's launch trims apply there too), then a 150-s Scope-style stream
+  bench r20-none-1 200 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes none,compile --no-baseline --frames 100 --check
+  rows r20-none
+  soak r20-soak 150 210
+  ;;
 100)  # R20: TAESD's last convolution (64 -> 3) alone: cuDNN, padded (R13), the Triton kernel; then off/on in one process
+  # (40dbde5's code: engine/few_channel_conv.py and scripts/last-conv-probe.py were removed after it)
   start=$SECONDS; timeout 120 python3 scripts/last-conv-probe.py "$OUT/r20-last-conv.json" 512 1024 > "$OUT/r20-last-conv.log" 2>&1
   echo "probe exit $? after $((SECONDS - start)) s"; grep -E "^(512|1024) |Error|error" "$OUT/r20-last-conv.log" | cut -c1-300
   ab r20-ab-lastconv-txt2img 200 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV 0 1

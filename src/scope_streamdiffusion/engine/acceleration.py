@@ -625,12 +625,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # TAESD's decoder upsamplings + convolutions as transposed convolutions (BENCHMARKS.md, R13).
     if _switch("SCOPE_STREAMDIFFUSION_FOLD_UPSAMPLES"):
         models.extras["folded_taesd_upsamples"] = fold_upsamples(models.vae)
-    # ... and its 3-channel first and last convolutions padded (R13); compiled on CUDA the last one a
-    # Triton kernel instead (R20; SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV=0 keeps it padded).
+    # ... and its 3-channel first and last convolutions padded (R13).
     if _switch("SCOPE_STREAMDIFFUSION_PAD_THIN_CONVS"):
-        triton_last = mode in ("compile", "background-compile") and _switch("SCOPE_STREAMDIFFUSION_TRITON_LAST_CONV")
-        models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae, triton=triton_last)
-        models.extras["triton_taesd_last_conv"] = triton_last and models.extras["padded_taesd_convs"] > 0
+        models.extras["padded_taesd_convs"] = pad_thin_convs(models.vae)
     options, compiler = {}, None
     if mode in ("compile", "background-compile"):
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | pass_options

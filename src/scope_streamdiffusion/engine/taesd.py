@@ -24,8 +24,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import few_channel_conv
-
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """The output's layout, the same for the real op and its fake (inductor plans with the fake's
@@ -233,31 +231,23 @@ class BiasChannelConv(_DerivedWeightConv):
 
 class PaddedOutConv(_DerivedWeightConv):
     """A 3x3 convolution (padding 1) to few channels, run to ``PADDED_OUT_CHANNELS`` (zero weights)
-    and sliced, its bias added after. Compiled on CUDA (``triton``), :func:`.few_channel_conv.conv3x3_to_few`
-    instead: one Triton kernel, the bias inside (R20); eager runs keep cuDNN (the Triton kernel would
-    compile, seconds, in the middle of a stream)."""
+    and sliced, its bias added after."""
 
-    def __init__(self, conv: torch.nn.Conv2d, triton: bool = False):
+    def __init__(self, conv: torch.nn.Conv2d):
         w = conv.weight.detach()
         padded = torch.zeros((PADDED_OUT_CHANNELS, *w.shape[1:]), dtype=w.dtype, device=w.device)
         padded[:w.shape[0]] = w
         super().__init__(conv, padded)
-        self.triton = triton and few_channel_conv.triton is not None
-        if self.triton:
-            self.register_buffer("packed_weight", few_channel_conv.pack_weight(w), persistent=False)
 
     def forward(self, x):
-        if self.triton and torch.compiler.is_dynamo_compiling() and x.is_cuda and few_channel_conv.served(x):
-            return few_channel_conv.conv3x3_to_few(x, self.packed_weight.to(x.dtype), self.bias, self.weight.shape[0])
         out = F.conv2d(x, self.derived_weight, None, padding=1)[:, :self.weight.shape[0]]
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
-def pad_thin_convs(vae: torch.nn.Module, triton: bool = False) -> int:
+def pad_thin_convs(vae: torch.nn.Module) -> int:
     """A TAESD's first encoder convolution (3 input channels, a bias) becomes a :class:`BiasChannelConv`
-    and its last decoder convolution (3 output channels) a :class:`PaddedOutConv` (``triton``: its
-    compiled form the Triton kernel), in place. Returns how many (0 for any other VAE). The same
-    function up to rounding (summation order)."""
+    and its last decoder convolution (3 output channels) a :class:`PaddedOutConv`, in place. Returns
+    how many (0 for any other VAE). The same function up to rounding (summation order)."""
     padded = 0
     layers = _coder_layers(vae, "encoder")
     if layers is not None and _is_plain_3x3(layers[0]) and layers[0].in_channels < 4 and layers[0].bias is not None:
@@ -265,6 +255,6 @@ def pad_thin_convs(vae: torch.nn.Module, triton: bool = False) -> int:
         padded += 1
     layers = _coder_layers(vae, "decoder")
     if layers is not None and _is_plain_3x3(layers[-1]) and layers[-1].out_channels < 8:
-        layers[-1] = PaddedOutConv(layers[-1], triton)
+        layers[-1] = PaddedOutConv(layers[-1])
         padded += 1
     return padded
