@@ -116,6 +116,8 @@
 #   bash scripts/bench-h200.sh 99  # R20: --check of the final code: SD-Turbo, LCM, SDXL-Turbo 1024²
 #   bash scripts/bench-h200.sh 101 # R20: the final code: compile against none (--check); the Scope-style stream
 #                                  #     under auto for 150 s
+#   bash scripts/bench-h200.sh 102 # R20: two frames per call against diffusers batched the same (SD-Turbo 512²)
+#   bash scripts/bench-h200.sh 103 # R20: SDXL-Turbo 1024², one frame per call, against diffusers
 #   bash scripts/bench-h200.sh 100 # R20: TAESD's last convolution alone three ways (scripts/last-conv-probe.py); as
 #                                  #     the Triton kernel off/on in one process (txt2img, img2img); run with
 #                                  #     40dbde5's code (the kernel and the probe were removed after it, see BENCHMARKS.md R20)
@@ -778,6 +780,14 @@ case "$part" in
   bench r20-none-1 200 --workloads sd-turbo-txt2img,sd-turbo-img2img --modes none,compile --no-baseline --frames 100 --check
   rows r20-none
   soak r20-soak 150 210
+  ;;
+102)  # R20: two frames per call (frame_buffer_size=2), against diffusers given the same two images a call
+  bench r20-fbs2-1 420 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes compile --frame-buffer-size 2 --frames 100 --profile
+  rows r20-fbs2
+  ;;
+103)  # R20: SDXL-Turbo 1024², one frame per call, against diffusers (the ratio follows the machine's host speed)
+  bench r20-sdxl-1 280 --workloads sdxl-turbo-1024 --modes compile --frames 40
+  rows r20-sdxl
   ;;
 100)  # R20: TAESD's last convolution (64 -> 3) alone: cuDNN, padded (R13), the Triton kernel; then off/on in one process
   # (40dbde5's code: engine/few_channel_conv.py and scripts/last-conv-probe.py were removed after it)
