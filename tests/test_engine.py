@@ -544,3 +544,31 @@ def test_schedule_copy_between_layouts_goes_field_by_field():
     target = make_schedule([999], abar, cpu, torch.float32).rows(slice(0, 1), 2).clone()
     target.copy_(rows)
     assert all(torch.equal(a, b) for a, b in zip(target.tensors(), rows.tensors()))
+
+
+def test_x0_is_the_consistency_models_estimate_with_diffusers_scalings():
+    """predict_x0 against the formula it implements, with diffusers' LCMScheduler's boundary scalings
+    and SD's noise table: per row, c_out * (x - sqrt(1 - abar) * eps) / sqrt(abar) + c_skip * x."""
+    from diffusers import LCMScheduler
+
+    from scope_streamdiffusion.engine.sampling import predict_x0, slot_rows
+    from scope_streamdiffusion.engine.schedule import make_schedule
+
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    timesteps = [999, 759, 1, 0]  # c_skip ~0 down to t = 1 (2.5e-3), 1 at t = 0 (c_out 0): both terms count
+    sched = make_schedule(timesteps, scheduler.alphas_cumprod, torch.device("cpu"), torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    got = predict_x0(x, eps, sched)
+    for i, t in enumerate(timesteps):
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        abar = scheduler.alphas_cumprod[t].double()
+        want = c_out * (x[i] - (1 - abar).sqrt() * eps[i]) / abar.sqrt() + c_skip * x[i]
+        assert torch.allclose(got[i], want, atol=1e-9), t
+    assert float(scheduler.get_scalings_for_boundary_condition_discrete(0)[0]) == 1.0
+    # One frame a slot: the rows are views of the schedule (no copy); more frames: each row repeated.
+    one = sched.rows(slice(1, 3), 1)
+    assert one.alpha.data_ptr() == sched.alpha[1:].data_ptr() and one.alpha.shape == (2, 1, 1, 1)
+    two = sched.rows(slice(1, 3), 2)
+    assert two.timesteps.tolist() == [759, 759, 1, 1]
+    assert torch.equal(slot_rows(x, slice(2, 4), 1), x[2:4]) and slot_rows(x, slice(2, 4), 3).shape[0] == 6
