@@ -52,7 +52,7 @@ CASES = [  # name, rows, channels, height, width, groups, dtype, layout, silu, s
     ("channel slice", 2, 32, 6, 5, 8, "float32", "channels", True, True, 64, None),  # not dense, pixels flatten
     ("one-row shift", 3, 32, 5, 6, 8, "float32", "cl", True, True, 64, None),  # one shift for every row
     # a ResNet's norm2: conv1's bias, and the shift read in place from a wider projection's output
-    ("cl f16 silu x-bias, sliced shift, 4 splits", 2, 64, 10, 13, 4, "float16", "cl", True, True, 512, None),
+    ("cl f16 silu strided x-bias, sliced shift, 4 splits", 2, 64, 10, 13, 4, "float16", "cl", True, True, 512, None),
     ("one-row sliced shift f32, x-bias, large mean", 3, 32, 12, 12, 8, "float32", "cl", False, True, 64, None),
     # x + residual (written out too): residuals in x's layout, in another, not one pixel index, with a shift
     ("residual cl f16 silu, 8 splits", 2, 64, 10, 13, 4, "float16", "cl", True, False, 256, "cl"),
@@ -109,14 +109,17 @@ for name, n, c, h, w, groups, dtype, layout, silu, with_shift, elements, residua
     large = "large mean" in name
     x = make(layout, 0.01, 300) if large else make(layout)
     residual = (make(residual_layout, 0.01, -100) if large else make(residual_layout)) if residual_layout else None
-    x_bias = (torch.randn(c, generator=g) * (0.01 if large else 1) + (-200 if large else 0)).to(dtype) \
+    x_bias = (torch.randn(c, 2, generator=g) * (0.01 if large else 1) + (-200 if large else 0)).to(dtype) \
         if "x-bias" in name else None
+    if x_bias is not None:
+        x_bias = x_bias[:, 0] if "strided x-bias" in name else x_bias[:, 0].contiguous()
     residual_bias = ((torch.randn(c, generator=g) * (0.001 if large else 1) + (50 if large else 0)).to(dtype)
                      if "r-bias" in name else None)
     weight, bias = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
     shift = None
     if with_shift:
-        shift = torch.randn(1 if "one-row" in name else n, c + 7, generator=g).to(dtype)
+        # small beside a large mean: a shift of unit spread would hide a cancelled variance
+        shift = (torch.randn(1 if "one-row" in name else n, c + 7, generator=g) * (0.01 if large else 1)).to(dtype)
         shift = shift[:, 3:3 + c] if "sliced shift" in name else shift[:, :c].contiguous()
     values = h * w * c // groups  # in a group
     one_program = values if name.startswith("one program") else values - 1 if "over the limit" in name else 0

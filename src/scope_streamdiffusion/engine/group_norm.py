@@ -271,6 +271,9 @@ def group_norm_triton(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: 
     on, oc, op = _pixel_strides(y)
     rn, rc, rp = _pixel_strides(residual) if residual is not None else (0, 0, 0)
     group_block = triton.next_power_of_2(group)
+    # The kernels read the biases as one value per channel, one after the other.
+    x_bias = None if x_bias is None else x_bias.contiguous()
+    residual_bias = None if residual_bias is None else residual_bias.contiguous()
     sh_n = 0
     if shift is not None:
         # Read where it is (a slice of the shared time-projection GEMM's output): rows apart by its
