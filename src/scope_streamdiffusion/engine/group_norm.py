@@ -569,7 +569,8 @@ def fuse_residual_adds(graph: torch.fx.Graph, counts: dict | None = None, max_ro
     for node in [n for n in graph.nodes if n.target is norm]:
         args = _arguments(node)
         total = args["x"]
-        if (args.get("shift") is not None or args.get("x_bias") is not None or not _same_shape_sum(total) or total.meta["val"].shape[0] > max_rows
+        if (args.get("shift") is not None or args.get("x_bias") is not None or not _same_shape_sum(total)
+                or total.meta["val"].shape[0] > max_rows
                 or total.args[0] is total.args[1]):  # x + x: one node, whose bias would be taken out twice
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}

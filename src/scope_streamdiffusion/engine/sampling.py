@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .residual_cfg import Guidance, guided_noise, unconditional_noise, virtual_residual_noise
-from .schedule import Schedule
+from .schedule import Schedule, slot_rows
 
 # predict_noise(latents, timesteps, num_negative) -> epsilon; the first num_negative rows are
 # conditioned on the negative prompt, the rest on the prompt.
@@ -57,10 +57,6 @@ def noise_input(z: torch.Tensor, noise: torch.Tensor, a: float, b: float) -> tor
 
 def renoise(x0: torch.Tensor, noise: torch.Tensor, sched: Schedule, add_noise: bool) -> torch.Tensor:
     return sched.alpha * x0 + sched.beta * noise if add_noise else sched.alpha * x0
-
-
-def slot_rows(t: torch.Tensor, steps: slice, rows_per_step: int) -> torch.Tensor:
-    return t[steps] if rows_per_step == 1 else t[steps].repeat_interleave(rows_per_step, dim=0)
 
 
 def denoise(
@@ -141,11 +137,10 @@ def stream_batch(
 ):
     """One UNet batch over all slots: the new frames enter slot 0, slot n-1 leaves as x0."""
     frames = x_new.shape[0]
-    # One step (no frame in flight): nothing to join, and a join would be a copy of its own.
-    x = torch.cat([x_new, state.latents]) if state.latents.shape[0] else x_new
-    residual = residual_new
-    if residual_new is not None and state.residual_noise.shape[0]:
-        residual = torch.cat([residual_new, state.residual_noise])
+    x, residual = x_new, residual_new
+    if state.latents.shape[0]:  # else one step, no frame in flight: a join would be a copy of its own
+        x = torch.cat([x_new, state.latents])
+        residual = None if residual_new is None else torch.cat([residual_new, state.residual_noise])
     x0, x0_residual = denoise(x, residual, sched.rows(slice(None), frames), guidance, predict_noise, frames)
     x_next, r_next = advance(
         x0[:-frames],

@@ -77,11 +77,9 @@ class Schedule:
         return self.timesteps, self.alpha, self.beta, self.c_skip, self.c_out
 
     def rows(self, steps: slice, rows_per_step: int) -> "Schedule":
-        """The coefficients of ``steps``, each repeated for the ``rows_per_step`` frames of a slot (views
-        at one frame a slot: in a captured step a copy is a launch of its own, five per call)."""
-        if rows_per_step == 1:
-            return Schedule(*(x[steps] for x in self.tensors()))
-        return Schedule(*(x[steps].repeat_interleave(rows_per_step, dim=0) for x in self.tensors()))
+        """The coefficients of ``steps``, each repeated for the ``rows_per_step`` frames of a slot
+        (:func:`slot_rows`)."""
+        return Schedule(*(slot_rows(x, steps, rows_per_step) for x in self.tensors()))
 
     def clone(self) -> "Schedule":
         """New buffers laid out as these (one storage when these have one)."""
@@ -104,6 +102,12 @@ class Schedule:
         """The same tensors as views of ``storage``, a buffer laid out as ``self.storage``."""
         base = self.storage.data_ptr()
         return Schedule(*(_view(storage, x.data_ptr() - base, x) for x in self.tensors()), storage=storage)
+
+
+def slot_rows(t: torch.Tensor, steps: slice, rows_per_step: int) -> torch.Tensor:
+    """Rows ``steps`` of ``t``, each repeated for the ``rows_per_step`` frames of a slot (views at one
+    frame a slot: in a captured step a copy is a launch of its own)."""
+    return t[steps] if rows_per_step == 1 else t[steps].repeat_interleave(rows_per_step, dim=0)
 
 
 def _view(storage: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:

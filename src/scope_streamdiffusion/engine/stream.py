@@ -230,15 +230,19 @@ class StreamDiffusion:
 
         def predict(latents: torch.Tensor, timesteps: torch.Tensor, num_negative: int) -> torch.Tensor:
             rows = latents.shape[0]
-            pos = rows - num_negative
-            ehs = p.prompt.embeds.expand(pos, -1, -1)
-            if num_negative:  # else no join: a copy of its own in a captured step
-                ehs = torch.cat([p.negative.embeds.expand(num_negative, -1, -1), ehs])
+
+            def conditioning(negative: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+                """The negative rows, then the prompt's (no join without negative rows: in a
+                captured step it would be a copy of its own)."""
+                positive = prompt.expand(rows - num_negative, *prompt.shape[1:])
+                if not num_negative:
+                    return positive
+                return torch.cat([negative.expand(num_negative, *negative.shape[1:]), positive])
+
+            ehs = conditioning(p.negative.embeds, p.prompt.embeds)
             kwargs = {}
             if sdxl:
-                pooled = p.prompt.pooled.expand(pos, -1)
-                if num_negative:
-                    pooled = torch.cat([p.negative.pooled.expand(num_negative, -1), pooled])
+                pooled = conditioning(p.negative.pooled, p.prompt.pooled)
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids.expand(rows, -1)}
             out = unet(latents, timesteps, encoder_hidden_states=ehs, return_dict=False, **kwargs)[0]
             if v_pred:
