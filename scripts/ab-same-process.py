@@ -5,12 +5,13 @@ shared by both.
 
     python3 scripts/ab-same-process.py OUT.json WORKLOAD VAR VALUE_A VALUE_B [BLOCKS] [CALLS] [MODE]
 
-VAR ``env`` sets several variables per side: VALUE_A / VALUE_B are ``NAME=VALUE,NAME=VALUE``.
+VAR ``env`` sets several variables per side: VALUE_A / VALUE_B are ``NAME=VALUE,NAME=VALUE``
+(``SCOPE_STREAMDIFFUSION_AB_DTYPE=bfloat16`` loads that side in bfloat16).
 The second pipeline may run the first one's compiled code: dynamo reuses a compiled module's code for
 another instance of the same structure (R13 run 59: its inductor-option A/B compared one code twice).
 So where the two sides differ in what is compiled (SCOPE_STREAMDIFFUSION_INDUCTOR, _COMPILE_MODE or
 _GEMM_SMALL_CONVS, _TRITON_GROUP_NORM, _FUSE_RESIDUAL_ADDS, _GROUP_NORM_ONE_PROGRAM, _SPLIT_ATTENTION,
-_BIAS_IN_NORM) dynamo is reset before the second load (the first pipeline's captured graph replays all the same).
+_BIAS_IN_NORM, _FP8) dynamo is reset before the second load (the first pipeline's captured graph replays all the same).
 
 Per block: p50 of a call (frames in, frames out, synchronised), and of its host part alone (until
 the pipeline returns, before the device is synchronised); once per pipeline: the step graph alone.
@@ -39,7 +40,8 @@ def load(workload: str, var: str, value: str, frames, mode: str = "compile") -> 
     wl = bench.WORKLOADS[workload]
     folder, taesd = bench.random_weight_model(bench._resolve_arch(wl, "auto"), cache_root() / "random-weights",
                                               torch.device("cuda"))
-    pipe = bench.Runner(args, torch.device("cuda"), "float16").pipeline(
+    dtype = os.environ.get("SCOPE_STREAMDIFFUSION_AB_DTYPE", "float16")  # this script's own: a side's dtype
+    pipe = bench.Runner(args, torch.device("cuda"), dtype).pipeline(
         workload, wl, str(folder), str(taesd), mode, wl.size, wl.size)
     call = bench._pipeline_call(pipe, wl, False)
     for i in range(5):
@@ -69,7 +71,8 @@ def main(out_path: str, workload: str, var: str, a: str, b: str, blocks: int = 6
     compile_settings = ("SCOPE_STREAMDIFFUSION_INDUCTOR", "SCOPE_STREAMDIFFUSION_COMPILE_MODE",
                         "SCOPE_STREAMDIFFUSION_GEMM_SMALL_CONVS", "SCOPE_STREAMDIFFUSION_TRITON_GROUP_NORM",
                         "SCOPE_STREAMDIFFUSION_FUSE_RESIDUAL_ADDS", "SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM",
-                        "SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION", "SCOPE_STREAMDIFFUSION_BIAS_IN_NORM")
+                        "SCOPE_STREAMDIFFUSION_SPLIT_ATTENTION", "SCOPE_STREAMDIFFUSION_BIAS_IN_NORM",
+                        "SCOPE_STREAMDIFFUSION_FP8", "SCOPE_STREAMDIFFUSION_AB_DTYPE")
     for value in (a, b):
         t0 = time.perf_counter()
         if value == b and any(name in f"{var} {a} {b}" for name in compile_settings):

@@ -121,6 +121,9 @@
 #   bash scripts/bench-h200.sh 100 # R20: TAESD's last convolution alone three ways (scripts/last-conv-probe.py); as
 #                                  #     the Triton kernel off/on in one process (txt2img, img2img); run with
 #                                  #     40dbde5's code (the kernel and the probe were removed after it, see BENCHMARKS.md R20)
+#   bash scripts/bench-h200.sh 104 # R21: fp8 attention-block layers on top of the defaults, SDXL-Turbo 1024², off/on in one process
+#   bash scripts/bench-h200.sh 105 # R21: the same in bfloat16 scaled per row, against float16 without fp8
+#   bash scripts/bench-h200.sh 106 # R21: SDXL-Turbo 1024², two frames per call, against diffusers batched the same
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -757,6 +760,23 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+106)  # R21: SDXL-Turbo 1024², two frames per call (frame_buffer_size=2), against diffusers given the same two images a call
+  bench r21-sdxl-fbs2-1 330 --workloads sdxl-turbo-1024 --modes compile --frame-buffer-size 2 --frames 40 --profile
+  rows r21-sdxl-fbs2
+  ;;
+105)  # R21: float16 (the default) against bfloat16 with fp8 attention-block layers scaled per row, SDXL-Turbo 1024², one process
+  ab r21-ab-fp8row-sdxl 330 sdxl-turbo-1024 env SCOPE_STREAMDIFFUSION_FP8=0,SCOPE_STREAMDIFFUSION_AB_DTYPE=float16 \
+    SCOPE_STREAMDIFFUSION_FP8=1,SCOPE_STREAMDIFFUSION_AB_DTYPE=bfloat16
+  SCOPE_STREAMDIFFUSION_FP8=1 bench r21-fp8row-sdxl 200 --workloads sdxl-turbo-1024 --dtype bfloat16 --modes none,compile --no-baseline --frames 40 --check --profile
+  rows r21-fp8row
+  ;;
+104)  # R21: fp8 attention-block layers (torchao wheel in .whl/) on top of the defaults, SDXL-Turbo 1024², off/on in one
+  # process; then fp8's --check against none
+  python3 -c 'import torch, torchao; print("torch", torch.__version__, "torchao", torchao.__version__)' 2>&1 | tail -1
+  ab r21-ab-fp8-sdxl 330 sdxl-turbo-1024 SCOPE_STREAMDIFFUSION_FP8 0 1
+  SCOPE_STREAMDIFFUSION_FP8=1 bench r21-fp8-sdxl 200 --workloads sdxl-turbo-1024 --modes none,compile --no-baseline --frames 40 --check --profile
+  rows r21-fp8
   ;;
 94)  # R19: the final code, compile only, --check --profile: SD-Turbo img2img/txt2img, LCM; SDXL-Turbo 1024²
   bench r19-final-1 330 --workloads sd-turbo-txt2img,sd-turbo-img2img,sd15-lcm4-self --modes compile --no-baseline --frames 300 --check --profile

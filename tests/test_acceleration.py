@@ -7,6 +7,7 @@ the figures and correctness tolerances measured there); here we test everything 
 import gc
 import json
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -1298,8 +1299,33 @@ def test_fp8_is_refused_with_a_reason_where_it_cannot_run(monkeypatch):
     assert quantization.fp8_requested()
     assert "CUDA" in quantization.fp8_unavailable(torch.device("cpu"))
     # Only linear layers whose sizes fp8 matrix products accept are swapped.
-    assert quantization._fp8_friendly(torch.nn.Linear(320, 1280), "ff")
-    assert not quantization._fp8_friendly(torch.nn.Linear(320, 1000), "odd")
-    assert not quantization._fp8_friendly(torch.nn.Conv2d(320, 320, 1), "conv")
+    ff = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+    assert quantization._fp8_friendly(torch.nn.Linear(320, 1280), ff)
+    assert not quantization._fp8_friendly(torch.nn.Linear(320, 1000), ff)
+    assert not quantization._fp8_friendly(torch.nn.Conv2d(320, 320, 1), ff)
     runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
     assert "LoRA" in quantization.fp8_unavailable(torch.device("cpu"), [runtime])
+
+
+@pytest.mark.parametrize("rewritten", [False, True])
+def test_fp8_takes_the_attention_blocks_linear_layers_that_compute(rewritten):
+    """fp8 swaps the layers that read a row per pixel (attention blocks), after the fused and shared
+    projections: the fused q/k/v layer, not its views; no time-embedding or prompt projection."""
+    from scope_streamdiffusion.engine.projections import fuse_projections, share_conditioning_projections
+    from scope_streamdiffusion.engine.quantization import _fp8_friendly
+    from scope_streamdiffusion.testing.tiny_models import _tiny_unet
+
+    unet = _tiny_unet("sdxl").eval()
+    if rewritten:
+        assert fuse_projections(unet) and share_conditioning_projections(unet)
+    taken = {name for name, module in unet.named_modules() if _fp8_friendly(module, name)}
+    suffixes = {re.sub(r"^.*attentions\.\d+\.(transformer_blocks\.\d+\.)?", "", name) for name in taken}
+    self_attention = ["attn1.to_qkv"] if rewritten else ["attn1.to_q", "attn1.to_k", "attn1.to_v"]
+    cross_attention = ["attn2.to_q"] if rewritten else ["attn2.to_q", "attn2.to_k", "attn2.to_v"]
+    assert suffixes == {*self_attention, "attn1.to_out.0", *cross_attention, "attn2.to_out.0", "ff.net.0.proj",
+                        "ff.net.2", "proj_in", "proj_out"}
+    blocks = sum(1 for name, _ in unet.named_modules() if name.endswith(".attn2"))
+    transformers = sum(1 for name, _ in unet.named_modules() if name.endswith(".proj_in"))
+    assert blocks and len(taken) == blocks * (len(self_attention) + len(cross_attention) + 4) + 2 * transformers
+    linear = {name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert any("time_embedding" in name or "add_embedding" in name for name in linear - taken)

@@ -574,9 +574,8 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     # Fused q/k/v projections: -0.16 to -0.25 ms of GPU time per SD-Turbo frame on an H200 (BENCHMARKS.md,
     # R4); the time-embedding and prompt key/value projections as one GEMM each: -0.11 to -0.21 ms (R12).
     # SCOPE_STREAMDIFFUSION_FUSE_QKV=0 / _SHARE_PROJECTIONS=0 keep them apart. TensorRT fuses its own;
-    # fp8 (an experiment) was measured on the separate projections; runtime LoRAs sit on them.
-    fp8 = mode == "compile" and fp8_requested()
-    rewrite = mode != "tensorrt" and not fp8 and not has_runtime_adapters(models.extras.get("loras"))
+    # runtime LoRAs sit on them.
+    rewrite = mode != "tensorrt" and not has_runtime_adapters(models.extras.get("loras"))
     if rewrite and _switch("SCOPE_STREAMDIFFUSION_FUSE_QKV"):
         models.extras["fused_projections"] = fuse_projections(models.unet)
     if rewrite and _switch("SCOPE_STREAMDIFFUSION_SHARE_PROJECTIONS"):
@@ -632,7 +631,7 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     if mode in ("compile", "background-compile"):
         options = inductor_options(allow_freezing=can_freeze(models.extras.get("loras"))) | pass_options
     if mode == "compile":
-        if fp8:
+        if fp8_requested():  # after the rewrites: the fused q/k/v layers are the ones swapped
             apply_fp8(models)
         compile_modules(models.unet, models.vae)
     elif mode == "background-compile":

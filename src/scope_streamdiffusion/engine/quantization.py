@@ -1,9 +1,12 @@
-"""fp8 for the UNet's linear layers (opt-in, ``SCOPE_STREAMDIFFUSION_FP8=1``, with ``compile``).
+"""fp8 for the UNet's transformer layers (opt-in, ``SCOPE_STREAMDIFFUSION_FP8=1``, with ``compile``).
 
 Weights and activations in float8 (e4m3, one scale per tensor, activations scaled per call) through
-torchao, on GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper). Convolutions and
-attention stay in fp16. An experiment for speed: the quality cost needs checking with real weights,
-and runtime LoRA adapters can't be used with it (their layers wrap the linear layers).
+torchao, on GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper). Only the linear layers
+of the attention blocks are swapped: they read one row per pixel of their level, the only GEMMs large
+enough for fp8's faster products to pay for scaling the activations. The time embedding's
+projections (one row) and the prompt's key/value projections (77 rows) stay in fp16, as do
+convolutions and attention itself. An experiment for speed: the quality cost needs checking with
+real weights, and runtime LoRA adapters can't be used with it (their layers wrap the linear layers).
 """
 
 from __future__ import annotations
@@ -38,9 +41,19 @@ def fp8_unavailable(device: torch.device, loras=None) -> str | None:
     return None
 
 
-def _fp8_friendly(module: torch.nn.Module, _name: str) -> bool:
-    # fp8 matrix products need both dimensions divisible by 16.
-    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+def _fp8_friendly(module: torch.nn.Module, name: str) -> bool:
+    from .projections import SharedInputMember
+
+    if not isinstance(module, torch.nn.Linear) or isinstance(module, SharedInputMember):
+        return False  # a shared projection's member computes its columns of one fp16 GEMM
+    # A layer whose weight is a view of a fused one (to_q/to_k/to_v beside to_qkv) never runs.
+    weight = module.weight
+    if weight.untyped_storage().nbytes() != weight.numel() * weight.element_size():
+        return False
+    # Attention blocks only (``down_blocks.1.attentions.0...``, ``mid_block.attentions.0...``); fp8 matrix
+    # products need both dimensions divisible by 16.
+    in_attention_block = name.startswith("attentions.") or ".attentions." in name
+    return in_attention_block and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def apply_fp8(models) -> None:
@@ -59,11 +72,13 @@ def apply_fp8(models) -> None:
 
 def quantize_unet_fp8(unet: torch.nn.Module) -> int:
     """Swap the UNet's linear layers for fp8 ones in place; returns how many were to be swapped."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
     count = sum(_fp8_friendly(m, n) for n, m in unet.named_modules())
-    # One scale per tensor: torchao's per-row scaling takes bf16 weights only, ours are fp16.
+    # One scale per row where torchao can (bfloat16 weights only): a row's scale is a reduction the
+    # kernel making the row can do; in float16 one scale per tensor.
+    granularity = PerRow() if next(unet.parameters()).dtype == torch.bfloat16 else PerTensor()
     # set_inductor_config=False: torchao's global inductor settings include slow autotuning.
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), set_inductor_config=False),
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False),
               filter_fn=_fp8_friendly)
     return count
