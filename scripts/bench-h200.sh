@@ -124,6 +124,7 @@
 #   bash scripts/bench-h200.sh 104 # R21: fp8 attention-block layers on top of the defaults, SDXL-Turbo 1024², off/on in one process
 #   bash scripts/bench-h200.sh 105 # R21: the same in bfloat16 scaled per row, against float16 without fp8
 #   bash scripts/bench-h200.sh 106 # R21: SDXL-Turbo 1024², two frames per call, against diffusers batched the same
+#   bash scripts/bench-h200.sh 107 # R21: a 16:9 stream (640x360), the defaults against none, --check
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -760,6 +761,12 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+107)  # R21: a 16:9 stream (640x360: odd latent sizes, 80x45 -> 10x6), the defaults against none, --check
+  bench r21-169-1 330 --workloads sd-turbo-img2img,sd-turbo-txt2img --width 640 --height 360 --modes none,compile --no-baseline --frames 150 --check --profile
+  rows r21-169
+  split_counts r21-169
+  python3 -c 'import json,sys; [print(r["workload"], r["mode"], r.get("gemm_small_convs"), r.get("triton_group_norms")) for r in json.load(open(sys.argv[1]))["results"]]' "$OUT/r21-169-1.json"
   ;;
 106)  # R21: SDXL-Turbo 1024², two frames per call (frame_buffer_size=2), against diffusers given the same two images a call
   bench r21-sdxl-fbs2-1 330 --workloads sdxl-turbo-1024 --modes compile --frame-buffer-size 2 --frames 40 --profile
