@@ -1303,6 +1303,7 @@ def test_fp8_is_refused_with_a_reason_where_it_cannot_run(monkeypatch):
     assert quantization._fp8_friendly(torch.nn.Linear(320, 1280), ff)
     assert not quantization._fp8_friendly(torch.nn.Linear(320, 1000), ff)
     assert not quantization._fp8_friendly(torch.nn.Conv2d(320, 320, 1), ff)
+    assert not quantization._fp8_friendly(torch.nn.Linear(320, 1280), "time_embedding.linear_1")  # one row
     runtime = LoadedLora("b.safetensors", 0.5, "runtime_peft", "b", ("unet",))
     assert "LoRA" in quantization.fp8_unavailable(torch.device("cpu"), [runtime])
 

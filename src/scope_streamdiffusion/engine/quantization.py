@@ -1,12 +1,14 @@
 """fp8 for the UNet's transformer layers (opt-in, ``SCOPE_STREAMDIFFUSION_FP8=1``, with ``compile``).
 
-Weights and activations in float8 (e4m3, one scale per tensor, activations scaled per call) through
-torchao, on GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper). Only the linear layers
-of the attention blocks are swapped: they read one row per pixel of their level, the only GEMMs large
-enough for fp8's faster products to pay for scaling the activations. The time embedding's
-projections (one row) and the prompt's key/value projections (77 rows) stay in fp16, as do
-convolutions and attention itself. An experiment for speed: the quality cost needs checking with
-real weights, and runtime LoRA adapters can't be used with it (their layers wrap the linear layers).
+Weights and activations in float8 (e4m3; activations scaled on every call, one scale per tensor in
+float16, per row in bfloat16) through torchao, on GPUs with fp8 matrix units (compute capability 8.9+:
+Ada, Hopper), on top of the other rewrites. Only the attention blocks' linear layers are swapped: they
+read one row per pixel of their level, the largest GEMMs and the ones fp8 can speed up most. The time
+embedding's projections (one row) and the prompt's key/value projections (77 rows) stay in fp16, as do
+convolutions and attention itself. Measured slower all the same (BENCHMARKS.md, R21: at SDXL 1024² its
+GEMMs run 32% faster, and scaling the activations costs more than that), so it stays an opt-in
+experiment; the quality cost would need checking with real weights, and runtime LoRA adapters can't be
+used with it (their layers wrap the linear layers).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def apply_fp8(models) -> None:
 
 
 def quantize_unet_fp8(unet: torch.nn.Module) -> int:
-    """Swap the UNet's linear layers for fp8 ones in place; returns how many were to be swapped."""
+    """Swap the attention blocks' linear layers for fp8 ones in place; returns how many were to be swapped."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
     count = sum(_fp8_friendly(m, n) for n, m in unet.named_modules())
