@@ -125,6 +125,7 @@
 #   bash scripts/bench-h200.sh 105 # R21: the same in bfloat16 scaled per row, against float16 without fp8
 #   bash scripts/bench-h200.sh 106 # R21: SDXL-Turbo 1024², two frames per call, against diffusers batched the same
 #   bash scripts/bench-h200.sh 107 # R21: a 16:9 stream (640x360), the defaults against none, --check
+#   bash scripts/bench-h200.sh 108 # R21: SDXL-Turbo 1024² under the default (auto) from a cold cache
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -761,6 +762,14 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+108)  # R21: SDXL-Turbo 1024² under the default (auto = background-compile) from a cold cache: eager at once, then compiled
+  start=$SECONDS
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r21-sdxl timeout 370 python3 scripts/background-compile-timeline.py \
+    sdxl-turbo-1024 230 "$OUT/r21-bg-sdxl.json" > "$OUT/r21-bg-sdxl.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  bg_summary "$OUT/r21-bg-sdxl"
+  grep -E "WARNING|Error" "$OUT/r21-bg-sdxl.log" | cut -c1-300 | head
   ;;
 107)  # R21: a 16:9 stream (640x360: odd latent sizes, 80x45 -> 10x6), the defaults against none, --check
   bench r21-169-1 330 --workloads sd-turbo-img2img,sd-turbo-txt2img --width 640 --height 360 --modes none,compile --no-baseline --frames 150 --check --profile
