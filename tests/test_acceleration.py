@@ -1308,6 +1308,17 @@ def test_fp8_is_refused_with_a_reason_where_it_cannot_run(monkeypatch):
     assert "LoRA" in quantization.fp8_unavailable(torch.device("cpu"), [runtime])
 
 
+def test_fp8_asked_for_another_mode_than_compile_says_so_once(tiny_sd15, caplog, monkeypatch):
+    monkeypatch.setenv("SCOPE_STREAMDIFFUSION_FP8", "1")
+    caplog.set_level(logging.WARNING)
+    for mode, warnings in (("auto", 1), ("none", 1), ("compile", 1)):  # compile: only its fallback's, on the CPU
+        caplog.clear()
+        load_models(str(tiny_sd15), device=CPU, dtype=torch.float32, use_tiny_vae=False, acceleration=mode)
+        messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(messages) == warnings, messages
+        assert ("FP8" in messages[0]) == (mode != "compile"), messages
+
+
 @pytest.mark.parametrize("rewritten", [False, True])
 def test_fp8_takes_the_attention_blocks_linear_layers_that_compute(rewritten):
     """fp8 swaps the layers that read a row per pixel (attention blocks), after the fused and shared

@@ -568,6 +568,9 @@ def accelerate(models, requested: str, stream_shape: tuple[int, int, int] | None
     else:
         mode = resolve_acceleration(requested, models.device)
     models.extras["acceleration"] = mode
+    if fp8_requested() and (requested or "auto").lower() != "compile":  # never silently
+        logger.warning("SCOPE_STREAMDIFFUSION_FP8 is for acceleration='compile' only: %r runs without fp8.",
+                       requested or "auto")
     if mode not in GRAPH_MODES:
         return models
     torch.backends.cudnn.benchmark = True
