@@ -44,11 +44,10 @@ def fp8_unavailable(device: torch.device, loras=None) -> str | None:
 
 
 def _fp8_friendly(module: torch.nn.Module, name: str) -> bool:
-    from .projections import SharedInputMember
-
-    if not isinstance(module, torch.nn.Linear) or isinstance(module, SharedInputMember):
-        return False  # a shared projection's member computes its columns of one fp16 GEMM
-    # A layer whose weight is a view of a fused one (to_q/to_k/to_v beside to_qkv) never runs.
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    # A weight that is a view of a larger one is computed elsewhere: a fused layer's part (to_q/to_k/to_v
+    # beside to_qkv) or a shared projection's member (its columns of one float16 GEMM).
     weight = module.weight
     if weight.untyped_storage().nbytes() != weight.numel() * weight.element_size():
         return False
