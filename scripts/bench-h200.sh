@@ -126,6 +126,8 @@
 #   bash scripts/bench-h200.sh 106 # R21: SDXL-Turbo 1024², two frames per call, against diffusers batched the same
 #   bash scripts/bench-h200.sh 107 # R21: a 16:9 stream (640x360), the defaults against none, --check
 #   bash scripts/bench-h200.sh 108 # R21: SDXL-Turbo 1024² under the default (auto) from a cold cache
+#   bash scripts/bench-h200.sh 109 # R22: SD-Turbo at 256², against none and diffusers, --check; then a warm restart
+#   bash scripts/bench-h200.sh 110 # R22: where a warm start's time goes: cold, warm, warm under cProfile (SD-Turbo img2img 512²)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -762,6 +764,25 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+110)  # R22: a warm start: its cache hits and where its time goes (cold, warm, then warm under cProfile)
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r22-warm
+  bench r22-start-cold 200 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 100
+  bench r22-start-warm 120 --workloads sd-turbo-img2img --modes compile --no-baseline --frames 100
+  start=$SECONDS; timeout 150 python3 -m cProfile -o "$OUT/r22-start-warm.prof" -m scope_streamdiffusion.bench --random-weights \
+    --json "$OUT/r22-start-prof.json" --workloads sd-turbo-img2img --modes compile --no-baseline --frames 20 > "$OUT/r22-start-prof.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  python3 -c 'import pstats,sys; p=pstats.Stats(sys.argv[1]); p.sort_stats("cumulative").print_stats(45); p.sort_stats("tottime").print_stats(25)' \
+    "$OUT/r22-start-warm.prof" > "$OUT/r22-start-pstats.txt" 2>&1
+  python3 -c 'import json,sys; [print(f.split("/")[-1], r["mode"], r.get("startup_s"), r.get("load_s"), r.get("capture_s"), r.get("compile_caches")) for f in sys.argv[1:] for r in json.load(open(f))["results"]]' "$OUT"/r22-start-*.json
+  grep -E "compile_fx|_compile|load_by_key|cudnn|capture|FxGraphCache|AOTAutogradCache|triton|compile_inner|aot_|lowering|codecache" "$OUT/r22-start-pstats.txt" | head -40 | cut -c1-200
+  ;;
+109)  # R22: SD-Turbo at 256² (a small, fast webcam size), against none and diffusers, --check --profile
+  bench r22-256-1 400 --workloads sd-turbo-img2img,sd-turbo-txt2img --width 256 --height 256 --modes none,compile --frames 300 --check --profile
+  # A restart: the same compile with inductor's on-disk cache warm.
+  bench r22-256-warm 120 --workloads sd-turbo-img2img --width 256 --height 256 --modes compile --no-baseline --frames 300
+  rows r22-256
+  split_counts r22-256
   ;;
 108)  # R21: SDXL-Turbo 1024² under the default (auto = background-compile) from a cold cache: eager at once, then compiled
   start=$SECONDS

@@ -256,6 +256,17 @@ def _pipeline_call(pipe, wl: Workload, modulate: bool):
     return call
 
 
+def _compile_cache_counts() -> dict:
+    """Inductor's and AOTAutograd's on-disk cache hits, misses and bypasses so far in this process."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {f"{group}.{key}": int(n) for group in ("inductor", "aot_autograd")
+                for key, n in counters[group].items() if "cache" in key}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
 def _dynamo_graphs() -> int:
     try:
         from torch._dynamo.utils import counters
@@ -481,6 +492,7 @@ def run(args) -> int:
             if env:
                 row["env"] = env
             _free(device)
+            caches_before = _compile_cache_counts()
             try:
                 t0 = time.perf_counter()
                 if mode == "diffusers":
@@ -506,6 +518,9 @@ def run(args) -> int:
                     if mode != "diffusers" and key in pipe.engine.models.extras:
                         row[key] = dict(pipe.engine.models.extras[key])
                 row["startup_s"] = round(row["load_s"] + row["warmup_s"], 3)
+                # Whether a restart found its compiled graphs on disk (a warm start should show hits only).
+                caches = {k: n - caches_before.get(k, 0) for k, n in _compile_cache_counts().items()}
+                row["compile_caches"] = {k: n for k, n in caches.items() if n}
                 if mode != "diffusers":
                     runner = pipe.engine.models.extras.get("step_runner")
                     if runner is not None:
