@@ -355,6 +355,27 @@ def test_similar_image_filter_skips_static_input(sd15_models):
     assert rows.rows == [1]
 
 
+def test_similar_image_filter_compares_frames_as_the_model_sees_them():
+    """Cosine similarity in [-1, 1], as the model's input (and the reference's filter): in [0, 1]
+    every frame points into the same corner, so a moving video's frames pass the default threshold."""
+    from scope_streamdiffusion.engine.similar_image_filter import SimilarImageFilter
+    from scope_streamdiffusion.video_io import test_pattern
+
+    frames = [f.permute(2, 0, 1)[None].float() / 255 for f in test_pattern(60, 64, 64)]
+    moving = SimilarImageFilter(seed=0)  # the defaults: threshold 0.98, at most 10 skips in a row
+    assert sum(moving.should_skip(f) for f in frames) <= 8  # 6 (21 when compared in [0, 1])
+    still = SimilarImageFilter(seed=0)
+    assert sum(still.should_skip(frames[0]) for _ in range(12)) == 10  # static input: every allowed skip
+    # A grey frame with a faint pattern and its inverse: cos 0.95 in [0, 1], 0 as the model sees them.
+    pattern = 0.1 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    decisions = []
+    for seed in range(10):
+        unrelated = SimilarImageFilter(threshold=0.9, seed=seed)
+        unrelated.should_skip(0.6 + pattern)
+        decisions.append(unrelated.should_skip(0.6 - pattern))
+    assert not any(decisions)  # in [0, 1] each skipped with probability 0.46
+
+
 def test_similar_image_filter_keeps_a_reference_across_setting_changes(sd15_models):
     """After a settings change there is no output to repeat, but the frame processed then is still
     the reference: the very next identical frame can be skipped."""

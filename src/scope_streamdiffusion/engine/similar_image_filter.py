@@ -1,7 +1,9 @@
 """Stochastic similar-image filter: skip the model when the input barely changed.
 
 ``skip_prob = max(0, 1 - (1 - cos) / (1 - threshold))`` where ``cos`` is the cosine similarity of the
-new input with the last *processed* input; a frame is skipped when ``skip_prob`` beats a seeded
+new input with the last *processed* input, both in [-1, 1] as the model sees them (in [0, 1] every
+vector points into the same corner: unrelated images score ~0.9 and a moving video's frames pass
+the default threshold); a frame is skipped when ``skip_prob`` beats a seeded
 uniform draw, and never more than ``max_skip_frame`` times in a row. A skip returns the previous
 output at once (the calling thread never sleeps).
 """
@@ -32,9 +34,9 @@ class SimilarImageFilter:
         self._skipped = 0
 
     def should_skip(self, frames: torch.Tensor, can_skip: bool = True) -> bool:
-        """Decide for ``frames`` and remember them as the reference when they will be processed
-        (always, with ``can_skip=False``: the caller has no output to repeat)."""
-        flat = frames.detach().reshape(-1).float()
+        """Decide for ``frames`` (in [0, 1]) and remember them as the reference when they will be
+        processed (always, with ``can_skip=False``: the caller has no output to repeat)."""
+        flat = frames.detach().reshape(-1).float() * 2 - 1
         if can_skip and self._reference is not None and self._reference.shape == flat.shape and self._skipped < self.max_skip_frame:
             cos = torch.nn.functional.cosine_similarity(flat, self._reference, dim=0).item()
             p = skip_probability(cos, self.threshold)
