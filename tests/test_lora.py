@@ -94,6 +94,42 @@ def test_permanent_merge_changes_output_and_keeps_its_scale(tiny_sd15, lora_file
     assert pipe.loaded_lora_adapters == [{"path": lora_file, "scale": 0.5}]
 
 
+def test_runtime_scales_change_a_compiled_unet_without_a_new_graph(tiny_sd15, lora_file, monkeypatch):
+    """peft keeps a scale as a float, which torch.compile bakes into the graph: every value of a LoRA
+    slider would compile the UNet again (after 64 values not at all) and re-capture its CUDA graphs.
+    Held in a tensor on the device it is an input: one graph for every scale, each output the eager
+    UNet's at that scale, and the captured graphs are kept."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": lora_file, "scale": 1.0}],
+                                   lora_merge_mode="runtime_peft", **SIZE)
+    models = pipe.engine.models
+    assert models.extras["lora_scales_in_tensors"]
+    unet = models.unet
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=gen)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen)
+    counter = CompileCounterWithBackend("aot_eager")  # through AOTAutograd, as inductor gets it
+    compiled = torch.compile(unet, backend=counter, dynamic=False)
+    changes = []
+    monkeypatch.setattr(pipe.engine, "weights_changed", lambda **kw: changes.append(kw))
+    torch._dynamo.reset()
+    try:
+        outputs = []
+        for scale in (1.0, 0.5, -2.0, 0.3, 0.0):
+            pipe.update(lora_scales=[{"path": lora_file, "scale": scale}])
+            with torch.no_grad():
+                got = compiled(sample, 500, context).sample
+                want = unet(sample, 500, context).sample
+            assert (got - want).abs().max() < 1e-5
+            outputs.append(got)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1  # one compiled graph for five scales
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4 and (outputs[0] - outputs[2]).abs().max() > 1e-4
+    assert changes and all(kw == {"text_encoders": False, "recapture": False} for kw in changes)
+
+
 def test_text_encoder_lora_reencodes_prompts_on_scale_change(tiny_sd15, text_encoder_lora):
     pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": text_encoder_lora, "scale": 1.0}],
                                    lora_merge_mode="runtime_peft", **SIZE)

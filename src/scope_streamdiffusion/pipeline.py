@@ -186,7 +186,9 @@ class StreamDiffusionPipeline(Pipeline):
         modules = {"unet": models.unet, **dict(zip(("text_encoder", "text_encoder_2"), models.text_encoders))}
         touched = self._lora_scales.update(updates, modules)
         if touched:
-            self.engine.weights_changed(text_encoders=bool(touched - {"unet"}))
+            # The UNet's scales held in tensors change in place: its graphs stay (no re-capture or re-compile).
+            recapture = "unet" in touched and not models.extras.get("lora_scales_in_tensors")
+            self.engine.weights_changed(text_encoders=bool(touched - {"unet"}), recapture=recapture)
             self.loaded_lora_adapters = self._lora_scales.report
 
     # ----- Scope's calls --------------------------------------------------------------------------

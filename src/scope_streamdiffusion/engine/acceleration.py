@@ -29,7 +29,8 @@ timesteps (strength / t_index_list of the same length), the per-step noise (seed
 mix live in static buffers that are refreshed before a replay. A change of the UNet batch shape
 (number of steps, CFG type, frame_buffer_size, prompt token count, txt2img vs img2img) captures
 one more graph once; graphs are cached per shape (the 16 most recently used). A runtime LoRA scale
-change re-captures (the scales are baked into a graph). A requested mode that cannot run here falls
+is a tensor the graph reads (:func:`.lora.hold_scales_in_tensors`): a change neither re-captures
+nor re-compiles (a LoRA variant such as DoRA keeps peft's float scales and re-captures). A requested mode that cannot run here falls
 back to ``"none"`` with ONE warning, never silently (``"tensorrt"`` without the ``tensorrt``
 package is a :class:`~.models.ModelLoadError` naming the install command instead).
 """

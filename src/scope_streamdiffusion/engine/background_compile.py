@@ -5,16 +5,16 @@ Each new batch shape of the step (the first one, and later ones: steps, CFG type
 is captured at once with the modules running eagerly, as ``"cudagraph"`` does (about a second).
 That capture records the shapes the UNet, encoder and decoder were called with; a background thread
 compiles those modules for exactly those shapes (``torch.compile``, as ``"compile"`` does: a minute
-or two the first time per model and shape, ~20 s with inductor's cache warm), and once it is done
+or two the first time per model and shape, ~30 s with inductor's cache warm), and once it is done
 the frame thread captures that shape again with the compiled code, which runs without compiling
-anything on the frame thread. New weights (a runtime LoRA scale, which dynamo guards on) start the
-shapes over. A failure in the background leaves that shape on the eager graph with one warning; a
+anything on the frame thread. New weights that the graphs hold (a LoRA variant's float scale, which dynamo
+guards on) start the shapes over; the usual runtime LoRA scales are tensors the graphs read. A failure in the background leaves that shape on the eager graph with one warning; a
 dropped pipeline stops its compilation after the current module.
 
 The modules choose per call (:class:`_Route`, per thread): the frame thread runs their compiled
 code only for a shape whose compilation is done, eager code otherwise (also for the one-off priming
 of a stream batch) - no process-wide compiler stance involved. It runs the compiled code in dynamo's
-run-only mode: a guard that fails there (a LoRA scale changed during a capture) runs that call
+run-only mode: a guard that fails there (a LoRA variant's float scale changed during a capture) runs that call
 eagerly; the frame thread never compiles.
 
 While the background thread compiles, Python's GIL switch interval is kept short: every PyTorch

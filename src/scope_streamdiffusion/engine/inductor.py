@@ -170,9 +170,8 @@ def compile_modules(unet: torch.nn.Module, vae: torch.nn.Module, mode: str | Non
     """``torch.compile`` in place (``nn.Module.compile``): identity, config and weights stay shared.
     Static shapes (``dynamic=False``): one specialisation per shape. Compilation happens lazily, at
     the first call of each shape, i.e. inside :meth:`StepGraphs._capture`, which applies the
-    inductor options (:func:`compiling`). A runtime LoRA scale change (``StreamDiffusion.weights_changed``)
-    drops the step graphs; the next frame re-captures them and, since PEFT's scales are Python
-    numbers that dynamo guards on, may recompile once. ``SCOPE_STREAMDIFFUSION_COMPILE_MODE`` sets
+    inductor options (:func:`compiling`). Runtime LoRA scales are tensors, inputs of
+    the compiled graph (:func:`.lora.hold_scales_in_tensors`): a new scale compiles nothing. ``SCOPE_STREAMDIFFUSION_COMPILE_MODE`` sets
     torch.compile's mode (experiments).
     """
     options = dict(dynamic=False, mode=prepare_compilation(mode))

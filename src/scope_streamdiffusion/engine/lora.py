@@ -211,10 +211,60 @@ def apply_loras(pipe, specs: list[LoraSpec], model_id: str, family) -> list[Load
     return [by_path[spec.path] for spec in specs]
 
 
+def _lora_layers(module):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+def hold_scales_in_tensors(unet) -> bool:
+    """Give the UNet's runtime adapters their scales as 0-dim tensors on its device, which
+    :func:`set_lora_scales` then changes in place.
+
+    peft keeps a scale as a Python float, which torch.compile bakes into its graph: every new value
+    of a LoRA slider would compile the UNet again (and after 64 values compilation stops), and every
+    captured CUDA graph would hold the old value. A tensor is an input of the compiled graph and is
+    read from memory by a captured one, so a new scale needs neither. Returns False, changing
+    nothing, when a layer reads its scale in its own way (a LoRA variant such as DoRA).
+    """
+    import torch
+
+    layers = _lora_layers(unet)
+    if not layers or any(getattr(layer, "lora_variant", None) for layer in layers):
+        return False
+    for layer in layers:
+        for name, value in layer.scaling.items():
+            if not isinstance(value, torch.Tensor):
+                layer.scaling[name] = torch.tensor(float(value), device=layer.lora_A[name].weight.device)
+    return True
+
+
+def _set_held_scales(unet, loras: list[LoadedLora]) -> bool:
+    """Write ``loras``' scales into the tensors that hold them; False when they are not held so.
+
+    Layer by layer, not through ``set_adapters``: that also marks the adapters' weights trainable,
+    which a compiled graph guards on (one more compile at the first change)."""
+    import torch
+
+    layers = _lora_layers(unet)
+    if not layers or not all(isinstance(v, torch.Tensor) for layer in layers for v in layer.scaling.values()):
+        return False
+    for layer in layers:
+        for lora in loras:
+            held = layer.scaling.get(lora.adapter_name)
+            if held is None:
+                continue
+            layer.set_scale(lora.adapter_name, lora.scale)  # peft's formula: alpha / r (or / sqrt(r), rsLoRA)
+            held.fill_(float(layer.scaling[lora.adapter_name]))
+            layer.scaling[lora.adapter_name] = held
+    return True
+
+
 def set_lora_scales(modules: dict, loras: list[LoadedLora]) -> set[str]:
     """Give every runtime adapter in ``loras`` its ``scale``; returns the components that changed.
 
     ``modules`` maps component names ("unet", "text_encoder", "text_encoder_2") to the modules.
+    Scales held in tensors (:func:`hold_scales_in_tensors`) are written in place.
     """
     from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 
@@ -224,10 +274,10 @@ def set_lora_scales(modules: dict, loras: list[LoadedLora]) -> set[str]:
         if not active:
             continue
         names, weights = [lora.adapter_name for lora in active], [lora.scale for lora in active]
-        if component == "unet":
-            module.set_adapters(names, weights)
-        else:
+        if component != "unet":
             set_adapters_for_text_encoder(names, module, weights)
+        elif not _set_held_scales(module, active):
+            module.set_adapters(names, weights)
         touched.add(component)
     return touched
 

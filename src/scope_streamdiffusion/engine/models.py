@@ -269,7 +269,7 @@ def load_models(
     ``stream_shape``: (width, height, frame_buffer_size) the models will run at (tunes TensorRT engines)."""
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from .lora import apply_loras, parse_loras
+    from .lora import apply_loras, hold_scales_in_tensors, parse_loras
 
     lora_specs = parse_loras(loras, lora_merge_mode)  # a malformed entry fails before the model loads
 
@@ -306,6 +306,9 @@ def load_models(
             module.to(device)
             module.eval()
             module.requires_grad_(False)
+        # Runtime LoRA scales as tensors on the device: a new scale then needs no new compile or capture.
+        live_scales = any(lora.is_runtime and "unet" in lora.components for lora in loaded_loras) \
+            and hold_scales_in_tensors(unet)
         if device.type == "cuda":
             # cuDNN runs convolutions in NHWC; NCHW weights cost a layout conversion per layer.
             unet.to(memory_format=torch.channels_last)
@@ -327,7 +330,8 @@ def load_models(
             dtype=dtype,
             model_id=model_id,
             force_zeros_for_empty_prompt=force_zeros,
-            extras={"attention": attention, "source": source, "loras": loaded_loras},
+            extras={"attention": attention, "source": source, "loras": loaded_loras,
+                    "lora_scales_in_tensors": live_scales},
         ), acceleration, stream_shape)
     except ModelLoadError:
         pipe = None  # the half-loaded weights go before the error is raised

@@ -124,11 +124,12 @@ class StreamDiffusion:
             self.filter.reset(self._settings.seed)
             self.last_output = None
 
-    def weights_changed(self, text_encoders: bool = False) -> None:
+    def weights_changed(self, text_encoders: bool = False, recapture: bool = True) -> None:
         """Model weights changed in place (a runtime LoRA scale): drop what was derived from the old ones.
 
-        Captured CUDA graphs bake the old LoRA scales in; the last output (a similar-image skip would
-        return it) was made with them; with ``text_encoders`` the prompt embeddings are stale too.
+        Captured CUDA graphs bake the old LoRA scales in, unless they read them from tensors
+        (``recapture=False``); the last output (a similar-image skip would return it) was made with
+        them; with ``text_encoders`` the prompt embeddings are stale too.
         Called from Scope's update thread while a frame may be running: this drops the captured graphs
         (their runner keeps its own generation count) and counts the change; the frame thread rebuilds
         the rest at its next call, so it never sees half-cleared caches, and a snapshot built while
@@ -137,7 +138,7 @@ class StreamDiffusion:
         """
         with self._lock:
             runner = self.models.extras.get("step_runner")
-            if runner is not None:
+            if runner is not None and recapture:
                 runner.invalidate()
             self._weights_generation += 1
             if text_encoders:
