@@ -248,6 +248,40 @@ def test_compel_weighting_and_long_prompts(sd15_models):
     assert torch.isfinite(out).all()
 
 
+def test_prompts_compel_rejects_are_plain_text_with_one_warning(sd15_models, caplog):
+    """compel raises on some syntax (a blend whose weights don't match its prompts, empty
+    parentheses): that prompt is its text without the syntax, with one warning, so a typo in a live
+    prompt never fails every frame of the stream."""
+    import logging
+
+    engine = engine_for(sd15_models, num_inference_steps=1)
+    enc = engine.prompt_encoder
+    bad = {'("a cat", "a dog").blend(0.7)': "a cat , a dog .blend 0.7", "()": "", "(())1.5": "1.5"}
+    with caplog.at_level(logging.WARNING):
+        for text, plain in bad.items():
+            assert torch.equal(enc.encode(text).embeds, enc.encode(plain).embeds), text
+        engine.update(prompts=(("()", 1.0),))
+        outputs = [engine(f) for f in make_frames(3)]
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert sum("not valid compel syntax" in r.getMessage() for r in caplog.records) == len(bad)
+
+
+def test_prompt_weights_too_large_or_infinite_still_blend(sd15_models):
+    from scope_streamdiffusion.parameters import normalize_prompts
+
+    engine = engine_for(sd15_models, num_inference_steps=1)
+    enc = engine.prompt_encoder
+    cat = enc.encode("a cat").embeds
+    for weights in ([float("inf"), 1.0], [1e308, 1e308], [float("inf"), float("inf")]):
+        prompts = normalize_prompts([{"text": "a cat", "weight": weights[0]}, {"text": "a dog", "weight": weights[1]}])
+        mixed = enc.blend(list(prompts)).embeds
+        assert torch.isfinite(mixed).all() and mixed.abs().max() > 0.1, weights
+        if weights[1] == 1.0:
+            assert (mixed - cat).abs().max() < 1e-4  # the infinite weight dominates
+        engine.update(prompts=prompts)
+        assert torch.isfinite(engine(make_frames(1)[0])).all()
+
+
 PLAIN_TEXTS = ["a cat on a sofa", "portrait of a woman, oil painting, highly detailed, dramatic lighting, 8k",
                "hyper-realistic it's a_b cat.and a dog, x.blend y, AND BREAK <lora:x:1> cat:1.2 café 日本",
                "a, b,"]

@@ -69,6 +69,9 @@ def random_value(rng):
     return rng.choice([
         None, "0.5", "abc", [1, 2], {"a": 1}, -1, 0, 7, 500, 2.0, -3.5, 1e9, float("nan"), True, "",
         "x" * 10_000, rng.random(), rng.randint(-5, 60),
+        # Malformed forms of the structured values: transitions, weights, compel syntax.
+        {"target_prompts": [{"text": "a fox", "weight": 1}], "num_steps": rng.choice(["abc", float("nan"), [3], 1e12])},
+        [{"text": "a", "weight": float("inf")}, {"text": "b", "weight": 1e308}], '("a", "b").blend(0.7)', "()",
     ])
 
 
@@ -96,6 +99,24 @@ def test_fuzzed_parameter_updates_never_break_the_stream(tiny_sd15, caplog):
     # One warning per parameter and kind of problem, not one per update.
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) < 60
+
+
+def test_extreme_settings_give_valid_frames_and_the_stream_heals_after(tiny_sd15):
+    """Guidance 20, delta 5 and strength past 1 over 10 steps overflow the latents (1e19): the frames
+    stay in [0, 1] (never NaN), and once the settings are sane again, within the steps' calls, the
+    stream gives exactly the frames it gave before."""
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), prompt="a fox", num_inference_steps=10, cfg_type="self",
+                                   **SIZE)
+    frame = GOOD_FRAMES["37x53"]
+    sane = dict(guidance_scale=1.2, delta=1.0, strength=0.8)
+    for _ in range(12):
+        before = pipe(video=[frame], **sane)
+    for _ in range(12):  # the overflowed frames reach the output after the steps' calls
+        assert valid(pipe(video=[frame], guidance_scale=20.0, delta=5.0, strength=1.2))
+    assert pipe.engine.state.latents.abs().max() > 1e6
+    outs = [pipe(video=[frame], **sane) for _ in range(10)]
+    assert all(valid(o) for o in outs)
+    assert torch.equal(outs[-1]["video"], before["video"])
 
 
 @pytest.mark.slow

@@ -88,6 +88,47 @@ def test_transition_with_missing_fields_like_raw_data_channel_updates(pipe):
     assert pipe.engine.settings.prompts == (("a boat", 1.0),)
 
 
+def test_a_transition_moves_with_calls_not_with_updates(pipe):
+    """Each call is one step of a transition; update() (parameters without a frame, e.g. from
+    Scope's data channel between frames) does not move it."""
+    pipe(video=[frame()], prompts=[{"text": "a dog", "weight": 1.0}])
+    pipe.update(transition={"target_prompts": [{"text": "a castle", "weight": 1}], "num_steps": 4})
+    for _ in range(5):
+        pipe.update(guidance_scale=1.5)
+    assert pipe.engine.settings.prompts == (("a dog", 1.0),)  # not started: no call yet
+    pipe(video=[frame()])
+    assert dict(pipe.engine.settings.prompts) == pytest.approx({"a dog": 0.75, "a castle": 0.25})
+    pipe.update(guidance_scale=1.2)
+    pipe(video=[frame()])
+    assert dict(pipe.engine.settings.prompts) == pytest.approx({"a dog": 0.5, "a castle": 0.5})
+
+
+@pytest.mark.parametrize("steps", ["abc", float("nan"), float("inf"), [3], None, -5, "4"])
+def test_a_transition_with_unusable_steps_goes_to_its_target(pipe, steps):
+    source = f"a dog {steps!r}"  # a new prompt each time: Scope's resent prompts are not a change
+    pipe(video=[frame()], prompts=[{"text": source, "weight": 1.0}])
+    out = pipe(video=[frame()], transition={"target_prompts": [{"text": "a boat", "weight": 1}], "num_steps": steps})
+    assert out["video"].shape == (1, 64, 64, 3) and torch.isfinite(out["video"]).all()
+    if steps == "4":  # a number sent as text is still a number
+        assert dict(pipe.engine.settings.prompts) == pytest.approx({source: 0.75, "a boat": 0.25})
+    else:
+        assert pipe.engine.settings.prompts == (("a boat", 1.0),)
+
+
+def test_a_new_base_seed_is_a_new_seed_like_scopes_beat_reset(tiny_sd15):
+    """Scope's beat-synced cache reset sends init_cache=True with a new random base_seed: new noise."""
+    pipe = StreamDiffusionPipeline(**scope_construction_kwargs(model_id=str(tiny_sd15), **SIZE))
+    first = pipe(video=[frame()], init_cache=True, base_seed=42)["video"]
+    again = pipe(video=[frame()], init_cache=True, base_seed=42)["video"]
+    reseeded = pipe(video=[frame()], init_cache=True, base_seed=1234)["video"]
+    assert torch.equal(first, again) and (reseeded - first).abs().max() > 1e-3
+    assert pipe.params["seed"] == 1234
+    pipe(video=[frame()], seed=7, base_seed=1234)  # base_seed resent unchanged: the seed control wins
+    assert pipe.params["seed"] == 7
+    pipe(video=[frame()], seed=42, base_seed=1234)
+    assert torch.equal(pipe(video=[frame()], init_cache=True, base_seed=1234)["video"], first)
+
+
 def test_models_found_in_scopes_models_dir(tiny_sd15, tiny_taesd, tmp_path, monkeypatch):
     """Files fetched by Scope's download dialog land in <models dir>/<repo name>: loaded from there, offline."""
     monkeypatch.setenv("DAYDREAM_SCOPE_MODELS_DIR", str(tmp_path))

@@ -21,6 +21,9 @@ _MISSING = object()
 LCM_GRID_STEPS = 50  # engine.schedule.LCM_GRID_STEPS, repeated here to keep this module torch-free
 # compel encodes long prompts in 77-token chunks; ~2,000 characters is ~6 chunks already.
 MAX_PROMPT_CHARS = 2000
+# Scope's UI sends prompt weights of 0-100. Far larger ones only need to dominate a blend; capped,
+# an infinite weight (or a sum of huge ones) cannot turn the normalised blend into NaN or zeros.
+MAX_PROMPT_WEIGHT = 1e6
 
 
 def normalize_prompts(value: Any) -> tuple[tuple[str, float], ...] | None:
@@ -44,7 +47,7 @@ def normalize_prompts(value: Any) -> tuple[tuple[str, float], ...] | None:
                 weight = float(item.get("weight", 1.0))
             except (TypeError, ValueError):
                 weight = 1.0
-            items.append((item["text"], max(weight, 0.0) if weight == weight else 1.0))
+            items.append((item["text"], min(max(weight, 0.0), MAX_PROMPT_WEIGHT) if weight == weight else 1.0))
         else:
             return None
     return tuple(items)

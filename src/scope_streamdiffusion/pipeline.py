@@ -9,7 +9,9 @@ stays in force until a later call changes it; unknown keys are ignored.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 from typing import Any
 
 from ._scope import Pipeline, Requirements
@@ -52,9 +54,13 @@ def _pick_dtype(name: str | None, device):
 class PromptTransition:
     """Blends from one weighted prompt list to another over ``num_steps`` calls."""
 
-    def __init__(self, source, target, num_steps: int, method: str):
+    def __init__(self, source, target, num_steps: Any, method: str):
         self.source, self.target = source, target
-        self.num_steps, self.method, self.step = max(int(num_steps), 0), method, 0
+        try:  # as sent: a string, NaN or a list is no transition (the target at once), never an error
+            steps = float(num_steps)
+        except (TypeError, ValueError):
+            steps = 0.0
+        self.num_steps, self.method, self.step = int(steps) if math.isfinite(steps) and steps > 0 else 0, method, 0
 
     def next(self):
         """(prompts, interpolation method) for the next call, and whether the transition is over."""
@@ -81,8 +87,10 @@ class StreamDiffusionPipeline(Pipeline):
         from .engine.frames import snap_to_multiple
 
         self._coercer = ParameterCoercer(StreamDiffusionConfig)
+        # update() may come from another thread (Scope's parameter updates) while a call applies its own.
+        self._params_lock = threading.RLock()
         self.params = self._coercer.defaults()
-        self.params.update(self._coercer.changes(kwargs, self.params))
+        self.params.update(self._seed_changes(self._coercer.changes(kwargs, self.params)))
         p = self.params
         self.device = _pick_device(p["device"])
         self.dtype = _pick_dtype(p["dtype"], self.device)
@@ -137,7 +145,18 @@ class StreamDiffusionPipeline(Pipeline):
             out["t_index_list"] = tuple(out["t_index_list"])
         return out
 
-    def _prompt_changes(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _seed_changes(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Scope's ``base_seed``, when it changes, is the seed: its beat-synced cache reset sends a new
+        random one with ``init_cache`` for new noise."""
+        if "base_seed" in changes:
+            seed = self._coercer.coerce("seed", changes["base_seed"], self.params["seed"])
+            if seed != self.params["seed"]:
+                changes["seed"] = seed
+        return changes
+
+    def _prompt_changes(self, kwargs: dict[str, Any], advance: bool) -> dict[str, Any]:
+        """New prompts or a new transition from ``kwargs``; with ``advance`` (a call, not an update)
+        a running transition also moves one step."""
         changes: dict[str, Any] = {}
         for key in ("prompts", "prompt"):
             if key in kwargs and not self._coercer.seen(key, kwargs[key]):
@@ -152,13 +171,15 @@ class StreamDiffusionPipeline(Pipeline):
         if isinstance(transition, dict) and not self._coercer.seen("transition", transition):
             target = self._coercer.prompts("transition", transition.get("target_prompts"))
             if target is not None:
-                self._transition = PromptTransition(self.prompts, target, transition.get("num_steps", 0) or 0,
+                self._transition = PromptTransition(self.prompts, target, transition.get("num_steps", 0),
                                                     transition.get("temporal_interpolation_method", "linear"))
                 self.prompts = target
         if "prompt_interpolation_method" in kwargs:
             self._interp_method = self._interpolation(kwargs, self._interp_method)
         method = self._interp_method  # the user's choice; a slerp transition borrows it only while it runs
         if self._transition is not None:
+            if not advance:
+                return changes  # the transition's next step comes with the next call
             prompts, done = self._transition.next()
             changes["prompts"] = prompts
             if not done and self._transition.method == "slerp" and len(prompts) == 2:
@@ -170,14 +191,18 @@ class StreamDiffusionPipeline(Pipeline):
         return changes
 
     def update(self, **kwargs: Any) -> None:
-        """Apply runtime parameters without processing a frame."""
-        changes = self._coercer.changes(kwargs, self.params)
-        self.params.update(changes)
-        settings = {**self._settings_changes(changes), **self._prompt_changes(kwargs)}
-        if settings:
-            self.engine.update(**settings)
-        if kwargs.get("lora_scales") is not None:
-            self._update_lora_scales(kwargs["lora_scales"])
+        """Apply runtime parameters without processing a frame (a running transition does not move)."""
+        self._apply(kwargs, advance=False)
+
+    def _apply(self, kwargs: dict[str, Any], advance: bool) -> None:
+        with self._params_lock:
+            changes = self._seed_changes(self._coercer.changes(kwargs, self.params))
+            self.params.update(changes)
+            settings = {**self._settings_changes(changes), **self._prompt_changes(kwargs, advance)}
+            if settings:
+                self.engine.update(**settings)
+            if kwargs.get("lora_scales") is not None:
+                self._update_lora_scales(kwargs["lora_scales"])
 
     def _update_lora_scales(self, updates: Any) -> None:
         models = self.engine.models
@@ -206,7 +231,7 @@ class StreamDiffusionPipeline(Pipeline):
         if kwargs.get("init_cache"):
             self.engine.reset()
             self._source_size = None  # a new stream: its first size goes raw at once
-        self.update(**kwargs)
+        self._apply(kwargs, advance=True)
         video = kwargs.get("video")
         try:
             if video is None or isinstance(video, bool):

@@ -9,6 +9,7 @@ a bounded LRU cache; blends of several weighted prompts are mixed in embedding s
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from .background_compile import FX_TRACING
+
+logger = logging.getLogger(__name__)
+# compel's syntax characters: a prompt that its parser or conditioning rejects is used without them.
+_SYNTAX = re.compile(r'[()\[\]+\\"]')
 
 
 @dataclass(frozen=True)
@@ -125,16 +130,28 @@ class PromptEncoder:
             self._cache.move_to_end(text)
             return hit
         self.encode_count += 1
-        with FX_TRACING:  # the text encoders run: not beside a torch.fx trace elsewhere (background_compile)
-            if self.is_sdxl:
-                embeds, pooled = self._compel(text)
-                result = PromptEmbeds(embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
-            else:
-                result = PromptEmbeds(self._compel(text).to(self.device, self.dtype))
+        try:
+            result = self._run_compel(text)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed syntax must not fail every frame of a stream
+            plain = " ".join(_SYNTAX.sub(" ", text).split())
+            if plain == text:
+                raise
+            logger.warning("Prompt %r is not valid compel syntax (%s: %s); using it as plain text: %r.",
+                           text, type(exc).__name__, str(exc)[:200], plain)
+            result = self.encode(plain)
         self._cache[text] = result
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return result
+
+    def _run_compel(self, text: str) -> PromptEmbeds:
+        with FX_TRACING:  # the text encoders run: not beside a torch.fx trace elsewhere (background_compile)
+            if self.is_sdxl:
+                embeds, pooled = self._compel(text)
+                return PromptEmbeds(embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+            return PromptEmbeds(self._compel(text).to(self.device, self.dtype))
 
     def negative(self, text: str, tokens: int = 0) -> PromptEmbeds:
         """The negative prompt padded to ``tokens``.

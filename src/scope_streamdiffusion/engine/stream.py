@@ -222,7 +222,9 @@ class StreamDiffusion:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.models.vae
         x = vae.decode((latents / vae.config.scaling_factor).to(self.models.vae_dtype)).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        # Extreme settings (guidance 20, delta 5, 10 steps) can overflow the latents: the frame then
+        # shows black where the decoder gave NaN, never NaN (the stream heals within its steps).
+        return torch.nan_to_num((x.float() + 1) / 2, nan=0.0).clamp(0, 1)
 
     def _noise_predictor(self, p: _Prepared):
         unet = self.models.unet
