@@ -279,10 +279,13 @@ def _sigint_ignored():
 class _Runner:
     """Feeds frames to the pipeline in groups of ``frame_buffer_size`` and writes aligned outputs.
 
-    Stream batch with n steps returns, for each call, the frames given n-1 calls earlier (the first
-    n-1 calls return frame 0). The runner drops those first outputs and, once the input ends, feeds the
-    last frame n-1 more times, so output frame k always belongs to input frame k and the output has
-    exactly as many frames as the input.
+    Stream batch with n steps returns, for each call that runs the model, the frames that went in
+    n-1 such calls earlier (the first n-1 calls return frame 0). A call the similar-image filter skips
+    runs nothing: its frames show what the last group that ran shows, which comes out later. So the
+    runner numbers the groups that ran, remembers for each input group which of those it shows, and
+    writes each output once it has come out. Once the input ends it feeds the last frame n-1 more
+    times, so output frame k always belongs to input frame k and the output has exactly as many
+    frames as the input.
     """
 
     def __init__(self, pipe, writer, source, progress):
@@ -290,7 +293,9 @@ class _Runner:
         self.group_size = pipe.frame_buffer_size
         self.text = source.text  # text-to-image: no input frames
         self.lag_calls = stream_lag_calls(pipe, img2img=not self.text)
-        self.to_drop = self.lag_calls * self.group_size
+        self.ran = 0  # calls that ran the model
+        self.pending: collections.deque[tuple[int, int]] = collections.deque()  # (group that ran, frames to write)
+        self.results: dict[int, list] = {}  # outputs of the groups that ran, until written
         self.frames_in = 0
         self.frames_out = 0
         # Bounded: a webcam may stream for days. Percentiles cover the most recent calls.
@@ -298,9 +303,12 @@ class _Runner:
         self.calls = 0
         self.busy_s = 0.0
 
-    def _call(self, frames: list, **params) -> None:
+    def _call(self, frames: list, count: int, **params) -> None:
+        """One call with ``frames``, of which the first ``count`` are input frames to write (0: a flush)."""
         from .video_io import uint8_frame
 
+        engine = getattr(self.pipe, "engine", None)
+        skipped_before = getattr(engine, "frames_skipped", 0)
         start = time.perf_counter()
         out = self.pipe(video=None if self.text else frames, **params)["video"]
         outputs = uint8_frame(out)  # the whole call at once, to the CPU: also waits for the GPU
@@ -308,14 +316,28 @@ class _Runner:
         self.latencies.append(elapsed)
         self.calls += 1
         self.busy_s += elapsed
-        for frame in outputs:
-            if self.to_drop:
-                self.to_drop -= 1
-            elif self.frames_out < self.frames_in:
+        if self.ran and getattr(engine, "frames_skipped", 0) > skipped_before:
+            shows = self.ran - 1  # skipped: these frames show the last group that ran
+        else:
+            shows = self.ran
+            if self.ran >= self.lag_calls:
+                self.results[self.ran - self.lag_calls] = outputs
+            self.ran += 1
+        if count:
+            self.pending.append((shows, count))
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        while self.pending and self.pending[0][0] in self.results:
+            shows, count = self.pending.popleft()
+            for frame in self.results[shows][:count]:
                 # Output k shows input frame k: its capture time is the oldest one not yet written.
                 stamp = self.source.timestamps.popleft() if self.source.live else None
                 self.writer.write(frame, stamp)
                 self.frames_out += 1
+        needed = self.pending[0][0] if self.pending else self.ran
+        for done in [k for k in self.results if k < needed]:
+            del self.results[done]
 
     def run(self) -> None:
         group: list = []
@@ -325,18 +347,18 @@ class _Runner:
             last = frame
             self.frames_in += 1
             if len(group) == self.group_size:
-                self._call(group)
+                self._call(group, len(group))
                 self.progress.update(len(group))
                 self._postfix()
                 group = []
         if self.frames_in == 0:
             raise CliError(f"Input '{self.source.name}' gave no frames.")
         if group:  # a short last group: pad it with its last frame (those outputs are cut)
-            self._call(group + [last] * (self.group_size - len(group)))
+            self._call(group + [last] * (self.group_size - len(group)), len(group))
             self.progress.update(len(group))
         # Flush the frames still in flight. Filter off: the repeated frame would be "similar" and skipped.
         for _ in range(self.lag_calls):
-            self._call([last] * self.group_size, similar_image_filter=False)
+            self._call([last] * self.group_size, 0, similar_image_filter=False)
 
     def _postfix(self) -> None:
         if self.latencies:
