@@ -222,6 +222,22 @@ def test_load_errors_name_cause_and_fix(tmp_path, tiny_sd15):
         StreamDiffusionPipeline(model_id=str(broken), **SIZE)
 
 
+def test_torch_objects_and_paths_as_load_values(tiny_sd15, caplog):
+    """A library caller's torch.device, torch.dtype and pathlib.Path mean what they say (they were
+    ignored with a warning: a device object then gave the automatic device); a model that is not a
+    string is an error, not the default model (a download of several GB)."""
+    import logging
+    from pathlib import Path
+
+    with caplog.at_level(logging.WARNING, logger="scope_streamdiffusion"):
+        pipe = StreamDiffusionPipeline(model_id=Path(tiny_sd15), device=torch.device("cpu"), dtype=torch.bfloat16,
+                                       **SIZE)
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.bfloat16
+    assert not [r for r in caplog.records if "Ignoring" in r.getMessage()]
+    with pytest.raises(ValueError, match="model_id=123 is not a model.*Fix"):
+        StreamDiffusionPipeline(model_id=123, **SIZE)
+
+
 def test_cuda_requested_without_cuda(tiny_sd15):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

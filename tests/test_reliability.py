@@ -40,6 +40,8 @@ GOOD_FRAMES = {
     "int16": torch.randint(0, 255, (40, 40, 3), dtype=torch.int16),
     "float64": torch.rand(40, 40, 3, dtype=torch.float64),
     "numpy": torch.rand(40, 40, 3).numpy(),
+    "numpy, negative strides (OpenCV's BGR->RGB)": (torch.rand(40, 40, 3).numpy() * 255).astype("uint8")[..., ::-1],
+    "numpy, flipped upside down": torch.rand(40, 40, 3).numpy()[::-1],
 }
 BAD_FRAMES = {
     "empty list": [],
@@ -53,6 +55,13 @@ BAD_FRAMES = {
 @pytest.mark.parametrize("name", list(GOOD_FRAMES))
 def test_odd_frames_are_handled(pipe, name):
     assert valid(pipe(video=[GOOD_FRAMES[name]]))
+
+
+@pytest.mark.parametrize("video", ["numpy stack", "list of a stack", "list of a numpy stack"])
+def test_several_frames_in_one_array_are_several_frames(pipe, video):
+    stack = torch.randint(0, 255, (2, 40, 40, 3), dtype=torch.uint8)
+    given = {"numpy stack": stack.numpy(), "list of a stack": [stack], "list of a numpy stack": [stack.numpy()]}
+    assert valid(pipe(video=given[video]), frames=2)
 
 
 @pytest.mark.parametrize("name", list(BAD_FRAMES))

@@ -51,6 +51,25 @@ def _pick_dtype(name: str | None, device):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
+def _plain_load_values(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Library callers' objects as the config's plain values: a torch.device or dtype as its name,
+    a path object as a string. A model that is not a string is an error, not the default model."""
+    import torch
+
+    out = dict(kwargs)
+    if isinstance(out.get("device"), torch.device):
+        out["device"] = str(out["device"])
+    if isinstance(out.get("dtype"), torch.dtype):
+        out["dtype"] = str(out["dtype"]).removeprefix("torch.")
+    for key in ("model_id", "tiny_vae_id", "lcm_lora_id"):
+        if isinstance(out.get(key), os.PathLike):
+            out[key] = os.fspath(out[key])
+    if "model_id" in out and not isinstance(out["model_id"], str):
+        raise ValueError(f"model_id={out['model_id']!r} is not a model. Fix: pass a Hugging Face id "
+                         "(stabilityai/sd-turbo) or the path of a diffusers folder.")
+    return out
+
+
 class PromptTransition:
     """Blends from one weighted prompt list to another over ``num_steps`` calls."""
 
@@ -86,6 +105,7 @@ class StreamDiffusionPipeline(Pipeline):
         from .engine import StreamDiffusion, StreamSettings, load_models
         from .engine.frames import snap_to_multiple
 
+        kwargs = _plain_load_values(kwargs)
         self._coercer = ParameterCoercer(StreamDiffusionConfig)
         # update() may come from another thread (Scope's parameter updates) while a call applies its own.
         self._params_lock = threading.RLock()

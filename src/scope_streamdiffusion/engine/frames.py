@@ -34,7 +34,12 @@ def _channels_last_layout(frame: torch.Tensor) -> bool:
 def to_chw01(frame, device: torch.device) -> torch.Tensor:
     """One frame -> (3, H, W) float32 in [0, 1] on ``device``: drops batch dims of 1, alpha, converts grey."""
     if not isinstance(frame, torch.Tensor):
-        frame = torch.as_tensor(frame)
+        try:
+            frame = torch.as_tensor(frame)
+        except ValueError:  # a numpy view with negative strides (OpenCV's BGR->RGB frame[..., ::-1])
+            import numpy as np
+
+            frame = torch.as_tensor(np.ascontiguousarray(frame))
     while frame.dim() > 3 and frame.shape[0] == 1:
         frame = frame[0]
     if frame.dim() == 2:
@@ -80,11 +85,21 @@ def fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
 
 
+def _is_stack(frames) -> bool:
+    """A (T, H, W, C) tensor or array with T > 1."""
+    return getattr(frames, "ndim", 0) == 4 and frames.shape[0] > 1
+
+
 def _frame_list(video) -> list | tuple:
-    """``video`` as a list of frames: a (T, H, W, C) tensor with T > 1 splits, one frame is wrapped."""
-    if isinstance(video, torch.Tensor) and video.dim() == 4 and video.shape[0] > 1:
+    """``video`` as a list of frames: a (T, H, W, C) tensor or array with T > 1 splits (also as an
+    item of a list), one frame is wrapped."""
+    if _is_stack(video):
         return list(video)
-    return video if isinstance(video, (list, tuple)) else [video]
+    if not isinstance(video, (list, tuple)):
+        return [video]
+    if any(_is_stack(f) for f in video):
+        return [frame for f in video for frame in (list(f) if _is_stack(f) else [f])]
+    return video
 
 
 def frames_to_batch(video, width: int, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
