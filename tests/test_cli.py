@@ -187,7 +187,38 @@ def test_config_file_values_are_merged_and_validated(tmp_path, suffix):
         cli.resolve_run_settings(args)
 
 
-def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, monkeypatch):
+@pytest.mark.parametrize("line", ["input: 5", "output: [a]", "frames: abc", "frames: 2.5", "frames: 0", "fps: abc",
+                                  "fps: -3", "fps: .nan", "fps: 1e9"])
+def test_run_options_in_a_config_file_are_validated(tmp_path, line):
+    config = tmp_path / "c.yaml"
+    config.write_text(line + "\n")
+    args = cli.build_parser().parse_args(["run", "--config", str(config)])
+    key = line.split(":")[0]
+    with pytest.raises(cli.CliError, match=rf"c\.yaml': {key} = .* is invalid \(expected"):
+        cli.resolve_run_settings(args)
+
+
+@pytest.mark.parametrize("flag", [["--fps", "nan"], ["--fps", "-5"], ["--fps", "0"], ["--fps", "1e9"],
+                                  ["--frames", "0"], ["--frames", "-2"]])
+def test_unusable_frames_or_fps_flags_are_one_line(capsys, flag):
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-random", *flag)
+    assert_one_line_error(code, err, flag[0], "expected")
+    assert code == cli.EXIT_USAGE
+
+
+def test_help_shows_ranges_and_the_timestep_list_takes_its_documented_form(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[range: 0.0 to 20.0]" in text and "[range: 64 to 2048]" in text  # guidance, width
+    args = cli.build_parser().parse_args(["run", "--t-index-list", "[32, 45]"])
+    assert cli.resolve_run_settings(args)[0]["t_index_list"] == [32, 45]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, monkeypatch, stop):
+    import signal
+
     from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
 
     real_call = StreamDiffusionPipeline.__call__
@@ -195,7 +226,10 @@ def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, mon
 
     def interrupting_call(self, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # Ctrl-C while the 4th frame is processed
+        if calls["n"] == 4:  # Ctrl-C (or `kill`, SIGTERM) while the 4th frame is processed
+            if stop == "kill":  # only with a handler: the default action would end the test process
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         return real_call(self, **kwargs)
 

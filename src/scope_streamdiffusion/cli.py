@@ -75,9 +75,9 @@ def _unwrap_optional(annotation):
 
 
 def _int_list(text: str) -> list[int]:
-    # "--t-index-list 32 45" and "--t-index-list 32,45" both work.
+    # "--t-index-list 32 45", "--t-index-list 32,45" and "--t-index-list '[32, 45]'" all work.
     try:
-        return [int(part) for part in text.replace(",", " ").split()]
+        return [int(part) for part in text.strip("[] ").replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
 
@@ -87,6 +87,9 @@ def _add_field_flag(group, name: str, field) -> None:
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
     help_text = (field.description or "").replace("%", "%%")
+    bounds = {type(m).__name__: getattr(m, "ge", getattr(m, "le", None)) for m in field.metadata}
+    if "Ge" in bounds and "Le" in bounds:
+        help_text += f" [range: {bounds['Ge']} to {bounds['Le']}]"
     if field.default not in (None, ""):
         help_text += f" [default: {field.default}]"
     if name == "model_id":
@@ -167,8 +170,26 @@ def _validate_config(data: dict[str, Any], path: str) -> dict[str, Any]:
             except ValidationError as exc:
                 reason = exc.errors()[0].get("msg", "invalid value")
                 raise CliError(f"Config file '{path}': {raw_key} = {value!r} is invalid ({reason}).") from exc
+        elif key in _RUN_KEYS:
+            problem = _run_option_problem(key, value)
+            if problem:
+                raise CliError(f"Config file '{path}': {raw_key} = {value!r} is invalid ({problem}).")
         out[key] = value
     return out
+
+
+MAX_FPS = 1000  # a frame rate beyond this is a typo (and gives a video no player can show)
+
+
+def _run_option_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the run option ``key`` (input, output, frames, fps); None if it can."""
+    if key in ("input", "output"):
+        return None if isinstance(value, str) and value else "expected a path"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "expected a number"
+    if key == "frames":
+        return None if isinstance(value, int) and value >= 1 else "expected a whole number of frames, at least 1"
+    return None if math.isfinite(value) and 0 < value <= MAX_FPS else f"expected a frame rate above 0, at most {MAX_FPS}"
 
 
 def resolve_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -178,6 +199,9 @@ def resolve_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict
     for key in _RUN_KEYS:
         if getattr(args, key, None) is not None:
             run_opts[key] = getattr(args, key)
+            problem = _run_option_problem(key, run_opts[key])
+            if problem:
+                raise CliError(f"--{key} {run_opts[key]}: {problem}.", EXIT_USAGE)
     flags = _flag_values(args)
     if "prompt" in flags:  # a prompt flag replaces the file's prompt list
         file_values.pop("prompts", None)
@@ -265,15 +289,33 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 @contextlib.contextmanager
 def _sigint_ignored():
-    """While the output file is finalised a second Ctrl-C must not leave it half-written."""
+    """While the output file is finalised a second Ctrl-C (or a TERM) must not leave it half-written."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _term_as_interrupt():
+    """``kill``/``docker stop`` (SIGTERM) stops a run as Ctrl-C does: the video is finalised, not lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Runner:
@@ -844,9 +886,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        if bench is not None:
-            return int(bench.run(args) or 0)
-        return int(args.func(args) or 0)
+        with _term_as_interrupt():
+            if bench is not None:
+                return int(bench.run(args) or 0)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
