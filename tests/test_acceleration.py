@@ -932,6 +932,11 @@ def test_bench_arguments_and_json_on_the_tiny_model(tiny_sd15, tiny_taesd, tmp_p
     assert parser.parse_args(["--random-weights", "sdxl"]).random_weights == "sdxl"
     assert bench.main(["--model", str(tiny_sd15), "--modes", "bogus"]) == 2
     assert bench.main(["--model", str(tiny_sd15), "--device", "gpu7"]) == 2  # the pipeline's device check
+    assert bench.main(["--model", str(tiny_sd15), "--frames", "0"]) == 2
+    assert bench.main(["--model", str(tiny_sd15), "--frame-buffer-size", "0"]) == 2
+    # A bench whose every row failed (a model that is not there) exits non-zero.
+    assert bench.main(["--model", str(tmp_path / "missing"), "--workloads", "sd-turbo-img2img", "--modes", "none",
+                       "--no-baseline", "--device", "cpu", "--frames", "1"]) == 1
 
     out = tmp_path / "bench.json"
     code = bench.main([

@@ -437,6 +437,9 @@ def run(args) -> int:
     if args.model is None and args.random_weights is None:
         print("pass --model MODEL_ID or --random-weights (no download)", file=sys.stderr)
         return 2
+    if args.frames < 1 or args.frame_buffer_size < 1 or args.warmup < 0:
+        print("--frames and --frame-buffer-size must be at least 1, --warmup at least 0", file=sys.stderr)
+        return 2
     from .pipeline import _pick_device, _pick_dtype
 
     try:
@@ -556,6 +559,10 @@ def run(args) -> int:
     if args.json == "-":
         print(json.dumps(report, indent=2, default=str))
     save()
+    failed = [f"{row['workload']}/{row['mode']}" for row in report["results"] if row.get("error")]
+    if failed:  # scripts and CI see a bench that measured nothing as failed
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
