@@ -206,6 +206,20 @@ def test_unusable_frames_or_fps_flags_are_one_line(capsys, flag):
     assert code == cli.EXIT_USAGE
 
 
+def test_an_output_that_cannot_be_written_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    from scope_streamdiffusion import pipeline
+
+    monkeypatch.setattr(pipeline.StreamDiffusionPipeline, "__init__", lambda self, **kw: pytest.fail("model loaded"))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.mp4").mkdir()
+    cases = [(f"{tmp_path / 'adir.mp4'}", ("is a folder", "Fix:")), (f"{tmp_path / 'afile'}/", ("is a file", "Fix:"))]
+    if Path("/proc/self").is_dir():  # no file can be made there, not even by root
+        cases.append(("/proc/sub/out.mp4", ("Cannot write", "/proc", "Fix:")))
+    for output, words in cases:
+        code, _, err = run_cli(capsys, "run", "--model", "tiny-random", "--frames", "2", "-o", output)
+        assert_one_line_error(code, err, *words)
+
+
 def test_help_shows_ranges_and_the_timestep_list_takes_its_documented_form(capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])

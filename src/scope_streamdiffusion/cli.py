@@ -394,7 +394,7 @@ class _Runner:
                 self._postfix()
                 group = []
         if self.frames_in == 0:
-            raise CliError(f"Input '{self.source.name}' gave no frames.")
+            raise CliError(f"Input '{self.source.name}' gave no frames. Fix: check that it plays, or give another --input.")
         if group:  # a short last group: pad it with its last frame (those outputs are cut)
             self._call(group + [last] * (self.group_size - len(group)), len(group))
             self.progress.update(len(group))
@@ -405,6 +405,26 @@ class _Runner:
     def _postfix(self) -> None:
         if self.latencies:
             self.progress.set_postfix_str(f"{self.latencies[-1] * 1000:.0f} ms/call", refresh=False)
+
+
+def _check_writable(output: str, kind: str) -> None:
+    """An output that cannot be written: one line now, not after the model loaded and every frame ran."""
+    target = Path(output).expanduser()
+    if kind != "folder" and target.is_dir():
+        raise CliError(f"Output '{output}' is a folder. Fix: name a file, or end the path with '/' for images.")
+    if kind == "folder" and target.exists() and not target.is_dir():
+        raise CliError(f"Output '{output}' is a file, not a folder. Fix: choose another --output.")
+    existing = target if kind == "folder" else target.parent
+    while not existing.exists():  # missing folders are made: the first one that exists must take a file
+        existing = existing.parent
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise CliError(f"Cannot write '{output}': no file can be made in '{existing}' ({exc.strerror}). "
+                       "Fix: choose another --output.") from exc
 
 
 def _open_pipeline(params: dict[str, Any]):
@@ -437,6 +457,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if input_spec and not source.text and \
                 Path(output).expanduser().resolve() == Path(input_spec).expanduser().resolve():
             raise CliError("The output would overwrite the input. Fix: choose another --output.")
+        _check_writable(output, kind)
         _quiet_libraries(args.debug)
         model = params.get("model_id", "stabilityai/sd-turbo")
         _status(args, f"Loading {model} ...")

@@ -87,8 +87,12 @@ class ParameterCoercer:
             clean = adapter.validate_python(value, strict=False)
         except ValidationError:
             self._warn_once(name, "type", "Ignoring %s=%r: expected %s; keeping %r.", name, value,
-                            getattr(field.annotation, "__name__", field.annotation), previous)
+                            _expected(field.annotation), previous)
             return previous
+        if name == "negative_prompt" and isinstance(clean, str) and len(clean) > MAX_PROMPT_CHARS:
+            self._warn_once(name, "length", "negative_prompt is longer than %d characters; the rest is ignored.",
+                            MAX_PROMPT_CHARS)
+            clean = clean[:MAX_PROMPT_CHARS]
         if name == "t_index_list" and clean is not None:
             return self._timestep_indices(clean)
         ge, le = self._bounds(name)
@@ -148,6 +152,18 @@ class ParameterCoercer:
         if not same:  # Scope resends the same prompts every call: copy only on change
             self._last_raw[name] = _snapshot(value)
         return same
+
+
+def _expected(annotation) -> str:
+    """A field's type as a user reads it: the choices of a Literal, X of an Optional[X]."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if len(args) == 1 and typing.get_origin(annotation) is not list:  # Optional[X]
+        return _expected(args[0])
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _snapshot(value: Any) -> Any:
