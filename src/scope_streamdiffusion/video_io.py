@@ -1,8 +1,9 @@
 """Frames in and out of files for the command line: video (PyAV), images, folders, webcam, test pattern.
 
-Readers yield ``(H, W, 3)`` uint8 torch tensors and describe the source (frame rate, length if known,
-audio track). Writers take the same kind of frames. Every problem a user can fix (missing file,
-unreadable video, no webcam, unsupported output) raises :class:`MediaError` with a one-line message.
+Readers yield ``(H, W, 3)`` uint8 torch tensors, upright as a player shows them (display rotation,
+EXIF orientation), and describe the source (frame rate, length if known, audio track). Writers take the
+same kind of frames. Every problem a user can fix (missing file, unreadable video, no webcam,
+unsupported output) raises :class:`MediaError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -122,19 +123,49 @@ def test_pattern(count: int, width: int, height: int, fps: Fraction = DEFAULT_FP
 
 
 def read_image(path: Path) -> torch.Tensor:
+    """An image as a viewer shows it: EXIF orientation applied, 16-bit and float pixels scaled to 0..255."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(_rgb_array(im.convert("RGB")))
+            return torch.from_numpy(_rgb_array(_exif_upright(im)))
     except (UnidentifiedImageError, OSError) as exc:
         raise MediaError(f"Cannot read image '{path}' ({exc}). Fix: use a PNG/JPEG/WebP file.") from exc
 
 
+def _exif_upright(im):
+    # Phone photos are stored sideways with an EXIF Orientation tag saying how to turn them.
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels are still good, shown as stored
+        return im
+
+
 def _rgb_array(im):
+    """(H, W, 3) uint8 from a PIL image of any mode."""
     import numpy as np
 
-    return np.array(im, dtype=np.uint8, copy=True)
+    # convert("RGB") clips 16/32-bit integers (mode I;16, I) to white and 0..1 floats (mode F) to black.
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        grey = _grey_to_uint8(np.asarray(im))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(im.convert("RGB"), dtype=np.uint8, copy=True)
+
+
+def _grey_to_uint8(values):
+    """Greyscale of 16/32-bit integers or floats -> uint8: 16-bit values /257, floats as 0..1 intensities
+    (clipped), 32-bit values beyond 16 bits stretched from their minimum to their maximum."""
+    import numpy as np
+
+    if values.dtype.kind == "f":
+        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return (np.clip(values, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    lo, hi = int(values.min(initial=0)), int(values.max(initial=0))
+    if lo < 0 or hi > 65535:
+        return ((values.astype(np.int64) - lo) * 255 // max(hi - lo, 1)).astype(np.uint8)
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def _open_folder(path: Path, frames: int | None, fps: Fraction) -> Source:
@@ -181,15 +212,76 @@ def _open_video(path: Path, frames: int | None) -> Source:
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         audio = AudioTrack(str(path), a.index, a.codec_context.name, start)
 
+    stream_angle = _stream_rotation(stream)
+
     def decode() -> Iterator[torch.Tensor]:
         try:
             for frame in container.decode(stream):
-                yield torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                image = frame.to_ndarray(format="rgb24")
+                yield torch.from_numpy(_upright(image, _orientation(frame, stream_angle)))
         except av.error.FFmpegError as exc:
             raise MediaError(f"Cannot decode video '{path}' ({_av_reason(exc)}). Fix: re-encode or repair "
                              "the file.") from exc
 
     return Source(path.name, _limit(decode(), frames), fps, total=total, audio=audio, _close=container.close)
+
+
+# (transpose, flip left-right, flip top-bottom) for a counter-clockwise turn of 0, 90, 180, 270 degrees.
+_QUARTER_TURNS = ((False, False, False), (True, False, True), (False, True, True), (True, True, False))
+
+
+def _stream_rotation(stream) -> float:
+    """Counter-clockwise degrees of the stream's display matrix as PyAV < 14 reports it, else 0."""
+    try:
+        angle = float(stream.side_data.get("DISPLAYMATRIX", 0.0))  # PyAV 12-13; gone in 14
+    except Exception:  # noqa: BLE001 - absent in this PyAV
+        return 0.0
+    return angle if math.isfinite(angle) else 0.0
+
+
+def _orientation(frame, stream_angle: float = 0.0) -> tuple[bool, bool, bool]:
+    """(transpose, hflip, vflip) that show ``frame`` as a player does (ffplay's autorotate): phone
+    videos are stored sideways with a display matrix saying how to turn them."""
+    matrix = _frame_display_matrix(frame)
+    if matrix is not None:
+        a, b, c, d = (float(v) for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
+        # Output x = a*x + c*y, y = b*x + d*y, snapped to the nearest quarter turn.
+        if abs(a) + abs(d) >= abs(b) + abs(c):
+            return False, a < 0, d < 0
+        return True, c < 0, b < 0
+    angle = getattr(frame, "rotation", 0) or stream_angle  # PyAV >= 14.3 (rotation only, no flips)
+    return _QUARTER_TURNS[round(angle / 90) % 4]
+
+
+def _frame_display_matrix(frame):
+    """The frame's display matrix (FFmpeg's 9 int32) or None. Decoders copy the container's onto
+    every frame (FFmpeg 6.1 and later)."""
+    import numpy as np
+
+    try:
+        for data in frame.side_data:
+            if getattr(data.type, "name", None) == "DISPLAYMATRIX":
+                matrix = np.frombuffer(bytes(data), dtype=np.int32)
+                return matrix if matrix.size == 9 else None
+    except Exception:  # noqa: BLE001 - side data this PyAV cannot name: fall back to frame.rotation
+        pass
+    return None
+
+
+def _upright(image, orientation: tuple[bool, bool, bool]):
+    """Apply :func:`_orientation` to an (H, W, C) array; contiguous, as torch.from_numpy needs."""
+    import numpy as np
+
+    transpose, hflip, vflip = orientation
+    if not (transpose or hflip or vflip):
+        return image
+    if transpose:
+        image = image.transpose(1, 0, 2)
+    if vflip:
+        image = image[::-1]
+    if hflip:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
 
 
 def _av_reason(exc: Exception) -> str:
@@ -421,26 +513,37 @@ class VideoWriter:
         self._last_pts = pts
         video_frame.pts = pts
         video_frame.time_base = self.time_base
-        for packet in self.stream.encode(video_frame):
-            self.container.mux(packet)
-        self.count += 1
-        if self._audio:
-            self._audio.copy_until(float((pts + 1) * self.time_base))
+        try:
+            for packet in self.stream.encode(video_frame):
+                self.container.mux(packet)
+            self.count += 1
+            if self._audio:
+                self._audio.copy_until(float((pts + 1) * self.time_base))
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"Cannot write '{self.path}' ({_av_reason(exc)}). Fix: check free disk space, "
+                             "or write .mkv.") from exc
 
     def close(self) -> None:
         """Flush the encoder and write the trailer: the file is playable after this, whatever happened."""
+        import av
+
         if self.container is None:
             return
+        container, self.container = self.container, None  # closed once, even if closing fails
         try:
-            for packet in self.stream.encode(None):
-                self.container.mux(packet)
-            if self._audio:
-                self._audio.copy_until(float((self._last_pts + 1) * self.time_base))
-        finally:
-            if self._audio:
-                self._audio.close()
-            self.container.close()
-            self.container = None
+            try:
+                for packet in self.stream.encode(None):
+                    container.mux(packet)
+                if self._audio:
+                    self._audio.copy_until(float((self._last_pts + 1) * self.time_base))
+            finally:
+                if self._audio:
+                    self._audio.close()
+                container.close()
+        except av.error.FFmpegError as exc:
+            # A raw PyAV error here would not say which file is broken, nor what to do.
+            raise MediaError(f"Cannot finish '{self.path}' ({_av_reason(exc)}); the file is incomplete. Fix: "
+                             "write .mkv, which holds any audio, or check free disk space.") from exc
 
 
 class _AudioCopier:
@@ -452,14 +555,13 @@ class _AudioCopier:
         self.input = av.open(track.path)
         in_stream = self.input.streams[track.stream_index]
         supported = getattr(output, "supported_codecs", None)
-        if supported is not None and track.codec not in supported:
+        if (supported is not None and track.codec not in supported) or not _muxer_takes(output.format.name, track):
             warnings.append(f"the audio track ({track.codec}) cannot be stored in "
                             f"{Path(output.name).suffix or 'this container'}; it was left out (write .mkv to keep it)")
             self.input.close()
             self.input = None
             return
-        add = getattr(output, "add_stream_from_template", None)
-        self.stream = add(in_stream) if add else output.add_stream(template=in_stream)  # PyAV < 14
+        self.stream = _add_template(output, in_stream)
         self.output = output
         self.in_tb = in_stream.time_base
         self.shift = int(round(track.start / in_stream.time_base)) if track.start else 0
@@ -493,6 +595,36 @@ class _AudioCopier:
         if self.input is not None:
             self.input.close()
             self.input = None
+
+
+def _add_template(container, stream):
+    add = getattr(container, "add_stream_from_template", None)
+    return add(stream) if add else container.add_stream(template=stream)  # PyAV < 14
+
+
+def _muxer_takes(format_name: str, track: AudioTrack) -> bool:
+    """Whether ``format_name`` can hold ``track``'s packets to the end, tried on a throwaway file in memory.
+    Some pass the format's codec list yet fail only when the file is finished, which would lose the
+    whole run: PCM without a channel layout (from .mkv) into .mp4 ("unsupported channel layout")."""
+    import io
+
+    import av
+
+    try:
+        with av.open(track.path) as source:
+            in_stream = source.streams[track.stream_index]
+            trial = av.open(io.BytesIO(), mode="w", format=format_name)
+            try:
+                stream = _add_template(trial, in_stream)
+                packets = (p for p in source.demux(in_stream) if p.dts is not None)
+                for packet in itertools.islice(packets, 4):
+                    packet.stream = stream
+                    trial.mux(packet)
+            finally:
+                trial.close()
+    except Exception:  # noqa: BLE001 - refused here, the real file would fail the same way
+        return False
+    return True
 
 
 def open_writer(spec: str, *, width: int, height: int, fps: Fraction, audio: AudioTrack | None = None,
