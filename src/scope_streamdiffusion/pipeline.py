@@ -167,8 +167,8 @@ class StreamDiffusionPipeline(Pipeline):
 
     def _seed_changes(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Scope's ``base_seed``, when it changes, is the seed: its beat-synced cache reset sends a new
-        random one with ``init_cache`` for new noise."""
-        if "base_seed" in changes:
+        random one with ``init_cache`` for new noise. A ``seed`` changed in the same call wins."""
+        if "base_seed" in changes and "seed" not in changes:
             seed = self._coercer.coerce("seed", changes["base_seed"], self.params["seed"])
             if seed != self.params["seed"]:
                 changes["seed"] = seed

@@ -233,9 +233,10 @@ def hold_scales_in_tensors(unet) -> bool:
     if not layers or any(getattr(layer, "lora_variant", None) for layer in layers):
         return False
     for layer in layers:
+        device = layer.get_base_layer().weight.device
         for name, value in layer.scaling.items():
             if not isinstance(value, torch.Tensor):
-                layer.scaling[name] = torch.tensor(float(value), device=layer.lora_A[name].weight.device)
+                layer.scaling[name] = torch.tensor(float(value), device=device)
     return True
 
 
