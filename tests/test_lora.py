@@ -160,6 +160,12 @@ def test_lora_that_does_not_fit_is_one_clear_error(tiny_sd15, tiny_sdxl, tmp_pat
     garbage.write_bytes(b"\x00not a safetensors file" * 4)
     with pytest.raises(ModelLoadError, match="Fix"):
         StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": str(garbage)}], **SIZE)
+    from safetensors.torch import save_file
+
+    not_a_lora = tmp_path / "weights.safetensors"  # readable, but no LoRA weights in it
+    save_file({"some.weight": torch.zeros(4, 4)}, str(not_a_lora))
+    with pytest.raises(ModelLoadError, match="Fix: check that it is a LoRA"):
+        StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": str(not_a_lora)}], **SIZE)
 
 
 def test_lora_found_by_name_in_scopes_lora_folder(tiny_sd15, tiny_lcm_lora, monkeypatch, base_output):

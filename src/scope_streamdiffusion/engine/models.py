@@ -120,6 +120,9 @@ def _load_error(what: str, name: str, exc: Exception) -> ModelLoadError:
             f"The weights of {what} '{name}' are unreadable ({text[:200]}). Fix: delete the damaged "
             "files and download them again."
         )
+    if "lora" in what.lower():
+        return ModelLoadError(f"Could not load {what} '{name}' ({text[:300]}). Fix: check that it is a LoRA "
+                              "for Stable Diffusion (a .safetensors file of LoRA weights, or a diffusers LoRA folder).")
     return ModelLoadError(f"Could not load {what} '{name}' ({text[:300]}). Fix: check that it is a diffusers "
                           "Stable Diffusion model (SD1.5, SD2.1, SDXL or their turbo/LCM variants).")
 
