@@ -466,6 +466,10 @@ def test_lora_flag_parsing(tmp_path):
     assert cli._lora_flag("a=b") == {"path": "a=b"}
     with pytest.raises(cli.CliError, match="finite"):
         cli._lora_flag("style.safetensors=nan")
+    real = tmp_path / "ink.safetensors"
+    real.write_bytes(b"")
+    with pytest.raises(cli.CliError, match="'abc' is not a scale.*Fix"):  # the file exists: 'abc' was meant as its scale
+        cli._lora_flag(f"{real}=abc")
 
 
 def test_a_file_named_like_a_webcam_is_a_file():

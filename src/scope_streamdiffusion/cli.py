@@ -220,6 +220,8 @@ def _lora_flag(value: str) -> dict[str, Any]:
     try:
         number = float(scale)
     except ValueError:
+        if Path(path).expanduser().exists():
+            raise CliError(f"--lora {value}: '{scale}' is not a scale. Fix: give a number, e.g. {path}=0.8") from None
         return {"path": value}  # an '=' that belongs to the path
     if not math.isfinite(number):
         raise CliError(f"--lora {value}: the scale must be a finite number, e.g. {path}=0.8")
