@@ -244,6 +244,7 @@ def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, mon
             if stop == "kill":  # only with a handler: the default action would end the test process
                 assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
                 os.kill(os.getpid(), signal.SIGTERM)
+                pytest.fail("SIGTERM did not stop the run")
             raise KeyboardInterrupt
         return real_call(self, **kwargs)
 
@@ -366,31 +367,34 @@ def test_runner_flushes_the_lag_and_keeps_frames_aligned(steps, group, count):
     assert written == [10 * (i + 1) for i in range(count)]
 
 
-def test_skipped_frames_keep_the_output_aligned_with_the_input(tmp_path, capsys, model_args):
-    """With the stream batch's lag, a frame the similar-image filter skips shows the last frame that
-    ran, which comes out later: each output frame still belongs to its input frame (a skip used to
-    add a frame of lag: A A A A A A A B B B C D for A A A B B B C C C D D D)."""
+@pytest.mark.parametrize("steps,group", [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_skipped_frames_keep_the_output_aligned_with_the_input(tmp_path, capsys, model_args, steps, group):
+    """A frame the similar-image filter skips shows the last frame that ran; with the stream batch's
+    lag that one comes out later. Each output frame still belongs to its input frame: a skip used to
+    add a frame of lag (A A A A B B B B C ... came out with A's for B's), and with one step the first
+    fix lost every frame after the first skip."""
     from PIL import Image
 
     folder = tmp_path / "seq"
     folder.mkdir()
     gen = torch.Generator().manual_seed(0)
     images = [(torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(4)]
-    for i in range(12):
-        Image.fromarray(images[i // 3]).save(folder / f"{i}.png")
-    common = ["run", "-i", folder, *model_args, "--t-index-list", "47", "48", "49", "--cfg-type", "none", "--json"]
+    for i in range(16):  # four copies of each: whole groups of 1 or 2 frames repeat
+        Image.fromarray(images[i // 4]).save(folder / f"{i:02d}.png")
+    common = ["run", "-i", folder, *model_args, "--t-index-list", *["47", "48", "49"][-steps:], "--cfg-type", "none",
+              "--frame-buffer-size", str(group), "--json"]
     code, out, err = run_cli(capsys, *common, "-o", tmp_path / "off/")
     assert code == 0, err
     code, out, err = run_cli(capsys, *common, "-o", tmp_path / "on/", "--similar-image-filter",
                              "--similar-image-filter-threshold", "0.9")
     assert code == 0, err
-    assert json.loads(out)["frames_skipped"] >= 4 and json.loads(out)["frames_out"] == 12
+    assert json.loads(out)["frames_skipped"] >= 4 and json.loads(out)["frames_out"] == 16
 
     def frames(name):
         return [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))]
 
     off, on = frames("off"), frames("on")
-    assert len(off) == len(on) == 12
+    assert len(off) == len(on) == 16
     assert all(np.array_equal(a, b) for a, b in zip(off, on))
 
 

@@ -149,8 +149,10 @@ def bands(values) -> np.ndarray:
     (np.array([0, 100 * 257, 65535], np.uint16), ".png", "I;16", [0, 100, 255]),  # 16-bit PNG
     (np.array([0, 100 * 257, 65535], np.int32), ".tif", "I", [0, 100, 255]),  # 32-bit int, 16-bit values
     (np.array([0, 100_000, 200_000], np.int32), ".tif", "I", [0, 127, 255]),  # beyond 16 bits: its range
+    (np.array([70_000, 75_000, 80_000], np.int32), ".tif", "I", [0, 127, 255]),  # from its minimum, not 0
     (np.array([0.0, 100 / 255, 1.0], np.float32), ".tif", "F", [0, 100, 255]),  # float intensities 0..1
-    (np.array([-0.5, np.nan, 2.0], np.float32), ".tif", "F", [0, 0, 255]),  # float outside 0..1: clipped
+    (np.array([-0.5, np.nan, 1.0], np.float32), ".tif", "F", [0, 0, 255]),  # negative and NaN: black
+    (np.array([0.0, 100.0, 300.0], np.float32), ".tif", "F", [0, 100, 255]),  # floats stored as 0..255: clipped
 ])
 def test_high_bit_depth_greyscale_is_scaled(tmp_path, values, suffix, mode, expected):
     path = tmp_path / f"grey{suffix}"

@@ -300,7 +300,8 @@ def _sigint_ignored():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
+                signal.signal(sig, handler)
 
 
 def _interrupt(signum, frame):
@@ -317,7 +318,8 @@ def _term_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Runner:
@@ -379,7 +381,9 @@ class _Runner:
                 stamp = self.source.timestamps.popleft() if self.source.live else None
                 self.writer.write(frame, stamp)
                 self.frames_out += 1
-        needed = self.pending[0][0] if self.pending else self.ran
+        # Kept: what the oldest pending group shows, or (none pending) the last group that ran, which the
+        # next group shows if it is skipped.
+        needed = self.pending[0][0] if self.pending else self.ran - 1
         for done in [k for k in self.results if k < needed]:
             del self.results[done]
 

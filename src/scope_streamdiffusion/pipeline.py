@@ -169,7 +169,8 @@ class StreamDiffusionPipeline(Pipeline):
         """Scope's ``base_seed``, when it changes, is the seed: its beat-synced cache reset sends a new
         random one with ``init_cache`` for new noise. A ``seed`` changed in the same call wins."""
         if "base_seed" in changes and "seed" not in changes:
-            seed = self._coercer.coerce("seed", changes["base_seed"], self.params["seed"])
+            # Folded into the seed's range: Scope draws base_seed from [0, 2**31) but sets no upper bound.
+            seed = self._coercer.coerce("seed", changes["base_seed"] % 2**31, self.params["seed"])
             if seed != self.params["seed"]:
                 changes["seed"] = seed
         return changes

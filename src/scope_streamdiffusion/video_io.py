@@ -155,14 +155,18 @@ def _rgb_array(im):
 
 
 def _grey_to_uint8(values):
-    """Greyscale of 16/32-bit integers or floats -> uint8: 16-bit values /257, floats as 0..1 intensities
-    (clipped), 32-bit values beyond 16 bits stretched from their minimum to their maximum."""
+    """Greyscale of 16/32-bit integers or floats -> uint8: 16-bit values /257; floats as 0..1
+    intensities, or as 0..255 values when any exceeds 1 (both clipped); 32-bit values beyond 16 bits
+    stretched from their minimum to their maximum."""
     import numpy as np
 
+    if values.size == 0:
+        return values.astype(np.uint8)
     if values.dtype.kind == "f":
-        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        return (np.clip(values, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
-    lo, hi = int(values.min(initial=0)), int(values.max(initial=0))
+        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if values.max() <= 1.0 else 1.0
+        return (np.clip(values * scale, 0.0, 255.0) + 0.5).astype(np.uint8)
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi > 65535:
         return ((values.astype(np.int64) - lo) * 255 // max(hi - lo, 1)).astype(np.uint8)
     return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)

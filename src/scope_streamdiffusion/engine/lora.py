@@ -244,7 +244,9 @@ def _set_held_scales(unet, loras: list[LoadedLora]) -> bool:
     """Write ``loras``' scales into the tensors that hold them; False when they are not held so.
 
     Layer by layer, not through ``set_adapters``: that also marks the adapters' weights trainable,
-    which a compiled graph guards on (one more compile at the first change)."""
+    which a compiled graph guards on (one more compile at the first change). peft's ``set_scale``
+    formula is applied here rather than called: it would put a float in place of the tensor for a
+    moment, which a capture or trace on another thread could bake in."""
     import torch
 
     layers = _lora_layers(unet)
@@ -252,12 +254,12 @@ def _set_held_scales(unet, loras: list[LoadedLora]) -> bool:
         return False
     for layer in layers:
         for lora in loras:
-            held = layer.scaling.get(lora.adapter_name)
+            name = lora.adapter_name
+            held = layer.scaling.get(name)
             if held is None:
                 continue
-            layer.set_scale(lora.adapter_name, lora.scale)  # peft's formula: alpha / r (or / sqrt(r), rsLoRA)
-            held.fill_(float(layer.scaling[lora.adapter_name]))
-            layer.scaling[lora.adapter_name] = held
+            rank = math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
+            held.fill_(lora.scale * layer.lora_alpha[name] / rank)
     return True
 
 
