@@ -398,6 +398,15 @@ def test_skipped_frames_keep_the_output_aligned_with_the_input(tmp_path, capsys,
     assert all(np.array_equal(a, b) for a, b in zip(off, on))
 
 
+def test_json_summary_is_all_of_stdout_for_sdxl(tmp_path, capsys, tiny_sdxl):
+    """compel prints a deprecation notice on stdout when given SDXL's two encoders; --json's stdout
+    must stay parseable."""
+    code, out, err = run_cli(capsys, "run", "--model", tiny_sdxl, "--no-use-tiny-vae", "--width", "64", "--height",
+                             "64", "--frames", "1", "-o", f"{tmp_path / 'x'}/", "--json", "--no-progress")
+    assert code == 0, err
+    assert json.loads(out)["frames_out"] == 1
+
+
 def test_single_image_to_image_with_default_name(tmp_path, capsys, model_args, monkeypatch):
     from PIL import Image
 

@@ -8,7 +8,9 @@ a bounded LRU cache; blends of several weighted prompts are mixed in embedding s
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import re
 from collections import OrderedDict
@@ -103,14 +105,16 @@ class PromptEncoder:
 
         Compel = compel_class()
         if is_sdxl:
-            self._compel = Compel(
-                tokenizer=tokenizers,
-                text_encoder=text_encoders,
-                returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-                requires_pooled=[False, True],
-                truncate_long_prompts=False,
-                device=str(device),
-            )
+            # compel prints a deprecation notice on stdout for two encoders; stdout is the CLI's --json.
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._compel = Compel(
+                    tokenizer=tokenizers,
+                    text_encoder=text_encoders,
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    requires_pooled=[False, True],
+                    truncate_long_prompts=False,
+                    device=str(device),
+                )
         else:
             self._compel = Compel(
                 tokenizer=tokenizers[0], text_encoder=text_encoders[0], truncate_long_prompts=False, device=str(device)
