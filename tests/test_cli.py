@@ -198,6 +198,13 @@ def test_run_options_in_a_config_file_are_validated(tmp_path, line):
         cli.resolve_run_settings(args)
 
 
+def test_a_config_frame_rate_may_be_a_fraction(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text('fps: "30000/1001"\nframes: 3\n')
+    args = cli.build_parser().parse_args(["run", "--config", str(config)])
+    assert cli.resolve_run_settings(args)[1] == {"fps": "30000/1001", "frames": 3}
+
+
 @pytest.mark.parametrize("flag", [["--fps", "nan"], ["--fps", "-5"], ["--fps", "0"], ["--fps", "1e9"],
                                   ["--frames", "0"], ["--frames", "-2"]])
 def test_unusable_frames_or_fps_flags_are_one_line(capsys, flag):

@@ -185,6 +185,13 @@ def _run_option_problem(key: str, value: Any) -> str | None:
     """Why ``value`` cannot be the run option ``key`` (input, output, frames, fps); None if it can."""
     if key in ("input", "output"):
         return None if isinstance(value, str) and value else "expected a path"
+    if key == "fps" and isinstance(value, str):  # a rate as a fraction, e.g. "30000/1001"
+        try:
+            from fractions import Fraction
+
+            value = float(Fraction(value))
+        except (ValueError, ZeroDivisionError):
+            return "expected a frame rate such as 30 or 30000/1001"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "expected a number"
     if key == "frames":
