@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import difflib
+import functools
 import importlib
 import json
 import logging
@@ -21,10 +22,12 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import types
 import typing
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +90,11 @@ def _add_field_flag(group, name: str, field) -> None:
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
     help_text = (field.description or "").replace("%", "%%")
-    bounds = {type(m).__name__: getattr(m, "ge", getattr(m, "le", None)) for m in field.metadata}
-    if "Ge" in bounds and "Le" in bounds:
-        help_text += f" [range: {bounds['Ge']} to {bounds['Le']}]"
+    from .parameters import field_bounds
+
+    ge, le = field_bounds(field)
+    if ge is not None and le is not None:
+        help_text += f" [range: {ge} to {le}]"
     if field.default not in (None, ""):
         help_text += f" [default: {field.default}]"
     if name == "model_id":
@@ -187,8 +192,6 @@ def _run_option_problem(key: str, value: Any) -> str | None:
         return None if isinstance(value, str) and value else "expected a path"
     if key == "fps" and isinstance(value, str):  # a rate as a fraction, e.g. "30000/1001"
         try:
-            from fractions import Fraction
-
             value = float(Fraction(value))
         except (ValueError, ZeroDivisionError):
             return "expected a frame rate such as 30 or 30000/1001"
@@ -297,36 +300,28 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
-    """While the output file is finalised a second Ctrl-C (or a TERM) must not leave it half-written."""
+def _signals_handled(handler, *signums):
+    """``handler`` for ``signums`` inside the block (main thread only: Python sets handlers there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
-                signal.signal(sig, handler)
+        for signum, old in previous.items():
+            if old is not None:  # None: a handler not installed from Python, which cannot be restored
+                signal.signal(signum, old)
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _term_as_interrupt():
-    """``kill``/``docker stop`` (SIGTERM) stops a run as Ctrl-C does: the video is finalised, not lost."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+# While the output file is finalised a second Ctrl-C (or a TERM) must not leave it half-written.
+_finalising = functools.partial(_signals_handled, signal.SIG_IGN, signal.SIGINT, signal.SIGTERM)
+# `kill`/`docker stop` (SIGTERM) stops a run as Ctrl-C does: the video is finalised, not lost.
+_term_as_interrupt = functools.partial(_signals_handled, _interrupt, signal.SIGTERM)
 
 
 class _Runner:
@@ -431,8 +426,6 @@ def _check_writable(output: str, kind: str) -> None:
     while not existing.exists():  # missing folders are made: the first one that exists must take a file
         existing = existing.parent
     try:
-        import tempfile
-
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
@@ -502,7 +495,7 @@ def _stream(args, pipe, source, writer, output: str, load_s: float) -> dict[str,
     finally:
         wall = time.perf_counter() - start
         progress.close()
-        with _sigint_ignored():
+        with _finalising():
             writer.close()
     if interrupted:
         print(f"{PROG}: interrupted: kept the {runner.frames_out} frames done so far in {output}", file=sys.stderr)

@@ -53,6 +53,17 @@ def normalize_prompts(value: Any) -> tuple[tuple[str, float], ...] | None:
     return tuple(items)
 
 
+def field_bounds(field) -> tuple[Any, Any]:
+    """(ge, le) of a pydantic field; None where it has no bound."""
+    ge = le = None
+    for meta in field.metadata:
+        if isinstance(meta, Ge):
+            ge = meta.ge
+        elif isinstance(meta, Le):
+            le = meta.le
+    return ge, le
+
+
 class ParameterCoercer:
     def __init__(self, config_cls):
         self.fields = config_cls.model_fields
@@ -69,13 +80,7 @@ class ParameterCoercer:
             logger.warning(message, *args)
 
     def _bounds(self, name: str):
-        ge = le = None
-        for meta in self.fields[name].metadata:
-            if isinstance(meta, Ge):
-                ge = meta.ge
-            elif isinstance(meta, Le):
-                le = meta.le
-        return ge, le
+        return field_bounds(self.fields[name])
 
     def coerce(self, name: str, value: Any, previous: Any) -> Any:
         """The clean value for ``name`` (or ``previous`` if ``value`` is unusable)."""
