@@ -36,13 +36,13 @@ class SimilarImageFilter:
     def should_skip(self, frames: torch.Tensor, can_skip: bool = True) -> bool:
         """Decide for ``frames`` (in [0, 1]) and remember them as the reference when they will be
         processed (always, with ``can_skip=False``: the caller has no output to repeat)."""
-        flat = frames.detach().reshape(-1).float() * 2 - 1
+        flat = frames.detach().reshape(-1).float().mul(2).sub_(1)  # a new tensor: kept below without a copy
         if can_skip and self._reference is not None and self._reference.shape == flat.shape and self._skipped < self.max_skip_frame:
             cos = torch.nn.functional.cosine_similarity(flat, self._reference, dim=0).item()
             p = skip_probability(cos, self.threshold)
             if p > 0.0 and p >= self._rng.random():
                 self._skipped += 1
                 return True
-        self._reference = flat.clone()
+        self._reference = flat
         self._skipped = 0
         return False
