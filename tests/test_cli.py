@@ -111,6 +111,19 @@ def test_video_with_audio_keeps_count_fps_size_and_audio(tmp_path, capsys, model
     assert abs(info["audio_seconds"] - 10 / 12) < 0.15
 
 
+def test_gif_output_is_an_animated_gif_without_the_audio(tmp_path, capsys, model_args):
+    src = make_video(tmp_path / "clip.mp4", frames=10, fps=12)
+    dst = tmp_path / "out.gif"
+    code, out, err = run_cli(capsys, "run", "-i", src, "-o", dst, *model_args)
+    assert code == 0, err
+    assert err.count("warning: the audio track (aac) cannot be stored in .gif") == 1, err
+    info = probe(dst)
+    assert (info["frames"], info["size"], info["audio"]) == (10, (64, 64), 0)
+    with av.open(str(dst)) as container:
+        assert container.format.name == "gif"
+        assert abs(container.duration / 1_000_000 - 10 / 12) <= 0.02  # 12 fps as delays of 8 and 9/100 s
+
+
 def test_folder_of_images_to_folder(tmp_path, capsys, model_args):
     from PIL import Image
 

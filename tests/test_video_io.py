@@ -6,11 +6,13 @@ Each test makes a tiny file with PyAV or PIL and checks the decoded pixels (or t
 from __future__ import annotations
 
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from scope_streamdiffusion import cli, video_io
@@ -243,6 +245,77 @@ def test_close_failure_is_one_line_naming_the_output(tmp_path, monkeypatch):
     message = str(info.value)
     assert "out.mp4" in message and "Fix:" in message and "\n" not in message
     writer.close()  # a second close does nothing
+
+
+# ----- animated GIF --------------------------------------------------------------------------------------
+
+
+GIF_COLOURS = [(255, 0, 0), (0, 200, 0), (40, 80, 255), (255, 255, 255)]
+
+
+def gif_frame(i: int) -> np.ndarray:
+    """Five flat colours, as a GIF's palette holds them: a dark ground and a block that moves and
+    changes colour with ``i`` (so every frame differs from the one before)."""
+    img = np.full((H, W, 3), (20, 20, 60), np.uint8)
+    x = (i * 5) % (W - 16)
+    img[8:40, x : x + 16] = GIF_COLOURS[i % len(GIF_COLOURS)]
+    return img
+
+
+def write_frames(path: Path, frames: list, fps: Fraction, audio=None):
+    writer = open_writer(str(path), width=W, height=H, fps=fps, audio=audio)
+    for frame in frames:
+        writer.write(torch.from_numpy(frame))
+    writer.close()
+    return writer
+
+
+@pytest.mark.parametrize("fps", [Fraction(30), Fraction(12)])
+def test_gif_output_is_an_animated_gif(tmp_path, fps):
+    frames = [gif_frame(i) for i in range(12)]
+    path = tmp_path / "out.gif"
+    write_frames(path, frames, fps)
+    assert path.is_file()  # not a folder of PNGs named out.gif
+    with av.open(str(path)) as container:
+        assert container.format.name == "gif" and not container.streams.audio
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (W, H)
+        got = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        seconds = container.duration / 1_000_000
+    assert len(got) == len(frames)
+    # Delays are whole 1/100 s: 30 fps is 3, 4, 3, ... and the length stays 12 frames' worth.
+    assert abs(seconds - len(frames) / fps) <= 0.02
+    for written, read in zip(frames, got):
+        assert np.abs(read.astype(int) - written).max() <= 8
+    source = open_source(str(path), width=W, height=H)
+    assert source.total == len(frames) and abs(source.fps / fps - 1) < 0.02
+    source.close()
+
+
+def test_gif_input_is_a_video_at_its_own_rate(tmp_path):
+    frames = [gif_frame(i) for i in range(6)]
+    path = tmp_path / "in.gif"
+    # Delays of 30 and 40 ms (3 and 4 hundredths, as GIFs store them): 30 fps on average.
+    Image.fromarray(frames[0]).save(path, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]],
+                                    duration=[30, 40, 30, 30, 40, 30], loop=0)
+    source = open_source(str(path), width=W, height=H)
+    got = list(source.frames)
+    source.close()
+    assert source.total == len(got) == 6
+    assert abs(source.fps - 30) < 0.5  # FFmpeg's own guess is the first delay's, 100/3
+    for written, read in zip(frames, got):
+        assert tuple(read.shape) == (H, W, 3)
+        assert np.abs(read.numpy().astype(int) - written).max() <= 8
+
+
+def test_gif_output_leaves_the_audio_out_with_one_warning(tmp_path):
+    src = make_video(tmp_path / "in.mkv", frames=6, pcm_layout="stereo")
+    source = open_source(str(src), width=W, height=H)
+    writer = write_frames(tmp_path / "out.gif", [f.numpy() for f in source.frames], source.fps, source.audio)
+    source.close()
+    assert len(writer.warnings) == 1
+    assert "pcm_s16le" in writer.warnings[0] and ".gif" in writer.warnings[0] and "left out" in writer.warnings[0]
+    assert probe(tmp_path / "out.gif") == {"frames": 6, "audio": 0}
 
 
 @pytest.fixture

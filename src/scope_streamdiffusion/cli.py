@@ -844,9 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(a built-in moving pattern; the default) or 'text' (text-to-image from the prompt; one "
                          "image unless --frames says more, all alike for a fixed prompt and seed)")
     io.add_argument("-o", "--output", default=None,
-                    help="video file (.mp4 .mkv .mov .webm .avi; h264, audio copied from the input) or folder of PNG "
-                         "images (a path without a video extension, or ending in '/'). Default: in the current folder, "
-                         "named after the input, e.g. clip-streamdiffusion.mp4")
+                    help="video file (.mp4 .mkv .mov .webm .avi; h264, audio copied from the input), animated .gif "
+                         "(no audio) or folder of PNG images (a path without a video extension, or ending in '/'). "
+                         "Default: in the current folder, named after the input, e.g. clip-streamdiffusion.mp4")
     io.add_argument("--frames", type=int, default=None, help="stop after N frames (the test pattern's length, default 120)")
     io.add_argument("--fps", type=float, default=None,
                     help="frame rate of images and the test pattern (default 30); videos keep their own")

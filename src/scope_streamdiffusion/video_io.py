@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
 DEFAULT_FPS = Fraction(30)
 
 
@@ -203,6 +203,10 @@ def _open_video(path: Path, frames: int | None) -> Source:
     stream.thread_type = "AUTO"  # frame-threaded decoding; the default is slice-only
     fps = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
     fps = Fraction(fps.numerator, fps.denominator)
+    if container.format.name == "gif" and stream.frames and stream.duration and stream.time_base:
+        # GIF delays are whole 1/100 s (30 fps is 3, 4, 3, ...) and FFmpeg's average rate is the
+        # first delay's (100/3): the mean over the whole file keeps the GIF's length.
+        fps = (stream.frames / (stream.duration * stream.time_base)).limit_denominator(1001)
     total = stream.frames or None
     if not total and stream.duration and stream.time_base:
         total = int(round(float(stream.duration * stream.time_base * fps)))
@@ -449,10 +453,10 @@ class ImageWriter:
 
 
 def pick_video_codec(suffix: str) -> str:
-    """h264 when this FFmpeg build can encode it, else mpeg4 (VP9/VP8 for .webm)."""
+    """h264 when this FFmpeg build can encode it, else mpeg4 (VP9/VP8 for .webm, gif for .gif)."""
     import av
 
-    candidates = ("libvpx-vp9", "libvpx") if suffix == ".webm" else ("libx264", "h264", "mpeg4")
+    candidates = {".webm": ("libvpx-vp9", "libvpx"), ".gif": ("gif",)}.get(suffix, ("libx264", "h264", "mpeg4"))
     for name in candidates:
         try:
             av.Codec(name, "w")
@@ -465,6 +469,7 @@ def pick_video_codec(suffix: str) -> str:
 
 class VideoWriter:
     """Encodes frames into a video file with PyAV and copies the source's audio packets as they come.
+    A .gif is an animated GIF: each frame with its own 256-colour palette, no audio.
 
     Frames are stamped at a constant ``fps`` (pts = index), or with explicit timestamps for live
     sources (variable frame rate, so playback runs at the speed the frames were captured).
@@ -491,10 +496,15 @@ class VideoWriter:
         codec = pick_video_codec(self.path.suffix.lower())
         self.stream = self.container.add_stream(codec, rate=fps)
         self.stream.width, self.stream.height = width, height
-        self.stream.pix_fmt = "yuv420p"
+        self._paletted = codec == "gif"
+        self.stream.pix_fmt = "pal8" if self._paletted else "yuv420p"
         if codec in ("libx264", "h264"):
             # Near-lossless and light on the CPU, which is busy feeding the GPU.
             self.stream.options = {"crf": "18", "preset": "veryfast"}
+        elif self._paletted:
+            # No cropping to the changed part nor transparent unchanged pixels: FFmpeg compares a frame's
+            # palette indices with the previous frame's even when that one had another palette.
+            self.stream.options = {"gifflags": "0"}
         else:
             self.stream.bit_rate = int(width * height * float(fps) * 0.25)
         # Timestamps: frames at 1/fps, or milliseconds for live (variable-rate) sources.
@@ -507,7 +517,10 @@ class VideoWriter:
         import av
 
         array = uint8_frame(frame).numpy()
-        video_frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+        if self._paletted:
+            video_frame = av.VideoFrame.from_ndarray(_own_palette(array), format="pal8")
+        else:
+            video_frame = av.VideoFrame.from_ndarray(array, format="rgb24")
         if timestamp is None:
             pts = self.count
         else:
@@ -548,6 +561,20 @@ class VideoWriter:
             # A raw PyAV error here would not say which file is broken, nor what to do.
             raise MediaError(f"Cannot finish '{self.path}' ({_av_reason(exc)}); the file is incomplete. Fix: "
                              "write .mkv, which holds any audio, or check free disk space.") from exc
+
+
+def _own_palette(array):
+    """(indices, ARGB palette) of an (H, W, 3) uint8 frame reduced to its own 256 colours. FFmpeg's
+    rgb8 is one fixed 3-3-2 palette for every picture: grainy, colours off ~4x as much on a photo."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(array).quantize(256, method=Image.Quantize.FASTOCTREE)
+    colours = np.asarray(image.getpalette()[:768], np.uint8).reshape(-1, 3)
+    palette = np.zeros((256, 4), np.uint8)
+    palette[:, 0] = 255  # opaque
+    palette[: len(colours), 1:] = colours
+    return np.asarray(image), palette
 
 
 class _AudioCopier:
