@@ -94,6 +94,29 @@ def test_permanent_merge_changes_output_and_keeps_its_scale(tiny_sd15, lora_file
     assert pipe.loaded_lora_adapters == [{"path": lora_file, "scale": 0.5}]
 
 
+def test_bad_runtime_scales_are_clamped_or_kept_with_one_warning(tiny_sd15, lora_file, caplog):
+    """An out-of-range scale is clamped to Scope's [-10, 10], a non-number keeps the last scale: each
+    LoRA warns once, however often the value comes."""
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": lora_file, "scale": 0.5}],
+                                   lora_merge_mode="runtime_peft", **SIZE)
+    with caplog.at_level(logging.WARNING, logger="scope_streamdiffusion"):
+        for value in (1e9, float("inf"), 1e9):
+            pipe.update(lora_scales=[{"path": lora_file, "scale": value}])
+            assert pipe.loaded_lora_adapters == [{"path": lora_file, "scale": 10.0}]
+        for value in ("abc", None, float("nan")):
+            pipe.update(lora_scales=[{"path": lora_file, "scale": value}])
+            assert pipe.loaded_lora_adapters == [{"path": lora_file, "scale": 10.0}]
+        pipe.update(lora_scales=[{"path": lora_file, "scale": -3.0}])  # in range: no warning
+    assert pipe.loaded_lora_adapters == [{"path": lora_file, "scale": -3.0}]
+    assert sum("not a number in [-10.0, 10.0]" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scope_streamdiffusion"):
+        loaded = StreamDiffusionPipeline(model_id=str(tiny_sd15), loras=[{"path": lora_file, "scale": 99}],
+                                         lora_merge_mode="runtime_peft", **SIZE)
+    assert loaded.loaded_lora_adapters == [{"path": lora_file, "scale": 10.0}]
+    assert sum("scale 99 is not a number in" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_runtime_scales_change_a_compiled_unet_without_a_new_graph(tiny_sd15, lora_file, monkeypatch):
     """peft keeps a scale as a float, which torch.compile bakes into the graph: every value of a LoRA
     slider would compile the UNet again (after 64 values not at all) and re-capture its CUDA graphs.

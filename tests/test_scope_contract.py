@@ -103,6 +103,55 @@ def test_a_transition_moves_with_calls_not_with_updates(pipe):
     assert dict(pipe.engine.settings.prompts) == pytest.approx({"a dog": 0.5, "a castle": 0.5})
 
 
+def test_a_transition_started_mid_transition_blends_from_what_is_on_screen(pipe):
+    """Two presets clicked within num_steps calls: the second blend starts from the first one's
+    current mix, not from its target (the cat would vanish in one frame)."""
+    pipe(video=[frame()], prompts=[{"text": "a cat", "weight": 1.0}])
+    pipe(video=[frame()], transition={"target_prompts": [{"text": "a dog", "weight": 1}], "num_steps": 10})
+    pipe(video=[frame()])
+    pipe(video=[frame()])
+    assert dict(pipe.engine.settings.prompts) == pytest.approx({"a cat": 0.7, "a dog": 0.3})
+    pipe(video=[frame()], transition={"target_prompts": [{"text": "a fox", "weight": 1}], "num_steps": 10})
+    assert dict(pipe.engine.settings.prompts) == pytest.approx({"a cat": 0.63, "a dog": 0.27, "a fox": 0.1})
+    # Back to a text already in the mix: it is listed once, its shares summed.
+    pipe(video=[frame()], transition={"target_prompts": [{"text": "a cat", "weight": 1}], "num_steps": 2})
+    prompts = pipe.engine.settings.prompts
+    assert len(prompts) == 3 and dict(prompts)["a cat"] == pytest.approx(0.63 / 2 + 0.5)
+    pipe(video=[frame()])
+    assert pipe.engine.settings.prompts == (("a cat", 1.0),)
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_a_transition_sent_with_its_target_as_prompts_still_blends(pipe, update):
+    """Scope: a transition takes precedence over `prompts` for starting the blend. Clients that send
+    both (the target in `prompts` too) get the blend, not a cut."""
+    pipe(video=[frame()], prompts=[{"text": f"a cat {update}", "weight": 100.0}])
+    target = [{"text": f"a dog {update}", "weight": 100.0}]
+    send = pipe.update if update else (lambda **kw: pipe(video=[frame()], **kw))
+    send(prompts=target, transition={"target_prompts": target, "num_steps": 4})
+    if update:  # an update() does not move the blend: the cat is still on screen until a call
+        assert pipe.engine.settings.prompts == ((f"a cat {update}", 100.0),)
+        pipe(video=[frame()], prompts=target)
+    assert dict(pipe.engine.settings.prompts) == pytest.approx({f"a cat {update}": 0.75, f"a dog {update}": 0.25})
+    for _ in range(3):
+        pipe(video=[frame()], prompts=target)  # resent as Scope resends: not a change
+    assert pipe.engine.settings.prompts == ((f"a dog {update}", 100.0),)
+
+
+def test_the_first_usable_of_prompts_and_prompt(tiny_sd15):
+    """prompts=None or [] next to a prompt is no prompt: the prompt is used, at load as in a call;
+    prompts wins when both are usable."""
+    pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), prompts=None, prompt="a cat", **SIZE)
+    assert pipe.engine.settings.prompts == (("a cat", 1.0),)
+    pipe(video=[frame()], prompts=[], prompt="a cat")
+    assert pipe.engine.settings.prompts == (("a cat", 1.0),)
+    both = StreamDiffusionPipeline(model_id=str(tiny_sd15), prompts=[{"text": "a dog", "weight": 2.0}],
+                                   prompt="a cat", **SIZE)
+    assert both.engine.settings.prompts == (("a dog", 2.0),)
+    both(video=[frame()], prompts=[{"text": "a fox", "weight": 1.0}], prompt="a bird")
+    assert both.engine.settings.prompts == (("a fox", 1.0),)
+
+
 @pytest.mark.parametrize("steps", ["abc", float("nan"), float("inf"), [3], None, -5, "4"])
 def test_a_transition_with_unusable_steps_goes_to_its_target(pipe, steps):
     source = f"a dog {steps!r}"  # a new prompt each time: Scope's resent prompts are not a change

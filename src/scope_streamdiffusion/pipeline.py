@@ -89,8 +89,11 @@ class PromptTransition:
         a = self.step / self.num_steps
         total_s = sum(w for _, w in self.source) or 1.0
         total_t = sum(w for _, w in self.target) or 1.0
-        mix = tuple((t, (1 - a) * w / total_s) for t, w in self.source) + tuple((t, a * w / total_t) for t, w in self.target)
-        return mix, False
+        mix: dict[str, float] = {}  # a text in both lists (a transition started mid-transition) once
+        for prompts, share, total in ((self.source, 1 - a, total_s), (self.target, a, total_t)):
+            for text, weight in prompts:
+                mix[text] = mix.get(text, 0.0) + share * weight / total
+        return tuple(mix.items()), False
 
 
 STEADY_CALLS = 3  # calls at a changed source size before its frames are resized inside the step graph
@@ -124,8 +127,9 @@ class StreamDiffusionPipeline(Pipeline):
         self._settings_fields = set(StreamSettings.__dataclass_fields__)
         self._transition: PromptTransition | None = None
         self._interp_method = self._interpolation(kwargs, "linear")
-        initial = kwargs.get("prompts", kwargs.get("prompt"))
-        self.prompts = (self._coercer.prompts("prompts", initial) if initial is not None else None) or ((DEFAULT_PROMPT, 1.0),)
+        # The first usable one of prompts and prompt (prompts=None or [] next to a prompt is no prompt).
+        usable = (self._coercer.prompts(key, kwargs[key]) for key in ("prompts", "prompt") if kwargs.get(key) is not None)
+        self.prompts = next((p for p in usable if p is not None), None) or ((DEFAULT_PROMPT, 1.0),)
         self._coercer.seen("prompts", kwargs.get("prompts"))
         self._coercer.seen("prompt", kwargs.get("prompt"))
         models = load_models(
@@ -179,22 +183,23 @@ class StreamDiffusionPipeline(Pipeline):
         """New prompts or a new transition from ``kwargs``; with ``advance`` (a call, not an update)
         a running transition also moves one step."""
         changes: dict[str, Any] = {}
-        for key in ("prompts", "prompt"):
-            if key in kwargs and not self._coercer.seen(key, kwargs[key]):
-                prompts = self._coercer.prompts(key, kwargs[key])
-                if prompts is None:
-                    continue
-                self.prompts, self._transition = prompts, None
-                changes["prompts"] = prompts
-        transition = kwargs.get("transition")
+        transition, target = kwargs.get("transition"), None
         if transition is None:  # Scope delivers a transition once: the same one may come again later
             self._coercer.seen("transition", None)
         if isinstance(transition, dict) and not self._coercer.seen("transition", transition):
             target = self._coercer.prompts("transition", transition.get("target_prompts"))
-            if target is not None:
-                self._transition = PromptTransition(self.prompts, target, transition.get("num_steps", 0),
-                                                    transition.get("temporal_interpolation_method", "linear"))
-                self.prompts = target
+        for key in ("prompts", "prompt"):  # prompts wins over prompt, a new transition over both (Scope's rule)
+            if key in kwargs and not self._coercer.seen(key, kwargs[key]):
+                prompts = self._coercer.prompts(key, kwargs[key])
+                if prompts is None or target is not None or "prompts" in changes:
+                    continue
+                self.prompts, self._transition = prompts, None
+                changes["prompts"] = prompts
+        if target is not None:
+            # From what is on screen, a running transition's blend included (not its target: a jump).
+            self._transition = PromptTransition(self.engine.settings.prompts, target, transition.get("num_steps", 0),
+                                                transition.get("temporal_interpolation_method", "linear"))
+            self.prompts = target
         if "prompt_interpolation_method" in kwargs:
             self._interp_method = self._interpolation(kwargs, self._interp_method)
         method = self._interp_method  # the user's choice; a slerp transition borrows it only while it runs

@@ -56,14 +56,19 @@ def has_runtime_adapters(loras) -> bool:
     return any(lora.is_runtime for lora in loras or [])
 
 
-def clamp_scale(value, default: float = 1.0) -> float:
+def clamp_scale(value, default: float = 1.0) -> tuple[float, bool]:
+    """(the scale to use, whether it is ``value`` as given): not a number -> ``default``; out of range -> clamped."""
     try:
         scale = float(value)
     except (TypeError, ValueError):
-        return default
+        return default, False
     if math.isnan(scale):
-        return default
-    return min(max(scale, SCALE_RANGE[0]), SCALE_RANGE[1])
+        return default, False
+    clamped = min(max(scale, SCALE_RANGE[0]), SCALE_RANGE[1])
+    return clamped, clamped == scale
+
+
+_SCALE_WARNING = "LoRA '%s': scale %r is not a number in [%s, %s]; using %s."
 
 
 def _merge_mode(value, default: str) -> str:
@@ -98,7 +103,9 @@ def parse_loras(loras, lora_merge_mode: str | None = None) -> list[LoraSpec]:
             logger.warning("LoRA '%s' is listed twice; loading it once.", entry["path"])
             continue
         seen.add(entry["path"])
-        scale = clamp_scale(entry.get("scale", 1.0))
+        scale, as_given = clamp_scale(entry.get("scale", 1.0))
+        if not as_given:
+            logger.warning(_SCALE_WARNING, entry["path"], entry.get("scale"), *SCALE_RANGE, scale)
         specs.append(LoraSpec(entry["path"], scale, _merge_mode(entry.get("merge_mode"), default)))
     return specs
 
@@ -324,7 +331,9 @@ class RuntimeLoraScales:
                 self._warn_once(item["path"], "lora_scales names '%s', which is not loaded; loaded: %s. Adding a LoRA "
                                 "needs a reload.", item["path"], [x.path for x in self.loras] or "none")
                 continue
-            scale = clamp_scale(item.get("scale"), lora.scale)
+            scale, as_given = clamp_scale(item.get("scale"), lora.scale)
+            if not as_given:
+                self._warn_once(f"{lora.path}\0scale", _SCALE_WARNING, lora.path, item.get("scale"), *SCALE_RANGE, scale)
             if scale == lora.scale:
                 continue
             if not lora.is_runtime:
