@@ -66,7 +66,20 @@ def test_tensorrt_missing_is_one_clear_error_on_cuda(monkeypatch):
     with pytest.raises(ModelLoadError) as info:
         acc.resolve_acceleration("tensorrt", torch.device("cuda"))
     text = str(info.value)
-    assert "pip install tensorrt" in text and "scope-streamdiffusion[tensorrt]" in text
+    assert "pip install tensorrt onnx" in text and "scope-streamdiffusion[tensorrt]" in text
+
+
+def test_tensorrt_without_onnx_is_the_same_one_error(monkeypatch):
+    """The engine is built from an ONNX export: without onnx, the load stops up front, naming it,
+    not in the middle of the export."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ModelLoadError) as info:
+        acc.resolve_acceleration("tensorrt", torch.device("cuda"))
+    text = str(info.value)
+    assert "onnx (" in text and "tensorrt (" not in text and "pip install tensorrt onnx" in text
 
 
 def test_compile_without_triton_falls_back_once(monkeypatch, caplog):

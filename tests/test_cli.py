@@ -452,6 +452,30 @@ def test_download_patterns_prefer_fp16_weights(monkeypatch):
     assert cli._allow_patterns("stabilityai/sd-turbo") == SD_TURBO_FILES
 
 
+@pytest.mark.parametrize("repo, fixture", [("stabilityai/sd-turbo", "tiny_sd15"), ("stabilityai/sdxl-turbo", "tiny_sdxl")])
+def test_download_lists_make_a_folder_that_loads(tmp_path, request, repo, fixture):
+    """`download` of a known model fetches only its list: that list must be every file the model's
+    folder holds (configs, tokenizers, weights), or a folder in Scope's models dir passes for
+    complete and fails to load."""
+    import shutil
+
+    from scope_streamdiffusion.engine import load_models
+
+    source = Path(request.getfixturevalue(fixture))
+    listed = cli._known_models()[repo]
+    held = {str(f.relative_to(source)) for f in source.rglob("*") if f.is_file() and not f.name.startswith(".")}
+    as_fp16 = {f.replace("model.safetensors", "model.fp16.safetensors") for f in held}
+    assert as_fp16 <= set(listed), sorted(as_fp16 - set(listed))
+    folder = tmp_path / repo.split("/")[1]
+    for name in listed:  # the fp16 names as fetched, with the tiny model's plain weights behind them
+        plain = name.replace(".fp16.", ".")
+        (folder / plain).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / plain, folder / plain)
+    assert cli._presence(folder, repo, listed) == "complete"
+    models = load_models(str(folder), device=torch.device("cpu"), dtype=torch.float32, use_tiny_vae=False)
+    assert models.family.is_sdxl == (fixture == "tiny_sdxl")
+
+
 def test_text_to_image_input(tmp_path, capsys, model_args, monkeypatch):
     from PIL import Image
 

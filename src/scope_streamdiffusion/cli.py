@@ -47,7 +47,8 @@ _SCOPE_BASE_FIELDS = {"manage_cache", "base_seed", "denoising_steps", "lora_merg
 _RUN_KEYS = ("input", "output", "frames", "fps")
 _LORA_KEYS = ("loras", "lora_merge_mode")  # load parameters in Scope's format, not config fields
 TINY_HELP = ("'tiny-random' (or tiny-random-sdxl) is a tiny random-weight model the package builds itself: "
-             "it runs offline on a CPU to check an install end to end, and its output is noise by nature.")
+             "it runs offline on a CPU to check an install end to end (it needs CLIP's vocabulary: "
+             "pip install --no-deps open_clip_torch), and its output is noise by nature.")
 
 logger = logging.getLogger("scope_streamdiffusion")
 
@@ -575,13 +576,14 @@ def _quiet_libraries(debug: bool) -> None:
 def _known_models() -> dict[str, list[str]]:
     from .schema import SD_TURBO_FILES, TAESD_FILES
 
+    # SDXL: SD's files plus the second text encoder and its tokenizer (the folder must load on its own).
+    second = [f.replace("text_encoder/", "text_encoder_2/").replace("tokenizer/", "tokenizer_2/")
+              for f in SD_TURBO_FILES if f.startswith(("text_encoder/", "tokenizer/"))]
     return {
         "stabilityai/sd-turbo": SD_TURBO_FILES,
         "madebyollin/taesd": TAESD_FILES,
         "madebyollin/taesdxl": TAESD_FILES,
-        "stabilityai/sdxl-turbo": ["model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors",
-                                   "vae/diffusion_pytorch_model.fp16.safetensors",
-                                   "text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors"],
+        "stabilityai/sdxl-turbo": SD_TURBO_FILES + second,
         "latent-consistency/lcm-lora-sdv1-5": ["pytorch_lora_weights.safetensors"],
         "latent-consistency/lcm-lora-sdxl": ["pytorch_lora_weights.safetensors"],
     }
@@ -844,9 +846,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(a built-in moving pattern; the default) or 'text' (text-to-image from the prompt; one "
                          "image unless --frames says more, all alike for a fixed prompt and seed)")
     io.add_argument("-o", "--output", default=None,
-                    help="video file (.mp4 .mkv .mov .webm .avi; h264, audio copied from the input), animated .gif "
-                         "(no audio) or folder of PNG images (a path without a video extension, or ending in '/'). "
-                         "Default: in the current folder, named after the input, e.g. clip-streamdiffusion.mp4")
+                    help="video file (.mp4 .mkv .mov .avi: h264, else mpeg4; .webm: VP9; the input's audio copied when the "
+                         "container can hold it), animated .gif (no audio), one image (.png .jpg) for a one-frame "
+                         "input, or a folder of PNG images (any other path, or one ending in '/'). Default: in the "
+                         "current folder, named after the input, e.g. clip-streamdiffusion.mp4")
     io.add_argument("--frames", type=int, default=None, help="stop after N frames (the test pattern's length, default 120)")
     io.add_argument("--fps", type=float, default=None,
                     help="frame rate of images and the test pattern (default 30); videos keep their own")

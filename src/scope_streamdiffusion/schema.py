@@ -152,7 +152,7 @@ class StreamDiffusionConfig(BasePipelineConfig):
                     "graph (ready in seconds); compile: torch.compile + CUDA graph (fastest, minutes to compile "
                     "the first time, cached on disk); background-compile: each shape as cudagraph at once, as "
                     "compile once it has compiled in the background (a minute or two, 30-40 s cached); tensorrt: "
-                    "TensorRT UNet engine (needs `pip install tensorrt`). See BENCHMARKS.md.",
+                    "TensorRT UNet engine (needs `pip install tensorrt onnx`). See BENCHMARKS.md.",
         json_schema_extra=_config(6, "Acceleration", is_load_param=True))
     frame_buffer_size: int = Field(
         default=1, ge=1, le=8, description="Frames processed per call (batched together).",

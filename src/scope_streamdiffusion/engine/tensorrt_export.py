@@ -29,23 +29,33 @@ from .background_compile import FX_TRACING
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install tensorrt  (or: pip install 'scope-streamdiffusion[tensorrt]')"
+INSTALL_HINT = "pip install tensorrt onnx  (or: pip install 'scope-streamdiffusion[tensorrt]')"
 INPUTS = ("sample", "timestep", "encoder_hidden_states")
 SDXL_INPUTS = ("text_embeds", "time_ids")
 OUTPUT = "latent"
 
 
 def require_tensorrt():
-    """Import tensorrt, or raise ONE clear ModelLoadError with the install command."""
-    try:
-        import tensorrt
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA library behind it
+    """Import tensorrt (and onnx, which the UNet's export needs), or raise ONE clear ModelLoadError
+    with the install command."""
+    import importlib
+
+    missing = []
+    for name in ("tensorrt", "onnx"):
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA library behind it
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+        else:
+            if name == "tensorrt":
+                tensorrt = module
+    if missing:
         from .models import ModelLoadError
 
         raise ModelLoadError(
-            f"acceleration='tensorrt' needs NVIDIA TensorRT, which is not importable ({type(exc).__name__}: {exc}). "
+            f"acceleration='tensorrt' needs NVIDIA TensorRT and onnx; not importable: {', '.join(missing)}. "
             f"Fix: {INSTALL_HINT}; or choose acceleration='compile' (no extra install)."
-        ) from exc
+        )
     return tensorrt
 
 
