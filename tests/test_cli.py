@@ -33,6 +33,15 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def subprocess_env(tmp_path) -> dict:
+    """A CLI subprocess's environment: this checkout's code, offline, no verbosity or warning settings
+    of the caller's."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONWARNINGS", "TORCH_LOGS") and not k.endswith("_VERBOSITY")}
+    return {**env, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "SCOPE_STREAMDIFFUSION_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+
+
 def assert_one_line_error(code, err, *words):
     assert code != 0
     lines = [line for line in err.strip().splitlines() if line]
@@ -280,8 +289,7 @@ def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, mon
 
 
 def test_console_entry_point_with_tiny_random(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "SCOPE_STREAMDIFFUSION_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(tmp_path)
     dst = tmp_path / "frames/"
     result = subprocess.run(
         [sys.executable, "-m", "scope_streamdiffusion.cli", "run", "--model", "tiny-random", "--width", "64",
@@ -323,6 +331,65 @@ def test_model_not_found_offline(tmp_path, capsys):
 def test_cuda_requested_but_absent(capsys):
     code, _, err = run_cli(capsys, "run", "--device", "cuda", "--model", "tiny-random")
     assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_a_lora_that_does_not_fit_is_one_line_without_the_diffusers_log(tmp_path, tiny_sdxl, model_args):
+    """diffusers logs the whole state-dict error of a LoRA that does not fit before raising it; the
+    error line already says what it means. --debug shows the library's lines too."""
+    from scope_streamdiffusion.testing.tiny_models import build_tiny_lcm_lora
+
+    sdxl_lora = build_tiny_lcm_lora(tiny_sdxl, tmp_path / "xl-lora")
+    command = [sys.executable, "-m", "scope_streamdiffusion.cli", "run", "-o", str(tmp_path / "x.png"), "-i", "text",
+               *map(str, model_args), "--lora", str(sdxl_lora)]
+    result = subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result.returncode, result.stderr, "does not fit", "size mismatch", "Fix:")
+    result = subprocess.run([*command, "--debug"], env=subprocess_env(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    assert "was unsuccessful" in result.stderr and "Traceback" in result.stderr
+
+
+# Logs as the libraries log while a model loads: through each library's logging (with its own handler
+# where it has one), and a Python warning. The libraries are imported before main here (the test above:
+# after it).
+NOISY_LOAD = """
+import logging, sys, warnings
+import diffusers.utils.logging, huggingface_hub.utils.logging, transformers.utils.logging
+from scope_streamdiffusion import cli
+from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
+
+real_init = StreamDiffusionPipeline.__init__
+
+def noisy_init(self, **kwargs):
+    for library in (diffusers, transformers, huggingface_hub):
+        library.utils.logging.get_logger(library.__name__ + ".loading").warning("notice from %s", library.__name__)
+    for name in ("peft.tuners", "accelerate.utils", "torch._dynamo.convert_frame", "torch._inductor.utils"):
+        logging.getLogger(name).warning("notice from %s", name)
+    warnings.warn("a deprecation notice", FutureWarning)
+    real_init(self, **kwargs)
+
+StreamDiffusionPipeline.__init__ = noisy_init
+sys.argv[0] = "scope-streamdiffusion"
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_library_logs_and_warnings_show_only_with_debug(tmp_path, model_args, debug):
+    """Library log lines and Python warnings came between the CLI's own lines; our own warnings
+    (a clamped value here) still show, once."""
+    command = [sys.executable, "-c", NOISY_LOAD, "run", "-i", "text", "-o", str(tmp_path / "x.png"),
+               *map(str, model_args), "--strength", "5", *(["--debug"] if debug else [])]
+    result = subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ours = [line for line in result.stderr.splitlines() if "strength=5.0 is outside" in line]
+    assert len(ours) == 1 and ours[0].startswith("scope-streamdiffusion: WARNING: ")
+    notices = ["notice from diffusers", "notice from transformers", "notice from huggingface_hub", "notice from peft",
+               "notice from accelerate", "notice from torch._dynamo", "notice from torch._inductor",
+               "a deprecation notice"]
+    if debug:
+        assert all(notice in result.stderr for notice in notices), result.stderr
+    else:
+        assert result.stderr.strip() == ours[0], result.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -27,6 +27,7 @@ import threading
 import time
 import types
 import typing
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -465,7 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 Path(output).expanduser().resolve() == Path(input_spec).expanduser().resolve():
             raise CliError("The output would overwrite the input. Fix: choose another --output.")
         _check_writable(output, kind)
-        _quiet_libraries(args.debug)
+        _hide_library_progress_bars(args.debug)
         model = params.get("model_id", "stabilityai/sd-turbo")
         _status(args, f"Loading {model} ...")
         start = time.perf_counter()
@@ -558,17 +559,37 @@ def _status(args, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _quiet_libraries(debug: bool) -> None:
-    """diffusers/transformers print loading bars and notices; the CLI has its own progress."""
+def _hide_library_progress_bars(debug: bool) -> None:
+    """diffusers/transformers draw loading bars; the CLI has its own progress."""
     if debug:
         return
     for name in ("diffusers", "transformers"):
         try:
-            utils = importlib.import_module(f"{name}.utils.logging")
-            utils.set_verbosity_error()
-            utils.disable_progress_bar()
+            importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
         except Exception:  # noqa: BLE001 - cosmetic only
             pass
+
+
+# Libraries that print their log records through handlers of their own. Other libraries' records reach
+# the root logger, whose handler the CLI sets up to show only this package's (see main).
+_LIBRARIES_WITH_HANDLERS = ("diffusers", "transformers", "huggingface_hub", "torch")
+
+
+def _quiet_libraries() -> None:
+    """Without --debug, libraries' log lines and Python warnings stay off stderr: a failure still shows,
+    as the one-line error main makes of its exception. Only the command line calls this; a library or
+    Scope user keeps the libraries' own settings."""
+    for prefix in ("DIFFUSERS", "TRANSFORMERS", "HF_HUB"):  # the level each sets when it is first imported
+        os.environ.setdefault(f"{prefix}_VERBOSITY", "critical")
+    importlib.import_module("torch")  # its import sets its loggers' levels (every command imports it anyway)
+    for name in _LIBRARIES_WITH_HANDLERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if not sys.warnoptions:  # python -W or PYTHONWARNINGS still decide
+        warnings.simplefilter("ignore")
+
+
+def _from_this_package(record: logging.LogRecord) -> bool:
+    return record.name.partition(".")[0] == logger.name or record.levelno >= logging.CRITICAL
 
 
 # ----- info ------------------------------------------------------------------------------------------
@@ -898,10 +919,11 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if not debug:  # import-time notices of transformers/diffusers (e.g. "torchvision not installed")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    if not debug:
+        handler.addFilter(_from_this_package)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s",
+                        handlers=[handler])
     parser = build_parser()
     bench = None
     if _command_of(argv) == "bench":
@@ -917,6 +939,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with _term_as_interrupt():
+            if not args.debug:
+                _quiet_libraries()
             if bench is not None:
                 return int(bench.run(args) or 0)
             return int(args.func(args) or 0)
