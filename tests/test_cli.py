@@ -288,6 +288,43 @@ def test_interrupted_run_keeps_a_playable_file(tmp_path, capsys, model_args, mon
     assert info["audio"] == 1 and info["audio_seconds"] < 8 / 12  # audio cut with the video
 
 
+def test_a_second_ctrl_c_while_the_process_exits_is_quiet(tmp_path, model_args):
+    """Soon after start-up on a GPU a background compilation is still busy when a run ends, and the
+    process's exit waits for it: a Ctrl-C then printed the traceback of that exit hook (and the process
+    could abort). Now the process exits at once, quietly, with the output kept as one Ctrl-C keeps it."""
+    import signal
+    import time
+
+    src = make_video(tmp_path / "clip.mp4", frames=8, fps=12)
+    dst = tmp_path / "out.mp4"
+    script = Path(__file__).with_name("cli_exit_while_compiling.py")
+    proc = subprocess.Popen([sys.executable, str(script), "run", "-i", str(src), "-o", str(dst), *map(str, model_args)],
+                            env=subprocess_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(line):
+        for out_line in proc.stdout:
+            if out_line.strip() == line:
+                return
+        pytest.fail(f"the run ended before printing {line!r}: {proc.stderr.read()[-2000:]}")
+
+    try:
+        wait_for("streaming")  # the 4th frame went in
+        proc.send_signal(signal.SIGINT)
+        wait_for("exiting")  # the run is over; the exit hooks start
+        time.sleep(0.5)  # into the wait for the compiler
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=20)  # the exit would wait 30 s for the compiler
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    info = probe(dst)
+    assert info["frames"] == 3
+    assert info["audio"] == 1 and info["audio_seconds"] < 8 / 12
+
+
 def test_console_entry_point_with_tiny_random(tmp_path):
     env = subprocess_env(tmp_path)
     dst = tmp_path / "frames/"

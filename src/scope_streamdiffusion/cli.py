@@ -916,7 +916,17 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _exit_now(signum, frame):
+    """Ctrl-C while the process exits (the command done, its output finalised): exit at once and quietly,
+    not with the traceback of the exit hook it lands in (e.g. the wait for a background compilation)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # this process's command line, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     handler = logging.StreamHandler()
@@ -957,6 +967,9 @@ def main(argv: list[str] | None = None) -> int:
         message = _one_line(exc) if known else f"{type(exc).__name__}: {_one_line(exc)} (run with --debug for details)"
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        if as_program and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _exit_now)
 
 
 if __name__ == "__main__":
