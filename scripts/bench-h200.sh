@@ -130,6 +130,8 @@
 #   bash scripts/bench-h200.sh 110 # R22: where a warm start's time goes: cold, warm, warm under cProfile (SD-Turbo img2img 512²)
 #   bash scripts/bench-h200.sh 111 # R22: a runtime LoRA's scale moved while streaming (compile, cudagraph): no new graph
 #   bash scripts/bench-h200.sh 112 # R22: the final code (decoded frames made finite), SD-Turbo img2img/txt2img, --check
+#   bash scripts/bench-h200.sh 113 # R23: a 190-s Scope-style stream whose prompts change by overlapping transitions
+#   bash scripts/bench-h200.sh 114 # R23: the final code, SD-Turbo img2img/txt2img, against none, --check
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -766,6 +768,13 @@ case "$part" in
 86)  # R18: the default limit (5,120 values, 8 warps) against none, txt2img and the LCM stream batch (4 rows)
   ab r18-ab-one-program-8w-txt2img 220 sd-turbo-txt2img SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
   ab r18-ab-one-program-8w-lcm 330 sd15-lcm4-self SCOPE_STREAMDIFFUSION_GROUP_NORM_ONE_PROGRAM 0 1
+  ;;
+113)  # R23: the soak's stream with its prompt changes as transitions, each started while the last runs
+  SOAK_TRANSITIONS=1 soak r23-soak-transitions 190 250
+  ;;
+114)  # R23: the final code, SD-Turbo img2img/txt2img, against none, --check
+  bench r23-final-1 400 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 300 --check --profile
+  rows r23-final
   ;;
 112)  # R22: the final code (decoded frames made finite in the step), SD-Turbo img2img/txt2img, against none, --check
   bench r22-final-1 400 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 300 --check --profile

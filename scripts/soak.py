@@ -15,6 +15,9 @@ other threads' frames while they run and crashed the process once, mid-dump, dur
 
     python3 scripts/soak.py [seconds] [out.json] [acceleration]
 
+SOAK_TRANSITIONS=1: the prompt changes come as transitions instead (Scope's prompt timeline): one every
+3 s over 1,000 calls (~5 s), so each starts while the last one runs; the prompt list is resent unchanged.
+
 With a few seconds and a cold inductor cache it also checks a clean exit while the background
 compilation runs: the last line says whether a compilation was still running at exit.
 """
@@ -97,8 +100,18 @@ def changes_at(t: float, call: int, last: dict) -> dict:
         num_inference_steps=2 if minute % 2 == 1 else 1,
     )
     changed = {k: v for k, v in want.items() if last.get(k) != v}
+    if TRANSITIONS:
+        index = int(t // 3)
+        if last.get("transition_index") != index:
+            changed.update(transition_index=index, transition={
+                "target_prompts": [{"text": PROMPTS[(index + 1) % len(PROMPTS)], "weight": 1.0}], "num_steps": 1000})
+        return dict(changed, prompts=[{"text": PROMPTS[0], "weight": 1.0}])
     # Scope sends the prompt list with every call, changed or not.
     return dict(changed, prompts=[{"text": PROMPTS[int(t // 2) % len(PROMPTS)], "weight": 1.0}])
+
+
+TRANSITIONS = os.environ.get("SOAK_TRANSITIONS") == "1"
+most_prompts = 0  # the longest prompt mix a transition made (texts blended at once)
 
 
 pipe = StreamDiffusionPipeline(model_id=str(folder), tiny_vae_id=str(taesd), width=wl.size, height=wl.size,
@@ -135,6 +148,7 @@ while time.perf_counter() - start < seconds:
     t0 = time.perf_counter()
     try:
         out = pipe(video=[source[i % len(source)]], **kwargs)["video"]
+        most_prompts = max(most_prompts, len(pipe.engine.settings.prompts))
         torch.cuda.synchronize()
         ok = bool(torch.isfinite(out).all()) and out.shape[1:] == (wl.size, wl.size, 3)
         if not ok:
@@ -185,7 +199,7 @@ report = dict(seconds=seconds, acceleration=pipe.engine.models.extras.get("accel
               peak_vram_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3),
               gc_pauses_over_50ms=[(round(t, 1), g, round(ms)) for t, g, ms, _ in gc_pauses if ms > 50][:50],
               gc_ms_total=round(sum(p[2] for p in gc_pauses)),
-              slow_calls=slow, stalls=stalls)
+              most_prompts_blended=most_prompts, slow_calls=slow, stalls=stalls)
 # Every setting above has been seen by the end of minute 5; growth after it would be a leak.
 settled = [w for w in windows if w["window_s"] >= 5 * MINUTE and w["rss_mb"] is not None]
 if len(settled) >= 2:
