@@ -132,6 +132,7 @@
 #   bash scripts/bench-h200.sh 112 # R22: the final code (decoded frames made finite), SD-Turbo img2img/txt2img, --check
 #   bash scripts/bench-h200.sh 113 # R23: a 190-s Scope-style stream whose prompts change by overlapping transitions
 #   bash scripts/bench-h200.sh 114 # R23: the final code, SD-Turbo img2img/txt2img, against none, --check
+#   bash scripts/bench-h200.sh 115 # R23: part 113's stream with plain prompt changes, on its machine (the comparison)
 # Parts 1-3 measure compile with frozen weights (opt-in, as in BENCHMARKS.md round R2);
 # FROZEN= (empty) measures the default instead.
 # Results: $OUT (or ./bench-out) *.json and *.log. Each step has a time limit, so one slow
@@ -771,6 +772,9 @@ case "$part" in
   ;;
 113)  # R23: the soak's stream with its prompt changes as transitions, each started while the last runs
   SOAK_TRANSITIONS=1 soak r23-soak-transitions 190 250
+  ;;
+115)  # R23: part 113's stream with the prompt list changed every 2 s instead (no transitions), for comparison
+  soak r23-soak-plain 190 250
   ;;
 114)  # R23: the final code, SD-Turbo img2img/txt2img, against none, --check
   bench r23-final-1 400 --workloads sd-turbo-img2img,sd-turbo-txt2img --modes none,compile --no-baseline --frames 300 --check --profile
