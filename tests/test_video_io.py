@@ -292,6 +292,25 @@ def test_gif_output_is_an_animated_gif(tmp_path, fps):
     source.close()
 
 
+@pytest.mark.parametrize("fps, stamps", [(Fraction(120), None), (Fraction(240), None), (Fraction(30), 0.004)])
+def test_gif_output_thins_a_source_faster_than_50_fps(tmp_path, fps, stamps):
+    """A GIF's delays are whole 1/100 s: two frames in one (120 fps, or live frames 4 ms apart) made
+    the muxer fail mid-run. At most 50 frames a second are kept, and the GIF keeps the source's length."""
+    frames = [gif_frame(i) for i in range(24)]
+    path = tmp_path / "fast.gif"
+    writer = open_writer(str(path), width=W, height=H, fps=fps, variable_rate=stamps is not None)
+    for i, frame in enumerate(frames):
+        writer.write(torch.from_numpy(frame), None if stamps is None else 100.0 + i * stamps)
+    writer.close()
+    length = len(frames) / fps if stamps is None else (len(frames) - 1) * stamps
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [(p.pts, p.duration) for p in container.demux(stream) if p.size]
+    assert 0 < len(packets) <= length * 50 + 1
+    assert all(b[0] - a[0] >= 2 for a, b in zip(packets, packets[1:]))  # delays of at least 2/100 s
+    assert abs(packets[-1][0] / 100 - length) <= 0.03
+
+
 def test_gif_input_is_a_video_at_its_own_rate(tmp_path):
     frames = [gif_frame(i) for i in range(6)]
     path = tmp_path / "in.gif"

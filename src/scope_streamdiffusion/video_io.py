@@ -488,6 +488,7 @@ class VideoWriter:
         self.warnings: list[str] = []
         self._first_stamp: float | None = None
         self._last_pts = -1
+        self._offered = 0  # frames given to write(), written or not
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.container = av.open(str(self.path), mode="w")
@@ -507,8 +508,9 @@ class VideoWriter:
             self.stream.options = {"gifflags": "0"}
         else:
             self.stream.bit_rate = int(width * height * float(fps) * 0.25)
-        # Timestamps: frames at 1/fps, or milliseconds for live (variable-rate) sources.
-        self.time_base = Fraction(1, 1000) if variable_rate else Fraction(fps.denominator, fps.numerator)
+        # Timestamps: frames at 1/fps, or milliseconds for live (variable-rate) sources; a GIF's own 1/100 s.
+        self.time_base = Fraction(1, 100) if self._paletted else (
+            Fraction(1, 1000) if variable_rate else Fraction(fps.denominator, fps.numerator))
         self.stream.codec_context.time_base = self.time_base
         self.stream.time_base = self.time_base
         self._audio = _AudioCopier(audio, self.container, self.warnings) if audio else None
@@ -516,17 +518,25 @@ class VideoWriter:
     def write(self, frame: torch.Tensor, timestamp: float | None = None) -> None:
         import av
 
+        if timestamp is not None and self._first_stamp is None:
+            self._first_stamp = timestamp
+        if self._paletted:
+            seconds = self._offered / self.fps if timestamp is None else timestamp - self._first_stamp
+            self._offered += 1
+            pts = int(round(seconds * 100))
+            if self._last_pts >= 0 and pts < self._last_pts + 2:
+                # At most 50 frames a second: two frames in one 1/100 s fail the muxer, and players
+                # stretch delays under 2/100 s (to 1/10 s in browsers). A faster source is thinned.
+                return
+        elif timestamp is None:
+            pts = self.count
+        else:
+            pts = max(int(round((timestamp - self._first_stamp) / self.time_base)), self._last_pts + 1)
         array = uint8_frame(frame).numpy()
         if self._paletted:
             video_frame = av.VideoFrame.from_ndarray(_own_palette(array), format="pal8")
         else:
             video_frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-        if timestamp is None:
-            pts = self.count
-        else:
-            if self._first_stamp is None:
-                self._first_stamp = timestamp
-            pts = max(int(round((timestamp - self._first_stamp) / self.time_base)), self._last_pts + 1)
         self._last_pts = pts
         video_frame.pts = pts
         video_frame.time_base = self.time_base
