@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from scope_streamdiffusion import StreamDiffusionPipeline
+from scope_streamdiffusion.pipeline import PromptTransition
 from scope_streamdiffusion._scope import Requirements
 from scope_streamdiffusion.engine import ModelLoadError
 from scope_streamdiffusion.engine.models import resolve_source, scope_models_dir
@@ -121,6 +122,24 @@ def test_a_transition_started_mid_transition_blends_from_what_is_on_screen(pipe)
     assert pipe.engine.settings.prompts == (("a cat", 1.0),)
 
 
+def test_a_chain_of_overlapping_transitions_blends_a_bounded_mix(pipe):
+    """A new text every 2 calls, each as a 10-step transition (a timeline or OSC feed): none ever ends.
+    The mix on screen keeps its larger shares only, so each call blends (and the prompt cache holds)
+    a few texts, not every text ever sent."""
+    pipe(video=[frame()], prompts=[{"text": "text 0", "weight": 1.0}])
+    encoder = pipe.engine.prompt_encoder
+    sizes, encoded = [], []
+    for i in range(1, 121):
+        pipe(video=[frame()], transition={"target_prompts": [{"text": f"text {i}", "weight": 1}], "num_steps": 10})
+        before = encoder.encode_count
+        pipe(video=[frame()])
+        encoded.append(encoder.encode_count - before)
+        sizes.append(len(pipe.engine.settings.prompts))
+    assert max(sizes) <= PromptTransition.SOURCE_TEXTS + 1
+    assert max(encoded[-60:]) == 0  # a call within a transition encodes nothing new
+    assert sum(dict(pipe.engine.settings.prompts).values()) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("update", [False, True])
 def test_a_transition_sent_with_its_target_as_prompts_still_blends(pipe, update):
     """Scope: a transition takes precedence over `prompts` for starting the blend. Clients that send
@@ -143,8 +162,8 @@ def test_the_first_usable_of_prompts_and_prompt(tiny_sd15):
     prompts wins when both are usable."""
     pipe = StreamDiffusionPipeline(model_id=str(tiny_sd15), prompts=None, prompt="a cat", **SIZE)
     assert pipe.engine.settings.prompts == (("a cat", 1.0),)
-    pipe(video=[frame()], prompts=[], prompt="a cat")
-    assert pipe.engine.settings.prompts == (("a cat", 1.0),)
+    pipe(video=[frame()], prompts=[], prompt="a bird")
+    assert pipe.engine.settings.prompts == (("a bird", 1.0),)
     both = StreamDiffusionPipeline(model_id=str(tiny_sd15), prompts=[{"text": "a dog", "weight": 2.0}],
                                    prompt="a cat", **SIZE)
     assert both.engine.settings.prompts == (("a dog", 2.0),)

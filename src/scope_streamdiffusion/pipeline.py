@@ -73,7 +73,16 @@ def _plain_load_values(kwargs: dict[str, Any]) -> dict[str, Any]:
 class PromptTransition:
     """Blends from one weighted prompt list to another over ``num_steps`` calls."""
 
+    # A source that is itself a blend (a transition started mid-transition) keeps its texts of at least
+    # this share, at most SOURCE_TEXTS of them: a chain of such transitions would otherwise blend (and
+    # encode, past the prompt cache) every text it ever named, each call.
+    MIN_SHARE, SOURCE_TEXTS = 0.01, 8
+
     def __init__(self, source, target, num_steps: Any, method: str):
+        total = sum(max(w, 0.0) for _, w in source)
+        if len(source) > 1 and total > 0:
+            kept = sorted((p for p in source if max(p[1], 0.0) >= self.MIN_SHARE * total), key=lambda p: -p[1])
+            source = tuple(kept[: self.SOURCE_TEXTS]) or source
         self.source, self.target = source, target
         try:  # as sent: a string, NaN or a list is no transition (the target at once), never an error
             steps = float(num_steps)
