@@ -69,17 +69,23 @@ def test_tensorrt_missing_is_one_clear_error_on_cuda(monkeypatch):
     assert "pip install tensorrt onnx" in text and "scope-streamdiffusion[tensorrt]" in text
 
 
-def test_tensorrt_without_onnx_is_the_same_one_error(monkeypatch):
-    """The engine is built from an ONNX export: without onnx, the load stops up front, naming it,
-    not in the middle of the export."""
+def test_tensorrt_without_onnx_builds_no_engine_but_runs_a_cached_one(monkeypatch):
+    """An engine is built from an ONNX export: without onnx, building stops before the export with the
+    same one error, naming onnx; a cached engine needs no onnx."""
     import types
 
-    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    from scope_streamdiffusion.engine.tensorrt_export import require_tensorrt
+
+    trt = types.ModuleType("tensorrt")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "onnx", None)
+    assert acc.resolve_acceleration("tensorrt", torch.device("cuda")) == "tensorrt"
+    assert require_tensorrt() is trt
     with pytest.raises(ModelLoadError) as info:
-        acc.resolve_acceleration("tensorrt", torch.device("cuda"))
+        require_tensorrt(export=True)
     text = str(info.value)
     assert "onnx (" in text and "tensorrt (" not in text and "pip install tensorrt onnx" in text
+    assert isinstance(info.value.__cause__, ImportError)
 
 
 def test_compile_without_triton_falls_back_once(monkeypatch, caplog):

@@ -410,6 +410,53 @@ sys.exit(cli.main())
 """
 
 
+def test_main_called_from_python_leaves_logging_and_warnings_as_they_were(capsys):
+    """The CLI quiets the libraries for its command only: a program that calls main() keeps its own
+    logging (levels, handlers), warnings filters and environment afterwards."""
+    import logging
+    import warnings
+
+    names = ("", "diffusers", "transformers", "huggingface_hub", "torch")
+    before = ({n: logging.getLogger(n or None).level for n in names}, list(logging.getLogger().handlers),
+              list(warnings.filters), {k: os.environ.get(k) for k in cli._VERBOSITY_VARIABLES})
+    assert cli.main(["info", "--json"]) == 0
+    capsys.readouterr()
+    after = ({n: logging.getLogger(n or None).level for n in names}, list(logging.getLogger().handlers),
+             list(warnings.filters), {k: os.environ.get(k) for k in cli._VERBOSITY_VARIABLES})
+    assert after == before
+
+
+def test_a_program_that_calls_main_keeps_its_ctrl_c(tmp_path):
+    """Only the exit of the process ends it at once on Ctrl-C: a program that called main() (argv from
+    sys.argv, as the console script does) still gets its KeyboardInterrupt afterwards."""
+    script = ("import os, signal, sys, time\n"
+              "from scope_streamdiffusion import cli\n"
+              "sys.argv = ['scope-streamdiffusion', 'info', '--json']\n"
+              "assert cli.main() == 0\n"
+              "try:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(5)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('still handled')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(tmp_path))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("still handled"), proc.stderr
+
+
+def test_quieted_warnings_keep_torch_cudas(monkeypatch):
+    """torch.cuda warns when the driver is too old for the build: that is the reason a GPU is not used,
+    so it stays visible when other libraries' warnings are hidden."""
+    import warnings
+
+    monkeypatch.setattr(sys, "warnoptions", [])
+    with warnings.catch_warnings(record=True) as caught:
+        cli._quiet_libraries()
+        warnings.warn_explicit("CUDA initialization: the NVIDIA driver is too old", UserWarning, "cuda.py", 1,
+                               module="torch.cuda")
+        warnings.warn_explicit("a deprecated argument", FutureWarning, "pipeline.py", 1, module="diffusers.pipelines")
+    assert [str(w.message) for w in caught] == ["CUDA initialization: the NVIDIA driver is too old"]
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_library_logs_and_warnings_show_only_with_debug(tmp_path, model_args, debug):
     """Library log lines and Python warnings came between the CLI's own lines; our own warnings

@@ -11,6 +11,7 @@ Errors a user can act on print one line on stderr and exit non-zero; ``--debug``
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import contextlib
 import difflib
@@ -575,21 +576,61 @@ def _hide_library_progress_bars(debug: bool) -> None:
 _LIBRARIES_WITH_HANDLERS = ("diffusers", "transformers", "huggingface_hub", "torch")
 
 
+_VERBOSITY_VARIABLES = ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY")
+
+
 def _quiet_libraries() -> None:
     """Without --debug, libraries' log lines and Python warnings stay off stderr: a failure still shows,
-    as the one-line error main makes of its exception. Only the command line calls this; a library or
-    Scope user keeps the libraries' own settings."""
-    for prefix in ("DIFFUSERS", "TRANSFORMERS", "HF_HUB"):  # the level each sets when it is first imported
-        os.environ.setdefault(f"{prefix}_VERBOSITY", "critical")
+    as the one-line error main makes of its exception (and torch.cuda's warnings, which explain a GPU
+    that is not found, stay)."""
+    for name in _VERBOSITY_VARIABLES:  # the level each library sets when it is first imported
+        os.environ.setdefault(name, "critical")
     importlib.import_module("torch")  # its import sets its loggers' levels (every command imports it anyway)
     for name in _LIBRARIES_WITH_HANDLERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if not sys.warnoptions:  # python -W or PYTHONWARNINGS still decide
         warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", module=r"torch\.cuda")
 
 
 def _from_this_package(record: logging.LogRecord) -> bool:
     return record.name.partition(".")[0] == logger.name or record.levelno >= logging.CRITICAL
+
+
+@contextlib.contextmanager
+def _command_output(debug: bool, restore: bool):
+    """The command's stderr: its log handler (as logging.basicConfig: only where none is set up) showing,
+    without --debug, only this package's records, the libraries quieted. With ``restore`` (main called
+    from Python) the process's logging, warnings filters and environment are as before afterwards."""
+    root = logging.getLogger()
+    saved_levels = {name: logging.getLogger(name).level for name in ("", *_LIBRARIES_WITH_HANDLERS)}
+    saved_env = {name: os.environ.get(name) for name in _VERBOSITY_VARIABLES}
+    handler = None
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        if not debug:
+            handler.addFilter(_from_this_package)
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    with contextlib.ExitStack() as stack:
+        if restore:
+            stack.enter_context(warnings.catch_warnings())
+        if not debug:
+            _quiet_libraries()
+        try:
+            yield
+        finally:
+            if restore:
+                if handler is not None:
+                    root.removeHandler(handler)
+                for name, level in saved_levels.items():
+                    logging.getLogger(name or None).setLevel(level)
+                for name, value in saved_env.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
 
 # ----- info ------------------------------------------------------------------------------------------
@@ -659,7 +700,8 @@ def gather_info() -> dict[str, Any]:
     trt = _importable("tensorrt")
     accel["tensorrt"] = {"installed": _version("tensorrt") or (_tensorrt_version() if trt else None),
                          "usable": bool(trt and cuda),
-                         "note": None if trt else "pip install 'scope-streamdiffusion[tensorrt]'"}
+                         "note": "pip install 'scope-streamdiffusion[tensorrt]'" if not trt else
+                         (None if _importable("onnx") else "pip install onnx (to build engines)")}
     scope_dir = scope_models_dir()
     models = []
     for repo, files in _known_models().items():
@@ -926,14 +968,19 @@ def _exit_now(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    as_program = argv is None  # this process's command line, not a call from Python
+    as_program = argv is None  # this process's command line (main from Python passes its argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    handler = logging.StreamHandler()
-    if not debug:
-        handler.addFilter(_from_this_package)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s",
-                        handlers=[handler])
+    try:
+        with _command_output("--debug" in argv, restore=not as_program):
+            return _main(argv)
+    finally:
+        if as_program and threading.current_thread() is threading.main_thread():
+            # Exit hooks run last-registered first (this one after every module the command imported
+            # registered its own): from the first of them on, a Ctrl-C ends the process at once.
+            atexit.register(signal.signal, signal.SIGINT, _exit_now)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     bench = None
     if _command_of(argv) == "bench":
@@ -949,8 +996,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with _term_as_interrupt():
-            if not args.debug:
-                _quiet_libraries()
             if bench is not None:
                 return int(bench.run(args) or 0)
             return int(args.func(args) or 0)
@@ -967,9 +1012,6 @@ def main(argv: list[str] | None = None) -> int:
         message = _one_line(exc) if known else f"{type(exc).__name__}: {_one_line(exc)} (run with --debug for details)"
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return code
-    finally:
-        if as_program and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, _exit_now)
 
 
 if __name__ == "__main__":

@@ -35,28 +35,27 @@ SDXL_INPUTS = ("text_embeds", "time_ids")
 OUTPUT = "latent"
 
 
-def require_tensorrt():
-    """Import tensorrt (and onnx, which the UNet's export needs), or raise ONE clear ModelLoadError
-    with the install command."""
+def require_tensorrt(export: bool = False):
+    """Import tensorrt (and onnx when the UNet must be exported: no cached engine), or raise ONE clear
+    ModelLoadError with the install command."""
     import importlib
 
-    missing = []
-    for name in ("tensorrt", "onnx"):
+    modules, missing, cause = {}, [], None
+    for name in ("tensorrt", "onnx") if export else ("tensorrt",):
         try:
-            module = importlib.import_module(name)
+            modules[name] = importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA library behind it
             missing.append(f"{name} ({type(exc).__name__}: {exc})")
-        else:
-            if name == "tensorrt":
-                tensorrt = module
+            cause = cause or exc
     if missing:
         from .models import ModelLoadError
 
+        needs = "NVIDIA TensorRT, and onnx to build its engine" if export else "NVIDIA TensorRT"
         raise ModelLoadError(
-            f"acceleration='tensorrt' needs NVIDIA TensorRT and onnx; not importable: {', '.join(missing)}. "
+            f"acceleration='tensorrt' needs {needs}; not importable: {', '.join(missing)}. "
             f"Fix: {INSTALL_HINT}; or choose acceleration='compile' (no extra install)."
-        )
-    return tensorrt
+        ) from cause
+    return modules["tensorrt"]
 
 
 @dataclass(frozen=True)
@@ -260,6 +259,7 @@ def tensorrt_unet(models, profile: Profile | None = None) -> TensorRTUNet:
     fingerprint = weights_fingerprint(unet)
     plan = engine_path(fingerprint, profile, trt.__version__, torch.cuda.get_device_name(models.device))
     if not plan.exists():
+        require_tensorrt(export=True)  # before the export's minutes, not inside it
         # The ONNX file is only the engine's input: exported into a temporary folder, so an interrupted
         # export is never reused and gigabytes of SDXL export don't stay behind. The plan is the cache.
         plan.parent.mkdir(parents=True, exist_ok=True)
