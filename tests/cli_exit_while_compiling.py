@@ -8,10 +8,8 @@ import sys
 import threading
 import time
 
-import torch
-
+from busy_compiler import start_compiling
 from scope_streamdiffusion import cli
-from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
 from scope_streamdiffusion.pipeline import StreamDiffusionPipeline
 
 started = threading.Event()
@@ -23,22 +21,7 @@ def slow_backend(gm, inputs):  # a compiler that holds the exit for longer than 
     return gm.forward
 
 
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.layer(x).relu()
-
-
-block = Block()
-compiler = BackgroundCompiler({"unet": block}, backend=slow_backend)
-recording = {}
-with torch.no_grad(), compiler.running(False, recording):
-    block(torch.randn(2, 8))
-compiler.submit("shape", recording)
-assert started.wait(120), "the compilation did not start"
+compiler, block = start_compiling(slow_backend, started)
 
 real_call = StreamDiffusionPipeline.__call__
 calls = 0

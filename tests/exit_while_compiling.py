@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from scope_streamdiffusion.engine.background_compile import BackgroundCompiler
+from busy_compiler import start_compiling
 
 started = threading.Event()
 a = torch.randn(1500, 1500)
@@ -18,20 +18,5 @@ def slow_backend(gm, inputs):  # a compiler in the middle of long PyTorch calls 
     return gm.forward
 
 
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.layer(x).relu()
-
-
-block = Block()
-compiler = BackgroundCompiler({"unet": block}, backend=slow_backend)
-recording = {}
-with torch.no_grad(), compiler.running(False, recording):
-    block(torch.randn(2, 8))
-compiler.submit("shape", recording)
-started.wait(120)
+compiler, block = start_compiling(slow_backend, started)
 print("compiling at exit:", compiler.busy, flush=True)
