@@ -600,8 +600,9 @@ def _from_this_package(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def _command_output(debug: bool, restore: bool):
     """The command's stderr: its log handler (as logging.basicConfig: only where none is set up) showing,
-    without --debug, only this package's records, the libraries quieted. With ``restore`` (main called
-    from Python) the process's logging, warnings filters and environment are as before afterwards."""
+    without --debug, only this package's records. With ``restore`` (main called from Python) the
+    process's logging, warnings filters and environment (:func:`_quiet_libraries` changes them) are as
+    before afterwards."""
     root = logging.getLogger()
     saved_levels = {name: logging.getLogger(name).level for name in ("", *_LIBRARIES_WITH_HANDLERS)}
     saved_env = {name: os.environ.get(name) for name in _VERBOSITY_VARIABLES}
@@ -616,8 +617,6 @@ def _command_output(debug: bool, restore: bool):
     with contextlib.ExitStack() as stack:
         if restore:
             stack.enter_context(warnings.catch_warnings())
-        if not debug:
-            _quiet_libraries()
         try:
             yield
         finally:
@@ -996,6 +995,8 @@ def _main(argv: list[str]) -> int:
         return EXIT_USAGE
     try:
         with _term_as_interrupt():
+            if not args.debug:  # after parsing: --help needs no torch
+                _quiet_libraries()
             if bench is not None:
                 return int(bench.run(args) or 0)
             return int(args.func(args) or 0)
